@@ -1,0 +1,72 @@
+"""Configuration of the suite, read from the environment once at start-up.
+
+Every variable starts with ``LOYALTY_``; a service's own group is nested with a
+double underscore, e.g. ``LOYALTY_ACCOUNTS__DATABASE_URL`` or
+``LOYALTY_MEMBERS__ADDRESS``. The same settings serve the embedded run (one
+process, SQLite, in-process bus) and the cluster run (a process per service,
+PostgreSQL, Redis); only the values differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_NAMES: tuple[str, ...] = ("gateway", "members", "accounts", "rules", "rewards", "notifications")
+
+
+class ServiceConfig(BaseModel):
+    """Where one service listens, where its peers reach it, and its database."""
+
+    port: int = Field(ge=0, le=65535)
+    metrics_port: int = Field(ge=0, le=65535)
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="sqlite+aiosqlite:///... or postgresql+asyncpg://...; default: a SQLite file in data_dir",
+    )
+    address: str | None = Field(default=None, description="host:port peers dial; default 127.0.0.1:port")
+
+
+class Settings(BaseSettings):
+    """The whole suite's settings; each service reads its own group and its peers' addresses."""
+
+    model_config = SettingsConfigDict(env_prefix="LOYALTY_", env_nested_delimiter="__", extra="ignore")
+
+    bind_host: str = "127.0.0.1"
+    data_dir: Path = Path("var")
+    event_bus: Literal["memory", "redis"] = "memory"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    stream_prefix: str = "loyalty"
+    auto_migrate: bool = Field(default=True, description="apply Alembic migrations at start-up")
+    otlp_endpoint: str | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_seconds: float = 10.0
+    outbox_poll_seconds: float = 0.5
+    default_point_currency: str = "BONUS"
+
+    gateway: ServiceConfig = ServiceConfig(port=50051, metrics_port=9101)
+    members: ServiceConfig = ServiceConfig(port=50052, metrics_port=9102)
+    accounts: ServiceConfig = ServiceConfig(port=50053, metrics_port=9103)
+    rules: ServiceConfig = ServiceConfig(port=50054, metrics_port=9104)
+    rewards: ServiceConfig = ServiceConfig(port=50055, metrics_port=9105)
+    notifications: ServiceConfig = ServiceConfig(port=50056, metrics_port=9106)
+
+    def service(self, name: str) -> ServiceConfig:
+        if name not in SERVICE_NAMES:
+            raise KeyError(f"unknown service {name!r}")
+        config: ServiceConfig = getattr(self, name)
+        return config
+
+    def address(self, name: str) -> str:
+        config = self.service(name)
+        return config.address or f"127.0.0.1:{config.port}"
+
+    def database_url(self, name: str) -> str:
+        config = self.service(name)
+        if config.database_url is not None:
+            return config.database_url.get_secret_value()
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{name}.db').resolve()}"

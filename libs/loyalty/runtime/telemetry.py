@@ -1,0 +1,115 @@
+"""Metrics, traces and logs, set up the same way for every service.
+
+Each service gets its own Prometheus registry and its own tracer provider, so
+the embedded run (six services in one process) still exports each service's
+figures on its own port and under its own ``service.name``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from pythonjsonlogger.json import JsonFormatter
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _TraceContextFilter(logging.Filter):
+    """Stamps every record with the active span's trace and span ids."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        record.trace_id = format(context.trace_id, "032x") if context.is_valid else ""
+        record.span_id = format(context.span_id, "016x") if context.is_valid else ""
+        return True
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_TraceContextFilter())
+    if log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s %(trace_id)s %(span_id)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@dataclass
+class ServerMetrics:
+    """The request metrics every gRPC server exports, plus the registry for business metrics."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    in_flight: Gauge
+
+    @classmethod
+    def create(cls) -> ServerMetrics:
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "loyalty_grpc_server_requests",
+                "gRPC requests handled, by service, method and status code.",
+                ["grpc_service", "grpc_method", "grpc_code"],
+                registry=registry,
+            ),
+            latency=Histogram(
+                "loyalty_grpc_server_request_duration_seconds",
+                "Time to handle a gRPC request.",
+                ["grpc_service", "grpc_method"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            in_flight=Gauge(
+                "loyalty_grpc_server_in_flight_requests",
+                "gRPC requests being handled now.",
+                ["grpc_service", "grpc_method"],
+                registry=registry,
+            ),
+        )
+
+
+class MetricsEndpoint:
+    """The HTTP server that exposes one registry at /metrics."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def create_tracer_provider(service_name: str, otlp_endpoint: str | None) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": f"loyalty-{service_name}"}))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+        )
+    return provider

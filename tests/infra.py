@@ -1,0 +1,118 @@
+"""The real parts tests run against: PostgreSQL, Redis, and suites of services on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from loyalty.runtime import db
+from loyalty.runtime.server import ServiceHost, create_bus
+from loyalty.runtime.settings import ServiceConfig, Settings
+from services import suite
+
+POSTGRES_ADMIN_DSN = os.environ.get("LOYALTY_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def asyncpg_dsn(database: str) -> str:
+    return POSTGRES_ADMIN_DSN.rsplit("/", 1)[0] + f"/{database}"
+
+
+def sqlalchemy_postgres_url(database: str) -> str:
+    return asyncpg_dsn(database).replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+@asynccontextmanager
+async def scratch_postgres_database() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database for one test; dropped afterwards. Yields its SQLAlchemy URL."""
+    name = f"loyalty_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield sqlalchemy_postgres_url(name)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@asynccontextmanager
+async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database of the given kind ("sqlite" or "postgresql"); yields its URL."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    else:
+        async with scratch_postgres_database() as url:
+            yield url
+
+
+@asynccontextmanager
+async def migrated_engine(service: str, url: str) -> AsyncIterator[AsyncEngine]:
+    engine = db.create_engine(url)
+    try:
+        await db.migrate(engine, suite.definition(service).migrations_dir)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def flush_redis_prefix(prefix: str) -> None:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(f"{prefix}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+def suite_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Settings for a whole suite on free loopback ports, metrics ports included."""
+    groups = {
+        name: ServiceConfig(port=free_port(), metrics_port=free_port()) for name in suite.START_ORDER
+    }
+    return Settings(data_dir=data_dir, log_format="text", outbox_poll_seconds=0.1, **groups, **overrides)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running_suite(settings: Settings, names: tuple[str, ...] = suite.START_ORDER) -> AsyncIterator[dict[str, ServiceHost]]:
+    """Starts the named services in one process (the embedded shape) and stops them after."""
+    bus = create_bus(settings)
+    hosts: dict[str, ServiceHost] = {}
+    try:
+        for name in suite.START_ORDER:
+            if name in names:
+                host = ServiceHost(suite.definition(name), settings, bus)
+                await host.start()
+                hosts[name] = host
+        yield hosts
+    finally:
+        for host in reversed(list(hosts.values())):
+            await host.stop()
+        await bus.close()
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Polls an asynchronous condition until it holds; fails the test with `what` after the timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)

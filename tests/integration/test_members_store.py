@@ -1,0 +1,83 @@
+"""Members' use cases against real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import func, select
+
+from loyalty.members.v1 import members_service_pb2 as pb
+from loyalty.runtime import db
+from loyalty.runtime.errors import FailedPrecondition, NotFound
+from loyalty.runtime.idempotency import run_idempotent
+from services.members import service, store
+from tests import infra
+
+
+def registration(phone: str = "+79161234567", email: str = "") -> service.Registration:
+    return service.parse_registration(phone, email, "Anna", "Smirnova", 1, "")
+
+
+async def test_registration_is_deduplicated_by_phone_and_email(database_url: str) -> None:
+    async with infra.migrated_engine("members", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            first, created = await service.register_member(session, registration(email="anna@example.com"))
+        assert created
+        async with sessions() as session, session.begin():
+            again, created_again = await service.register_member(session, registration("8 916 123-45-67"))
+            by_email, created_by_email = await service.register_member(
+                session, registration("+79160000000", "ANNA@example.com")
+            )
+        assert (again.member_id, created_again) == (first.member_id, False)
+        assert (by_email.member_id, created_by_email) == (first.member_id, False)
+        async with sessions() as session:
+            events = (await session.execute(select(store.outbox.c.event_type))).scalars().all()
+        assert events == ["member.registered"], "only the first registration is an event"
+
+
+async def test_concurrent_registrations_of_one_phone_create_one_member(database_url: str) -> None:
+    async with infra.migrated_engine("members", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        request_base = pb.RegisterMemberRequest(phone="+79161234567", first_name="Anna")
+
+        async def register(index: int) -> pb.RegisterMemberResponse:
+            request = pb.RegisterMemberRequest()
+            request.CopyFrom(request_base)
+            request.request_id = f"reg-{index}"
+
+            async def work(session: object) -> pb.RegisterMemberResponse:
+                member, created = await service.register_member(session, registration())  # type: ignore[arg-type]
+                return pb.RegisterMemberResponse(member=pb.Member(member_id=member.member_id), created=created)
+
+            return await run_idempotent(
+                sessions, store.idempotency_keys, "RegisterMember", request.request_id, request,
+                pb.RegisterMemberResponse, work,
+            )
+
+        results = await asyncio.gather(*(register(i) for i in range(8)))
+        assert len({r.member.member_id for r in results}) == 1
+        assert sum(r.created for r in results) == 1
+        async with sessions() as session:
+            assert await session.scalar(select(func.count()).select_from(store.MemberRow)) == 1
+
+
+async def test_cards_identify_their_member_and_refuse_duplicates(database_url: str) -> None:
+    async with infra.migrated_engine("members", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            member, _ = await service.register_member(session, registration())
+            card = await service.issue_card(session, member.member_id, "")
+            generated = await service.issue_card(session, member.member_id, "")
+        assert card.card_number != generated.card_number
+        async with sessions() as session:
+            found = await service.identify_by_card(session, card.card_number)
+            assert found.member.member_id == member.member_id
+            with pytest.raises(NotFound) as missing:
+                await service.identify_by_card(session, "7700000000016")
+            assert missing.value.reason == "CARD_NOT_FOUND"
+        async with sessions() as session, session.begin():
+            with pytest.raises(FailedPrecondition) as taken:
+                await service.issue_card(session, member.member_id, card.card_number)
+        assert taken.value.reason == "CARD_NUMBER_TAKEN"
