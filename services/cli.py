@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from loyalty.runtime import db
 from loyalty.runtime.server import ServiceHost, create_bus, run_until_signalled
 from loyalty.runtime.settings import Settings
 from loyalty.runtime.telemetry import configure_logging
-from services import demo, suite
+from services import cluster, demo, suite
 
 log = logging.getLogger("loyalty")
 
@@ -25,34 +26,29 @@ def _run_embedded(settings: Settings, with_demo: bool) -> None:
     bus = create_bus(settings)
     hosts = [ServiceHost(suite.definition(name), settings, bus) for name in suite.START_ORDER]
 
-    def ready() -> None:
+    async def on_ready() -> None:
         elapsed = time.perf_counter() - started
         print(f"\nLoyalty platform is up in {elapsed:.1f}s (embedded: one process, SQLite in {settings.data_dir}/)")
         for name in suite.START_ORDER:
             config = settings.service(name)
-            print(f"  {name:<14} grpc {settings.bind_host}:{config.port}   metrics :{config.metrics_port}/metrics")
+            print(
+                f"  {name:<14} grpc {settings.address(name)}   metrics http://127.0.0.1:{config.metrics_port}/metrics"
+            )
+        if with_demo:
+            print(demo.instructions(settings, await demo.seed(settings)))
+        print("Press Ctrl-C to stop.", flush=True)
 
-    async def main() -> None:
-        async def ready_and_seed() -> None:
-            if with_demo:
-                card = await demo.seed(settings)
-                print(demo.instructions(settings, card))
-            print("Press Ctrl-C to stop.", flush=True)
-
-        def on_ready() -> None:
-            ready()
-            seeding.append(asyncio.create_task(ready_and_seed()))
-
-        seeding: list[asyncio.Task[None]] = []
-        await run_until_signalled(hosts, bus, on_ready)
-
-    asyncio.run(main())
+    asyncio.run(run_until_signalled(hosts, bus, on_ready))
 
 
 def _serve_one(settings: Settings, name: str) -> None:
     bus = create_bus(settings)
     host = ServiceHost(suite.definition(name), settings, bus)
-    asyncio.run(run_until_signalled([host], bus, lambda: print(f"{name} ready on port {host.port}", flush=True)))
+
+    async def on_ready() -> None:
+        print(f"{name} ready on port {host.port}", flush=True)
+
+    asyncio.run(run_until_signalled([host], bus, on_ready))
 
 
 async def _migrate(settings: Settings, names: list[str]) -> None:
@@ -90,6 +86,37 @@ def _new_revision(settings: Settings, name: str, message: str) -> None:
     asyncio.run(generate())
 
 
+async def _wait_serving(addresses: dict[str, str], seconds: float) -> None:
+    async with asyncio.timeout(seconds):
+        await cluster.wait_serving(addresses)
+
+
+def _run_cluster(settings: Settings, admin_dsn: str, prefix: str) -> None:
+    """Creates the databases, starts the six processes, waits for Ctrl-C, stops them."""
+    database_urls = asyncio.run(cluster.create_databases(admin_dsn, prefix))
+    processes = cluster.ServiceProcesses(
+        cluster.cluster_environment(database_urls, settings.redis_url.get_secret_value())
+    )
+    processes.start()
+    try:
+        addresses = {name: settings.address(name) for name in suite.START_ORDER}
+        asyncio.run(_wait_serving(addresses, seconds=60))
+        print(
+            "Cluster mode: six processes, PostgreSQL databases "
+            + ", ".join(cluster.database_name(prefix, name) for name in suite.START_ORDER)
+            + ", Redis Streams"
+        )
+        for name, address in addresses.items():
+            print(f"  {name:<14} {address}  pid {processes.processes[name].pid}")
+        print("Press Ctrl-C to stop.", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping:", processes.stop())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loyalty", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     revision = commands.add_parser("revision", help="autogenerate a migration for a service (development)")
     revision.add_argument("service", choices=suite.START_ORDER)
     revision.add_argument("-m", "--message", required=True)
+    cluster_run = commands.add_parser("cluster", help="each service its own process on PostgreSQL and Redis")
+    cluster_run.add_argument(
+        "--postgres-dsn",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="an admin connection used to create the per-service databases",
+    )
+    cluster_run.add_argument("--database-prefix", default="loyalty")
     receipt = commands.add_parser("demo-receipt", help="calculate and commit a demo receipt through the gateway")
     who = receipt.add_mutually_exclusive_group(required=True)
     who.add_argument("--card")
@@ -115,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         _run_embedded(settings, with_demo=not args.no_demo)
     elif args.command == "serve":
         _serve_one(settings, args.service)
+    elif args.command == "cluster":
+        _run_cluster(settings, args.postgres_dsn, args.database_prefix)
     elif args.command == "migrate":
         names = list(suite.START_ORDER) if args.service == "all" else [args.service]
         asyncio.run(_migrate(settings, names))

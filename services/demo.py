@@ -86,7 +86,7 @@ def instructions(settings: Settings, card: str) -> str:
         f"  make demo-receipt            # or: .venv/bin/loyalty demo-receipt --card {card} --gateway {gateway}\n"
         f"Or call the gateway with any gRPC client, e.g. buf curl through reflection:\n"
         f"  node_modules/.bin/buf curl --protocol grpc --http2-prior-knowledge "
-        f"-d '{{\"identifier\":{{\"cardNumber\":\"{card}\"}}}}' "
+        f'-d \'{{"identifier":{{"cardNumber":"{card}"}}}}\' '
         f"http://{gateway}/loyalty.gateway.v1.PosService/Identify\n"
     )
 
@@ -115,7 +115,7 @@ def _money(minor: int) -> str:
 
 
 async def print_demo_receipt(address: str, card: str | None, phone: str | None) -> int:
-    identifier = pos.CustomerIdentifier(card_number=card) if card else pos.CustomerIdentifier(phone=phone)
+    identifier = pos.CustomerIdentifier(card_number=card) if card else pos.CustomerIdentifier(phone=phone or "")
     receipt = demo_receipt(receipt_number=str(time.time_ns()))
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pos_grpc.PosServiceStub(channel)

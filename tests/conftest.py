@@ -29,4 +29,3 @@ async def redis_prefix() -> AsyncIterator[str]:
     prefix = f"loyalty-test-{uuid.uuid4().hex[:10]}"
     yield prefix
     await infra.flush_redis_prefix(prefix)
-

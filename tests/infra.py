@@ -83,14 +83,14 @@ async def flush_redis_prefix(prefix: str) -> None:
 
 def suite_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings for a whole suite on free loopback ports, metrics ports included."""
-    groups = {
-        name: ServiceConfig(port=free_port(), metrics_port=free_port()) for name in suite.START_ORDER
-    }
+    groups = {name: ServiceConfig(port=free_port(), metrics_port=free_port()) for name in suite.START_ORDER}
     return Settings(data_dir=data_dir, log_format="text", outbox_poll_seconds=0.1, **groups, **overrides)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
-async def running_suite(settings: Settings, names: tuple[str, ...] = suite.START_ORDER) -> AsyncIterator[dict[str, ServiceHost]]:
+async def running_suite(
+    settings: Settings, names: tuple[str, ...] = suite.START_ORDER
+) -> AsyncIterator[dict[str, ServiceHost]]:
     """Starts the named services in one process (the embedded shape) and stops them after."""
     bus = create_bus(settings)
     hosts: dict[str, ServiceHost] = {}
@@ -107,12 +107,13 @@ async def running_suite(settings: Settings, names: tuple[str, ...] = suite.START
         await bus.close()
 
 
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Polls an asynchronous condition until it holds; fails the test with `what` after the timeout."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str, seconds: float = 10.0) -> None:
+    """Polls an asynchronous condition until it holds; fails the test naming `what` after `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                if await predicate():
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {seconds}s waiting for {what}") from None

@@ -59,9 +59,7 @@ def check() -> int:
         generate(fresh)
         expected, actual = generated_files(fresh), generated_files(OUT_DIR)
         drift = sorted(str(p) for p in expected ^ actual)
-        drift += sorted(
-            str(p) for p in expected & actual if not filecmp.cmp(fresh / p, OUT_DIR / p, shallow=False)
-        )
+        drift += sorted(str(p) for p in expected & actual if not filecmp.cmp(fresh / p, OUT_DIR / p, shallow=False))
     if drift:
         print("generated stubs are stale; run `make proto` and commit:", *drift, sep="\n  ", file=sys.stderr)
         return 1

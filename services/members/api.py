@@ -16,7 +16,10 @@ from loyalty.runtime.timeutil import to_timestamp
 from services.members import service, store
 from services.members.domain import Card, CardStatus, Member, MemberStatus
 
-_MEMBER_STATUS = {MemberStatus.ACTIVE: pb.MEMBER_STATUS_ACTIVE, MemberStatus.BLOCKED: pb.MEMBER_STATUS_BLOCKED}
+_MEMBER_STATUS = {
+    MemberStatus.ACTIVE: pb.MEMBER_STATUS_ACTIVE,
+    MemberStatus.BLOCKED: pb.MEMBER_STATUS_BLOCKED,
+}
 _CARD_STATUS = {CardStatus.ACTIVE: pb.CARD_STATUS_ACTIVE, CardStatus.BLOCKED: pb.CARD_STATUS_BLOCKED}
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -96,13 +99,16 @@ class MembersApi(pb_grpc.MembersServiceServicer):
             return pb.IssueCardResponse(card=card_to_proto(card))
 
         return await run_idempotent(
-            self._sessions, store.idempotency_keys, "IssueCard", request.request_id, request,
-            pb.IssueCardResponse, work,
+            self._sessions,
+            store.idempotency_keys,
+            "IssueCard",
+            request.request_id,
+            request,
+            pb.IssueCardResponse,
+            work,
         )
 
-    async def IdentifyMember(
-        self, request: pb.IdentifyMemberRequest, context: Context
-    ) -> pb.IdentifyMemberResponse:
+    async def IdentifyMember(self, request: pb.IdentifyMemberRequest, context: Context) -> pb.IdentifyMemberResponse:
         which = request.WhichOneof("identifier")
         if which == "card_number":
             service.check_card_number(request.card_number)

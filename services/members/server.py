@@ -7,19 +7,13 @@ from pathlib import Path
 import grpc
 
 from loyalty.members.v1 import members_service_pb2, members_service_pb2_grpc
-from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
 from services.members import store
 from services.members.api import MembersApi
 
-STREAM = "members"
-
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
-    relay = OutboxRelay(
-        context.sessions, store.outbox, context.bus, STREAM, context.name, context.settings.outbox_poll_seconds
-    )
-    context.run_in_background(relay.run(), "outbox-relay")
+    relay = context.start_outbox_relay(store.outbox)
     members_service_pb2_grpc.add_MembersServiceServicer_to_server(MembersApi(context.sessions, relay), server)
 
 

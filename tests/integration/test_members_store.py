@@ -52,8 +52,13 @@ async def test_concurrent_registrations_of_one_phone_create_one_member(database_
                 return pb.RegisterMemberResponse(member=pb.Member(member_id=member.member_id), created=created)
 
             return await run_idempotent(
-                sessions, store.idempotency_keys, "RegisterMember", request.request_id, request,
-                pb.RegisterMemberResponse, work,
+                sessions,
+                store.idempotency_keys,
+                "RegisterMember",
+                request.request_id,
+                request,
+                pb.RegisterMemberResponse,
+                work,
             )
 
         results = await asyncio.gather(*(register(i) for i in range(8)))

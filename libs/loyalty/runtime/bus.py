@@ -87,9 +87,11 @@ class InProcessBus:
     async def consume(self, stream: str, group: str, consumer: str, handler: Handler) -> None:
         offset = 0
         while True:
+            log_of_stream = self._logs[stream]
             async with self._appended:
-                await self._appended.wait_for(lambda seen=offset: len(self._logs[stream]) > seen)
-                batch = self._logs[stream][offset:]
+                while len(log_of_stream) <= offset:
+                    await self._appended.wait()
+                batch = log_of_stream[offset:]
             for event in batch:
                 await _deliver(handler, event, f"{stream}/{group}")
                 offset += 1

@@ -48,12 +48,12 @@ class Channels:
                     ("grpc.enable_retries", 1),
                     ("grpc.keepalive_time_ms", 30_000),
                 ],
-                interceptors=aio_client_interceptors(tracer_provider=self._tracer_provider),
+                interceptors=aio_client_interceptors(tracer_provider=self._tracer_provider),  # type: ignore[no-untyped-call]
             )
             self._open[service] = channel
         return channel
 
     async def close(self) -> None:
         for channel in self._open.values():
-            await channel.close()
+            await channel.close(grace=None)
         self._open.clear()

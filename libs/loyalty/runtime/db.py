@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alembic import command
+from alembic.autogenerate.api import AutogenContext
 from alembic.config import Config
 from sqlalchemy import Connection, event
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -59,7 +60,7 @@ async def migrate(engine: AsyncEngine, migrations_dir: Path) -> None:
         await connection.run_sync(_upgrade, config)
 
 
-def _render_portable_type(kind: str, item: Any, autogen_context: Any) -> str | bool:
+def _render_portable_type(kind: str, item: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     # Migrations name plain SQLAlchemy types, so they never import application code.
     from loyalty.runtime.timeutil import UtcDateTime
 
@@ -78,9 +79,7 @@ def run_migrations_online(target_metadata: Any) -> None:
 
     connection: Connection | None = context.config.attributes.get("connection")
     if connection is None:
-        raise RuntimeError(
-            "run migrations through loyalty.runtime.db.migrate (or `loyalty migrate <service>`)"
-        )
+        raise RuntimeError("run migrations through loyalty.runtime.db.migrate (or `loyalty migrate <service>`)")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

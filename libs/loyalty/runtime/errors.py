@@ -132,9 +132,7 @@ def reraise_remote(error: grpc.aio.AioRpcError, field_prefix: str = "") -> Domai
     """Turns a peer's domain error into ours, so the caller's client sees the same reason."""
     remote = read_remote_error(error)
     if remote.code == grpc.StatusCode.INVALID_ARGUMENT and remote.violations:
-        return InvalidArgument(
-            [FieldViolation(f"{field_prefix}{v.field}", v.description) for v in remote.violations]
-        )
+        return InvalidArgument([FieldViolation(f"{field_prefix}{v.field}", v.description) for v in remote.violations])
     mapped: dict[grpc.StatusCode, type[DomainError]] = {
         grpc.StatusCode.NOT_FOUND: NotFound,
         grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,

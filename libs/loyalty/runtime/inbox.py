@@ -31,7 +31,5 @@ async def first_delivery(session: AsyncSession, inbox: Table, consumer: str, eve
     )
     if seen is not None:
         return False
-    await session.execute(
-        inbox.insert().values(consumer=consumer, event_id=event_id, handled_at=datetime.now(UTC))
-    )
+    await session.execute(inbox.insert().values(consumer=consumer, event_id=event_id, handled_at=datetime.now(UTC)))
     return True

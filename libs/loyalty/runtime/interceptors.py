@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -14,7 +14,15 @@ from loyalty.runtime.telemetry import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+# grpc's type stubs describe the aio context poorly (no abort_with_status), so the
+# wrapped behaviour sees it as Any.
+UnaryBehavior = Callable[[Any, Any], Awaitable[Any]]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    InterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    InterceptorBase = grpc.aio.ServerInterceptor
 
 
 def _split_method(full_method: str) -> tuple[str, str]:
@@ -22,7 +30,7 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class ServerInterceptor(InterceptorBase):
     """Counts and times every unary call and maps domain errors to rich statuses.
 
     A ``DomainError`` becomes its status with ``ErrorInfo``/``BadRequest``; any
@@ -34,9 +42,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -51,7 +59,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, service: str, method: str, inner: UnaryBehavior) -> UnaryBehavior:
         metrics = self._metrics
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def behavior(request: Any, context: Any) -> Any:
             code = grpc.StatusCode.OK
             in_flight = metrics.in_flight.labels(service, method)
             in_flight.inc()

@@ -42,9 +42,7 @@ def define_outbox_table(metadata: MetaData) -> Table:
     )
 
 
-async def add_event(
-    session: AsyncSession, outbox: Table, event_type: str, key: str, payload: dict[str, Any]
-) -> str:
+async def add_event(session: AsyncSession, outbox: Table, event_type: str, key: str, payload: dict[str, Any]) -> str:
     """Writes an event in the caller's transaction and returns its id."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
@@ -90,9 +88,7 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         table = self._outbox
         async with self._sessions() as session, session.begin():
-            query = (
-                select(table).where(table.c.published_at.is_(None)).order_by(table.c.id).limit(RELAY_BATCH)
-            )
+            query = select(table).where(table.c.published_at.is_(None)).order_by(table.c.id).limit(RELAY_BATCH)
             if session.bind.dialect.name == "postgresql":
                 query = query.with_for_update(skip_locked=True)
             rows = (await session.execute(query)).mappings().all()

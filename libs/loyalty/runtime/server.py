@@ -20,16 +20,18 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loyalty.runtime import db
 from loyalty.runtime.bus import EventBus, Handler, InProcessBus, RedisStreamsBus
 from loyalty.runtime.clients import Channels
 from loyalty.runtime.interceptors import ServerInterceptor
+from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.settings import Settings
 from loyalty.runtime.telemetry import MetricsEndpoint, ServerMetrics, create_tracer_provider
 
@@ -52,6 +54,12 @@ class ServiceContext:
 
     def run_in_background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self.tasks.append(asyncio.create_task(coroutine, name=f"{self.name}:{name}"))
+
+    def start_outbox_relay(self, outbox: Table) -> OutboxRelay:
+        """Publishes this service's outbox to its own stream (named after the service)."""
+        relay = OutboxRelay(self.sessions, outbox, self.bus, self.name, self.name, self.settings.outbox_poll_seconds)
+        self.run_in_background(relay.run(), "outbox-relay")
+        return relay
 
     def subscribe(self, stream: str, handler: Handler) -> None:
         """Consumes another service's stream in this service's consumer group."""
@@ -82,7 +90,7 @@ class ServiceHost:
         self.bus = bus
         self.port: int = 0
         self._server: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
+        self._health: HealthServicer | None = None
         self._context: ServiceContext | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
 
@@ -112,13 +120,13 @@ class ServiceHost:
         )
         server = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(tracer_provider=tracer_provider),
+                aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
                 ServerInterceptor(metrics),
             ],
             options=[("grpc.so_reuseport", 0)],
         )
         await self.definition.wire(self._context, server)
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [*self.definition.grpc_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -129,9 +137,7 @@ class ServiceHost:
         for service_name in ("", *self.definition.grpc_service_names):
             await self._health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
         if config.metrics_port:
-            self._metrics_endpoint = MetricsEndpoint(
-                metrics.registry, settings.bind_host, config.metrics_port
-            )
+            self._metrics_endpoint = MetricsEndpoint(metrics.registry, settings.bind_host, config.metrics_port)
         log.info("%s serving on %s:%d", name, settings.bind_host, self.port)
 
     async def stop(self) -> None:
@@ -160,7 +166,7 @@ def create_bus(settings: Settings) -> EventBus:
 
 
 async def run_until_signalled(
-    hosts: Sequence[ServiceHost], bus: EventBus, on_ready: Callable[[], None]
+    hosts: Sequence[ServiceHost], bus: EventBus, on_ready: Callable[[], Awaitable[None]]
 ) -> None:
     """Starts the hosts, waits for SIGINT/SIGTERM, then stops them in reverse order."""
     stop = asyncio.Event()
@@ -172,7 +178,7 @@ async def run_until_signalled(
         for host in hosts:
             await host.start()
             started.append(host)
-        on_ready()
+        await on_ready()
         await stop.wait()
         log.info("shutting down")
     finally:

@@ -1,0 +1,60 @@
+# The loyalty platform. `make run` starts the whole suite; `make test` runs every test.
+# Every target installs what it needs into .venv/ and node_modules/ first.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUF := node_modules/.bin/buf
+STAMP := $(VENV)/.installed
+PROTOS := $(shell find proto -name '*.proto')
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv and install the suite with its development tools
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+proto: $(STAMP) ## Regenerate the Python stubs from proto/ into libs/loyalty/
+	$(BIN)/python tools/protogen.py
+
+lint: $(STAMP) $(BUF) ## buf lint and format, stub drift check, ruff, mypy
+	cd proto && ../$(BUF) lint && ../$(BUF) format --diff --exit-code
+	$(BIN)/python tools/protogen.py --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+services: ## Make sure the local PostgreSQL and Redis are running (starts or installs them)
+	bash tools/ensure-services.sh
+
+test: $(STAMP) $(BUF) services ## Run every test: unit, integration (SQLite, PostgreSQL, Redis), end to end
+	$(BIN)/python tools/protogen.py --check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+run: $(STAMP) ## Start all six services in one process on SQLite, with demo data
+	$(BIN)/loyalty run
+
+demo-receipt: $(STAMP) ## Calculate and commit a demo receipt against a running suite
+	$(BIN)/loyalty demo-receipt --card 7700000000016
+
+cluster: $(STAMP) services ## Start each service as its own process on PostgreSQL and Redis
+	$(BIN)/loyalty cluster
+
+clean: ## Remove local data (var/) and caches; keeps .venv and node_modules
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help install proto lint services test run demo-receipt cluster clean

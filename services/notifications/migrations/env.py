@@ -1,0 +1,4 @@
+from loyalty.runtime.db import run_migrations_online
+from services.notifications.store import Base
+
+run_migrations_online(Base.metadata)
