@@ -72,16 +72,22 @@ async def wait_serving(addresses: Mapping[str, str]) -> None:
 
 
 class ServiceProcesses:
-    """Starts `python -m services.<name>` for each service and stops them with SIGTERM."""
+    """Runs `python -m services.<name>` per service; stops them with SIGTERM."""
 
     def __init__(self, env: Mapping[str, str], names: Sequence[str] = suite.START_ORDER) -> None:
         self._env = dict(env)
         self._names = names
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self) -> None:
-        for name in self._names:
+    def start(self, names: Sequence[str] | None = None) -> None:
+        for name in names or self._names:
             self.processes[name] = subprocess.Popen([sys.executable, "-m", f"services.{name}"], env=self._env)
+
+    def kill(self, name: str) -> None:
+        """Ends one service at once, as a crash or an OOM kill would: no graceful shutdown."""
+        process = self.processes[name]
+        process.kill()
+        process.wait()
 
     def stop(self, timeout: float = 20.0) -> dict[str, int]:
         """SIGTERM to all, then waits; returns each exit code (a process that had to be killed: -9)."""

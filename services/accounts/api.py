@@ -13,7 +13,7 @@ from loyalty.runtime.errors import Violations
 from loyalty.runtime.idempotency import run_idempotent
 from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.paging import Cursor, page_size
-from loyalty.runtime.timeutil import from_timestamp, to_timestamp, utcnow
+from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from services.accounts import service, store
 from services.accounts.domain import Accrual, AccrualSource, Balance, EntryKind, check_accrual, check_currency
 
@@ -72,7 +72,7 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         violations = Violations()
         source = _SOURCES.get(request.source)
         violations.check(source is not None, "source", "required: RECEIPT, CAMPAIGN, STAFF or MASS_JOB")
-        activate_at = from_timestamp(request.activate_time, request.HasField("activate_time")) or utcnow()
+        activate_at = timestamp_field(request, "activate_time", violations) or utcnow()
         accrual = Accrual(
             holder_id=request.holder_id,
             currency=request.currency or self._default_currency,
@@ -81,7 +81,7 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
             source_ref=request.source_ref,
             reason=request.reason,
             activate_at=activate_at,
-            expire_at=from_timestamp(request.expire_time, request.HasField("expire_time")),
+            expire_at=timestamp_field(request, "expire_time", violations),
         )
         check_accrual(accrual, violations)
         violations.raise_if_any()
@@ -116,8 +116,9 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         currency = self._currency(request.currency)
         violations = Violations()
         violations.check(bool(request.holder_id), "holder_id", "required")
+        size = page_size(request.page_size, violations)
+        after = Cursor.decode(request.page_token, scope=f"{request.holder_id}/{currency}", violations=violations)
         violations.raise_if_any()
-        size, after = page_size(request.page_size), Cursor.decode(request.page_token)
         async with self._sessions() as session:
             page = await service.list_entries(session, request.holder_id, currency, size, after)
         return pb.ListEntriesResponse(

@@ -80,7 +80,7 @@ class Accrual:
 
 
 def check_currency(currency: str, violations: Violations, field: str = "currency") -> None:
-    violations.check(bool(_CURRENCY.match(currency)), field, "upper-case letters, digits or _, e.g. BONUS")
+    violations.check(bool(_CURRENCY.fullmatch(currency)), field, "upper-case letters, digits or _, e.g. BONUS")
 
 
 def check_accrual(accrual: Accrual, violations: Violations) -> None:

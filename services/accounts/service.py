@@ -65,4 +65,5 @@ async def list_entries(
         return EntriesPage([], None)
     rows = await store.list_entries(session, account.account_id, page_size + 1, after)
     page, more = rows[:page_size], len(rows) > page_size
-    return EntriesPage(page, Cursor(page[-1].created_at, page[-1].entry_id) if more else None)
+    scope = f"{holder_id}/{currency}"
+    return EntriesPage(page, Cursor(scope, page[-1].created_at, page[-1].entry_id) if more else None)

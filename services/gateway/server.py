@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -13,13 +14,12 @@ from services.gateway.api import PosApi
 from services.gateway.peers import Peers
 from services.gateway.service import PointOfSale
 
-RESUME_INTERVAL_SECONDS = 5.0
-
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
     relay = context.start_outbox_relay(store.outbox)
-    point_of_sale = PointOfSale(context.sessions, Peers(context.channels), relay)
-    context.run_in_background(point_of_sale.run_resumer(RESUME_INTERVAL_SECONDS), "resume-receipts")
+    resume_seconds = context.settings.saga_resume_seconds
+    point_of_sale = PointOfSale(context.sessions, Peers(context.channels), relay, timedelta(seconds=resume_seconds))
+    context.run_in_background(point_of_sale.run_resumer(resume_seconds), "resume-receipts")
     pos_service_pb2_grpc.add_PosServiceServicer_to_server(PosApi(point_of_sale), server)
 
 

@@ -81,7 +81,7 @@ class PointOfSale:
         sessions: async_sessionmaker[AsyncSession],
         peers: Peers,
         relay: OutboxRelay,
-        resume_after: timedelta = timedelta(seconds=5),
+        resume_after: timedelta,
     ) -> None:
         self._sessions = sessions
         self._peers = peers

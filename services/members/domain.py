@@ -71,7 +71,7 @@ def normalize_phone(raw: str) -> str:
 
 def normalize_email(raw: str) -> str:
     email = raw.strip().lower()
-    if not _EMAIL.match(email) or len(email) > 254:
+    if not _EMAIL.fullmatch(email) or len(email) > 254:
         raise InvalidIdentifier("expected an e-mail address such as name@example.com")
     return email
 

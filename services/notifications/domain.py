@@ -1,4 +1,4 @@
-"""Notifications' rules: templates, how they render, and the page cursor. No I/O here.
+"""Notifications' rules: templates and how they render. No I/O here.
 
 Templates are written by staff and run on member data, so they render in
 Jinja2's sandbox: attributes such as ``__class__`` are refused, a name the
@@ -9,10 +9,7 @@ autoescaping off so an SMS never shows ``&amp;``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -165,11 +162,11 @@ def render(template: Template, context: Mapping[str, Any]) -> Rendered:
 
 
 def is_valid_event_type(event_type: str) -> bool:
-    return len(event_type) <= MAX_EVENT_TYPE_LENGTH and bool(_EVENT_TYPE.match(event_type))
+    return len(event_type) <= MAX_EVENT_TYPE_LENGTH and bool(_EVENT_TYPE.fullmatch(event_type))
 
 
 def is_valid_locale(locale: str) -> bool:
-    return len(locale) <= MAX_LOCALE_LENGTH and bool(_LOCALE.match(locale))
+    return len(locale) <= MAX_LOCALE_LENGTH and bool(_LOCALE.fullmatch(locale))
 
 
 def _source(template: Template, part: TemplatePart) -> str:
@@ -211,29 +208,3 @@ def _render_part(template: Template, part: TemplatePart, context: Mapping[str, A
         # whatever it is, it is a fault of the template, never of the service.
         raise InvalidTemplate(part, f"fails to render: {type(error).__name__}: {error}") from error
     return "".join(chunks)
-
-
-@dataclass(frozen=True)
-class PageCursor:
-    """Where a page of a member's messages ended: the last (create_time, message_id) shown."""
-
-    member_id: str
-    created_at: datetime
-    message_id: str
-
-    def encode(self) -> str:
-        raw = json.dumps([self.member_id, self.created_at.isoformat(), self.message_id], separators=(",", ":"))
-        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str) -> PageCursor:
-        """Reads a token made by ``encode``; raises ValueError for anything else."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            member_id, created_at, message_id = json.loads(raw)
-            moment = datetime.fromisoformat(created_at)
-        except (binascii.Error, UnicodeDecodeError, TypeError, ValueError) as error:
-            raise ValueError("not a page token") from error
-        if not isinstance(member_id, str) or not isinstance(message_id, str) or moment.tzinfo is None:
-            raise ValueError("not a page token")
-        return cls(member_id, moment.astimezone(UTC), message_id)

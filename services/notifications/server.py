@@ -14,7 +14,7 @@ from services.notifications.events import MEMBERS_STREAM, members_handler
 
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
-    context.subscribe(MEMBERS_STREAM, members_handler(context.sessions, context.tracer_provider))
+    context.subscribe(MEMBERS_STREAM, members_handler(context.sessions))
     notifications_service_pb2_grpc.add_NotificationsServiceServicer_to_server(
         NotificationsApi(context.sessions), server
     )

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.runtime.bus import Event
 from loyalty.runtime.errors import Violations
 from loyalty.runtime.inbox import first_delivery
+from loyalty.runtime.paging import Cursor, page_size
 from loyalty.runtime.timeutil import utcnow
 from services.notifications import store
 from services.notifications.domain import (
@@ -20,7 +21,6 @@ from services.notifications.domain import (
     InvalidTemplate,
     Message,
     MessageState,
-    PageCursor,
     Template,
     default_template,
     is_valid_event_type,
@@ -32,8 +32,6 @@ from services.notifications.domain import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 MEMBERS_CONSUMER = "notifications.members"
 WELCOME_CHANNEL = Channel.SMS
 
@@ -62,23 +60,16 @@ async def upsert_template(session: AsyncSession, template: Template) -> Template
 class MessagesQuery:
     member_id: str
     page_size: int
-    after: PageCursor | None
+    after: Cursor | None
 
 
-def parse_messages_query(member_id: str, page_size: int, page_token: str) -> MessagesQuery:
+def parse_messages_query(member_id: str, requested_size: int, page_token: str) -> MessagesQuery:
     violations = Violations()
     violations.check(bool(member_id), "member_id", "required")
-    violations.check(page_size >= 0, "page_size", "must not be negative")
-    after = None
-    if page_token:
-        try:
-            after = PageCursor.decode(page_token)
-        except ValueError:
-            violations.add("page_token", "not a next_page_token of an earlier ListMessages call")
-        else:
-            violations.check(after.member_id == member_id, "page_token", "was issued for another member")
+    size = page_size(requested_size, violations)
+    after = Cursor.decode(page_token, scope=member_id, violations=violations)
     violations.raise_if_any()
-    return MessagesQuery(member_id, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), after)
+    return MessagesQuery(member_id, size, after)
 
 
 @dataclass(frozen=True)
@@ -94,7 +85,7 @@ async def list_messages(session: AsyncSession, query: MessagesQuery) -> Messages
     token = ""
     if len(found) > query.page_size:
         last = messages[-1]
-        token = PageCursor(query.member_id, last.created_at, last.message_id).encode()
+        token = Cursor(query.member_id, last.created_at, last.message_id).encode()
     return MessagesPage(messages, token)
 
 

@@ -10,8 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from loyalty.runtime.inbox import define_inbox_table
+from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import UtcDateTime, utcnow
-from services.notifications.domain import Channel, Message, MessageState, PageCursor, Template
+from services.notifications.domain import Channel, Message, MessageState, Template
 
 
 class Base(DeclarativeBase):
@@ -111,14 +112,14 @@ async def add_message(session: AsyncSession, message: Message) -> None:
     await session.flush()
 
 
-async def list_messages(session: AsyncSession, member_id: str, limit: int, after: PageCursor | None) -> list[Message]:
+async def list_messages(session: AsyncSession, member_id: str, limit: int, after: Cursor | None) -> list[Message]:
     """A member's messages newest first, ties broken by id, starting after the cursor."""
     query = select(MessageRow).where(MessageRow.member_id == member_id)
     if after is not None:
         query = query.where(
             or_(
-                MessageRow.create_time < after.created_at,
-                and_(MessageRow.create_time == after.created_at, MessageRow.message_id < after.message_id),
+                MessageRow.create_time < after.time,
+                and_(MessageRow.create_time == after.time, MessageRow.message_id < after.item_id),
             )
         )
     query = query.order_by(MessageRow.create_time.desc(), MessageRow.message_id.desc()).limit(limit)

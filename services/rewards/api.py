@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -13,7 +12,7 @@ from loyalty.rewards.v1 import rewards_service_pb2_grpc as pb_grpc
 from loyalty.runtime.errors import Violations
 from loyalty.runtime.idempotency import run_idempotent
 from loyalty.runtime.outbox import OutboxRelay
-from loyalty.runtime.timeutil import from_timestamp, to_timestamp, utcnow
+from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from services.rewards import service, store
 from services.rewards.domain import Coupon, CouponStatus, Rejection
 
@@ -43,17 +42,6 @@ def coupon_to_proto(coupon: Coupon) -> pb.Coupon:
     )
 
 
-def _moment(
-    request: pb.IssueCouponRequest, field: Literal["valid_from", "valid_until"], violations: Violations
-) -> datetime | None:
-    """The moment a Timestamp field holds; None when unset or out of the representable range."""
-    try:
-        return from_timestamp(getattr(request, field), request.HasField(field))
-    except ValueError:
-        violations.add(field, "a timestamp between years 1 and 9999")
-        return None
-
-
 class RewardsApi(pb_grpc.RewardsServiceServicer):
     def __init__(self, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay) -> None:
         self._sessions = sessions
@@ -61,8 +49,8 @@ class RewardsApi(pb_grpc.RewardsServiceServicer):
 
     async def IssueCoupon(self, request: pb.IssueCouponRequest, context: Context) -> pb.IssueCouponResponse:
         violations = Violations()
-        valid_from = _moment(request, "valid_from", violations)
-        valid_until = _moment(request, "valid_until", violations)
+        valid_from = timestamp_field(request, "valid_from", violations)
+        valid_until = timestamp_field(request, "valid_until", violations)
         violations.raise_if_any()
         terms = service.parse_terms(request.member_id, request.discount_basis_points, valid_from, valid_until)
 

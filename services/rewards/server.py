@@ -7,24 +7,13 @@ from pathlib import Path
 import grpc
 
 from loyalty.rewards.v1 import rewards_service_pb2, rewards_service_pb2_grpc
-from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
 from services.rewards import store
 from services.rewards.api import RewardsApi
 
-STREAM = "rewards"
-
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
-    relay = OutboxRelay(
-        context.sessions,
-        store.outbox,
-        context.bus,
-        STREAM,
-        context.name,
-        context.settings.outbox_poll_seconds,
-    )
-    context.run_in_background(relay.run(), "outbox-relay")
+    relay = context.start_outbox_relay(store.outbox)
     rewards_service_pb2_grpc.add_RewardsServiceServicer_to_server(RewardsApi(context.sessions, relay), server)
 
 

@@ -13,7 +13,7 @@ from loyalty.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from loyalty.runtime.errors import Violations
 from loyalty.runtime.idempotency import run_idempotent
 from loyalty.runtime.outbox import OutboxRelay
-from loyalty.runtime.timeutil import from_timestamp, to_timestamp, utcnow
+from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from loyalty.runtime.validation import check_receipt, line_amount
 from services.rules import service, store
 from services.rules.domain import (
@@ -71,8 +71,8 @@ def campaign_from_proto(proto: pb.Campaign) -> Campaign:
         "campaign.rules",
         f"between 1 and {MAX_RULES_PER_CAMPAIGN} rules",
     )
-    start_at = from_timestamp(proto.start_time, proto.HasField("start_time"))
-    end_at = from_timestamp(proto.end_time, proto.HasField("end_time"))
+    start_at = timestamp_field(proto, "start_time", violations, "campaign.start_time")
+    end_at = timestamp_field(proto, "end_time", violations, "campaign.end_time")
     if start_at and end_at:
         violations.check(end_at > start_at, "campaign.end_time", "must be after start_time")
     rules = []
@@ -131,12 +131,13 @@ def campaign_to_proto(campaign: Campaign) -> pb.Campaign:
 def receipt_from_proto(receipt: receipt_pb2.Receipt) -> Receipt:
     violations = Violations()
     check_receipt(receipt, violations)
+    receipt_time = timestamp_field(receipt, "receipt_time", violations, "receipt.receipt_time")
     violations.raise_if_any()
     return Receipt(
         store_id=receipt.store_id,
         terminal_id=receipt.terminal_id,
         channel=_CHANNELS.get(receipt.channel, "pos"),
-        time=from_timestamp(receipt.receipt_time, receipt.HasField("receipt_time")) or utcnow(),
+        time=receipt_time or utcnow(),
         currency_code=receipt.currency_code,
         lines=tuple(
             ReceiptLine(

@@ -1,26 +1,24 @@
 """The golden path through the real gateway over real gRPC, in the embedded shape
-(one process, SQLite, in-process bus)."""
+(one process, SQLite, in-process bus), plus the error contract at the gateway."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from loyalty.common.v1 import receipt_pb2
 from loyalty.gateway.v1 import pos_service_pb2 as pos
 from loyalty.gateway.v1 import pos_service_pb2_grpc as pos_grpc
-from loyalty.members.v1 import members_service_pb2 as members
-from loyalty.members.v1 import members_service_pb2_grpc as members_grpc
-from loyalty.notifications.v1 import notifications_service_pb2 as notifications
-from loyalty.notifications.v1 import notifications_service_pb2_grpc as notifications_grpc
-from loyalty.rules.v1 import rules_service_pb2 as rules
-from loyalty.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from loyalty.runtime.errors import read_remote_error
 from loyalty.runtime.settings import Settings
 from tests import infra
+from tests.e2e.scenario import golden_path, receipt, set_up_program
+
+BUF = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "buf"
 
 
 @pytest.fixture
@@ -30,100 +28,25 @@ async def suite(tmp_path: Path) -> AsyncIterator[Settings]:
         yield settings
 
 
-def receipt(number: str, *amounts: int) -> receipt_pb2.Receipt:
-    return receipt_pb2.Receipt(
-        store_id="store-1",
-        terminal_id="pos-7",
-        receipt_number=number,
-        currency_code="RUB",
-        lines=[
-            receipt_pb2.ReceiptLine(position=i, sku=f"SKU-{i}", price_minor=amount, quantity_milli=1000)
-            for i, amount in enumerate(amounts, start=1)
-        ],
-    )
+async def test_golden_path_embedded(suite: Settings) -> None:
+    await golden_path(suite)
 
 
-async def test_golden_path(suite: Settings) -> None:
-    async with (
-        grpc.aio.insecure_channel(suite.address("gateway")) as gateway_channel,
-        grpc.aio.insecure_channel(suite.address("members")) as members_channel,
-        grpc.aio.insecure_channel(suite.address("rules")) as rules_channel,
-        grpc.aio.insecure_channel(suite.address("notifications")) as notifications_channel,
-    ):
-        member_stub = members_grpc.MembersServiceStub(members_channel)
-        registered = await member_stub.RegisterMember(
-            members.RegisterMemberRequest(request_id="reg-1", phone="+7 916 555-12-34", first_name="Olga")
-        )
-        card = await member_stub.IssueCard(
-            members.IssueCardRequest(request_id="card-1", member_id=registered.member.member_id)
-        )
-        rules_stub = rules_grpc.RulesServiceStub(rules_channel)
-        campaign = await rules_stub.CreateCampaign(
-            rules.CreateCampaignRequest(
-                request_id="camp-1",
-                campaign=rules.Campaign(
-                    name="5% back",
-                    rules=[
-                        rules.Rule(
-                            name="5% of the total",
-                            effect=rules.Effect(earn_points_percent=rules.EarnPointsPercent(basis_points=500)),
-                            receipt_text="5% back as points",
-                        )
-                    ],
-                ),
-            )
-        )
-        await rules_stub.PublishCampaign(
-            rules.PublishCampaignRequest(request_id="pub-1", campaign_id=campaign.campaign.campaign_id)
-        )
-
-        gateway = pos_grpc.PosServiceStub(gateway_channel)
-        by_card = pos.CustomerIdentifier(card_number=card.card.card_number)
-        first = receipt("0001", 10_000, 2_345)
-        calculated = await gateway.CalculateCheque(pos.CalculateChequeRequest(receipt=first, identifier=by_card))
-        assert calculated.points_earned_total == 617  # 5% of 123.45, rounded down
-        # spread pro rata, rounded down, the remainder on the last line: 617 * 10000 // 12345 = 499
-        assert [line.points_earned for line in calculated.lines] == [499, 118]
-        assert calculated.customer.member_id == registered.member.member_id
-        assert calculated.receipt_messages == ["5% back as points"]
-
-        commit = pos.CommitChequeRequest(receipt=first, identifier=by_card, calculation_id=calculated.calculation_id)
-        committed = await gateway.CommitCheque(commit)
-        assert committed.state == pos.CHEQUE_STATE_COMPLETED
-        assert committed.customer.available_points == 617
-        again = await gateway.CommitCheque(commit)
-        assert again.customer.available_points == 617, "a retried commit must not accrue twice"
-        assert again.commit_time == committed.commit_time
-
-        by_phone = pos.CustomerIdentifier(phone="89165551234")
-        second = receipt("0002", 20_000)
-        by_phone_calc = await gateway.CalculateCheque(pos.CalculateChequeRequest(receipt=second, identifier=by_phone))
-        assert by_phone_calc.points_earned_total == 1000
-        await gateway.CommitCheque(pos.CommitChequeRequest(receipt=second, identifier=by_phone))
-        identified = await gateway.Identify(pos.IdentifyRequest(identifier=by_phone))
-        assert identified.customer.available_points == 1617
-
-        notification_stub = notifications_grpc.NotificationsServiceStub(notifications_channel)
-
-        async def welcomed() -> bool:
-            listed = await notification_stub.ListMessages(
-                notifications.ListMessagesRequest(member_id=registered.member.member_id)
-            )
-            return any("Olga" in message.body for message in listed.messages)
-
-        await infra.wait_until(welcomed, what="the welcome message")
-
-
-async def test_bad_input_is_rejected_with_the_field(suite: Settings) -> None:
+async def test_bad_input_is_rejected_with_the_field_and_nothing_is_written(suite: Settings) -> None:
     async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
         gateway = pos_grpc.PosServiceStub(channel)
         bad = receipt("0003", 1000)
         bad.lines[0].quantity_milli = -1
+        bad.lines[0].price_minor = -5
         with pytest.raises(grpc.aio.AioRpcError) as invalid:
-            await gateway.CalculateCheque(pos.CalculateChequeRequest(receipt=bad))
+            await gateway.CommitCheque(pos.CommitChequeRequest(receipt=bad))
         error = read_remote_error(invalid.value)
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert [v.field for v in error.violations] == ["receipt.lines[0].quantity_milli"]
+        assert {v.field for v in error.violations} == {
+            "receipt.lines[0].quantity_milli",
+            "receipt.lines[0].price_minor",
+        }
+        assert "Traceback" not in (invalid.value.details() or "")
 
         with pytest.raises(grpc.aio.AioRpcError) as empty:
             await gateway.CommitCheque(pos.CommitChequeRequest(receipt=receipt("0004")))
@@ -139,3 +62,77 @@ async def test_bad_input_is_rejected_with_the_field(suite: Settings) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as malformed:
             await gateway.Identify(pos.IdentifyRequest(identifier=pos.CustomerIdentifier(phone="12ab")))
         assert [v.field for v in read_remote_error(malformed.value).violations] == ["identifier.phone"]
+
+        with pytest.raises(grpc.aio.AioRpcError) as unknown_phone:
+            await gateway.CommitCheque(
+                pos.CommitChequeRequest(
+                    receipt=receipt("0005", 1000), identifier=pos.CustomerIdentifier(phone="+79160000000")
+                )
+            )
+        assert read_remote_error(unknown_phone.value).reason == "MEMBER_NOT_FOUND"
+
+        # None of the rejected receipts was recorded: the same numbers commit normally now.
+        accepted = await gateway.CommitCheque(pos.CommitChequeRequest(receipt=receipt("0005", 1000)))
+        assert accepted.state == pos.CHEQUE_STATE_COMPLETED
+
+
+async def test_a_receipt_number_reused_with_other_content_is_refused(suite: Settings) -> None:
+    program = await set_up_program(suite)
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        gateway = pos_grpc.PosServiceStub(channel)
+        by_card = pos.CustomerIdentifier(card_number=program.card_number)
+        await gateway.CommitCheque(pos.CommitChequeRequest(receipt=receipt("0100", 10_000), identifier=by_card))
+        with pytest.raises(grpc.aio.AioRpcError) as reused:
+            await gateway.CommitCheque(pos.CommitChequeRequest(receipt=receipt("0100", 99_000), identifier=by_card))
+        assert (reused.value.code(), read_remote_error(reused.value).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "RECEIPT_NUMBER_REUSED",
+        )
+        identified = await gateway.Identify(pos.IdentifyRequest(identifier=by_card))
+        assert identified.customer.available_points == 500
+
+
+async def test_concurrent_commits_of_one_receipt_accrue_once(suite: Settings) -> None:
+    program = await set_up_program(suite)
+    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+        gateway = pos_grpc.PosServiceStub(channel)
+        by_card = pos.CustomerIdentifier(card_number=program.card_number)
+        commit = pos.CommitChequeRequest(receipt=receipt("0200", 10_000, 10_000), identifier=by_card)
+        answers = await asyncio.gather(*(gateway.CommitCheque(commit) for _ in range(10)))
+        assert {answer.points_earned_total for answer in answers} == {1000}
+        assert len({answer.commit_time.ToNanoseconds() for answer in answers}) == 1
+        identified = await gateway.Identify(pos.IdentifyRequest(identifier=by_card))
+        assert identified.customer.available_points == 1000
+
+
+async def test_buf_curl_calls_the_gateway_through_reflection(suite: Settings) -> None:
+    """A gRPC client not written here, knowing the API only from server reflection."""
+    program = await set_up_program(suite)
+    body = {
+        "receipt": {
+            "storeId": "store-1",
+            "terminalId": "pos-9",
+            "receiptNumber": "curl-1",
+            "currencyCode": "RUB",
+            "lines": [{"position": 1, "sku": "TEA", "priceMinor": "40000", "quantityMilli": "1000"}],
+        },
+        "identifier": {"cardNumber": program.card_number},
+    }
+    curl = await asyncio.create_subprocess_exec(
+        str(BUF),
+        "curl",
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        "--data",
+        json.dumps(body),
+        f"http://{suite.address('gateway')}/loyalty.gateway.v1.PosService/CommitCheque",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await curl.communicate()
+    assert curl.returncode == 0, err.decode()
+    answer = json.loads(out)
+    assert answer["state"] == "CHEQUE_STATE_COMPLETED"
+    assert answer["pointsEarnedTotal"] == "2000"
+    assert answer["customer"]["availablePoints"] == "2000"

@@ -20,7 +20,9 @@ import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
-RETRY_DELAY_SECONDS = 0.5
+RETRY_DELAY_SECONDS = 0.2
+MAX_RETRY_DELAY_SECONDS = 10.0
+MAX_DELIVERY_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class InProcessBus:
     def __init__(self) -> None:
         self._logs: dict[str, list[Event]] = defaultdict(list)
         self._appended = asyncio.Condition()
+        self.dead_letters: dict[str, list[Event]] = defaultdict(list)
 
     async def publish(self, stream: str, event: Event) -> None:
         async with self._appended:
@@ -93,7 +96,8 @@ class InProcessBus:
                     await self._appended.wait()
                 batch = log_of_stream[offset:]
             for event in batch:
-                await _deliver(handler, event, f"{stream}/{group}")
+                if not await deliver(handler, event, f"{stream}/{group}"):
+                    self.dead_letters[f"{stream}/{group}"].append(event)
                 offset += 1
 
     async def close(self) -> None:
@@ -101,18 +105,30 @@ class InProcessBus:
 
 
 class RedisStreamsBus:
-    """Redis Streams with consumer groups; unacknowledged events are reclaimed from dead consumers."""
+    """Redis Streams with consumer groups.
 
-    def __init__(self, url: str, prefix: str, claim_idle_ms: int = 30_000) -> None:
+    A consumer first re-reads its own unacknowledged entries (a restart after a crash),
+    then new ones; entries left pending by a consumer that died are claimed after
+    ``claim_idle_ms``. An event its handler keeps failing is moved to
+    ``<stream>:dead:<group>`` and acknowledged, so one poison event can't stall a group.
+    """
+
+    def __init__(self, url: str, prefix: str, max_length: int = 1_000_000, claim_idle_ms: int = 30_000) -> None:
         self._redis = aioredis.from_url(url, decode_responses=True)
         self._prefix = prefix
+        self._max_length = max_length
         self._claim_idle_ms = claim_idle_ms
 
-    def _key(self, stream: str) -> str:
+    def key(self, stream: str) -> str:
         return f"{self._prefix}:{stream}"
 
     async def publish(self, stream: str, event: Event) -> None:
-        await self._redis.xadd(self._key(stream), event.to_fields())  # type: ignore[arg-type]
+        await self._redis.xadd(
+            self.key(stream),
+            event.to_fields(),  # type: ignore[arg-type]
+            maxlen=self._max_length,
+            approximate=True,
+        )
 
     async def _ensure_group(self, key: str, group: str) -> None:
         try:
@@ -121,40 +137,52 @@ class RedisStreamsBus:
             if "BUSYGROUP" not in str(error):
                 raise
 
+    async def _claim_abandoned(self, key: str, group: str, consumer: str) -> list[tuple[str, dict[str, str]]]:
+        claimed = await self._redis.xautoclaim(
+            key, group, consumer, min_idle_time=self._claim_idle_ms, start_id="0-0", count=100
+        )
+        return list(claimed[1])
+
+    async def _read(self, key: str, group: str, consumer: str, cursor: str) -> list[tuple[str, dict[str, str]]]:
+        response = await self._redis.xreadgroup(group, consumer, {key: cursor}, count=100, block=1000)
+        return [entry for _stream, entries in response or [] for entry in entries]
+
     async def consume(self, stream: str, group: str, consumer: str, handler: Handler) -> None:
-        key = self._key(stream)
+        key = self.key(stream)
         await self._ensure_group(key, group)
-        # First our own pending entries (a restart after a crash), then new ones.
         cursor = "0"
+        next_claim = 0.0
+        loop = asyncio.get_running_loop()
         while True:
-            reclaimed = await self._redis.xautoclaim(
-                key, group, consumer, min_idle_time=self._claim_idle_ms, start_id="0-0", count=100
-            )
-            entries = list(reclaimed[1])
-            response = await self._redis.xreadgroup(group, consumer, {key: cursor}, count=100, block=1000)
-            for _stream, stream_entries in response or []:
-                entries.extend(stream_entries)
-            if cursor == "0" and not any(entries for _s, entries in response or []):
+            entries = await self._read(key, group, consumer, cursor)
+            if cursor == "0" and not entries:
                 cursor = ">"
+            if loop.time() >= next_claim:
+                entries += await self._claim_abandoned(key, group, consumer)
+                next_claim = loop.time() + self._claim_idle_ms / 2000
             for entry_id, fields in entries:
-                if not fields:
-                    continue
-                await _deliver(handler, Event.from_fields(fields), f"{stream}/{group}")
+                # An entry trimmed from the stream while pending comes back without fields.
+                if fields:
+                    event = Event.from_fields(fields)
+                    if not await deliver(handler, event, f"{stream}/{group}"):
+                        await self._redis.xadd(f"{key}:dead:{group}", fields)  # type: ignore[arg-type]
                 await self._redis.xack(key, group, entry_id)
 
     async def close(self) -> None:
         await self._redis.aclose()
 
 
-async def _deliver(handler: Handler, event: Event, where: str) -> None:
-    attempt = 0
-    while True:
+async def deliver(handler: Handler, event: Event, where: str) -> bool:
+    """Runs the handler until it succeeds, with growing pauses; False when it never did."""
+    for attempt in range(1, MAX_DELIVERY_ATTEMPTS + 1):
         try:
             await handler(event)
-            return
+            return True
         except asyncio.CancelledError:
             raise
         except Exception:
-            attempt += 1
             log.exception("handler for %s failed on event %s (attempt %d)", where, event.event_id, attempt)
-            await asyncio.sleep(min(RETRY_DELAY_SECONDS * attempt, 10.0))
+            if attempt < MAX_DELIVERY_ATTEMPTS:
+                await asyncio.sleep(min(RETRY_DELAY_SECONDS * 2 ** (attempt - 1), MAX_RETRY_DELAY_SECONDS))
+    log.error("event %s moved to the dead letters of %s", event.event_id, where)
+    return False

@@ -22,13 +22,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loyalty.runtime import db
-from loyalty.runtime.bus import EventBus, Handler, InProcessBus, RedisStreamsBus
+from loyalty.runtime.bus import Event, EventBus, Handler, InProcessBus, RedisStreamsBus
 from loyalty.runtime.clients import Channels
 from loyalty.runtime.interceptors import ServerInterceptor
 from loyalty.runtime.outbox import OutboxRelay
@@ -62,10 +63,21 @@ class ServiceContext:
         return relay
 
     def subscribe(self, stream: str, handler: Handler) -> None:
-        """Consumes another service's stream in this service's consumer group."""
-        consumer = f"{self.name}-{id(self)}"
+        """Consumes another service's stream in this service's consumer group. Each event is
+        handled in a consumer span that continues the publisher's trace."""
+        tracer = self.tracer_provider.get_tracer("loyalty.runtime.bus")
+
+        async def traced(event: Event) -> None:
+            with tracer.start_as_current_span(
+                f"{stream} process",
+                context=propagate.extract(event.trace_context),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"messaging.message.id": event.event_id, "loyalty.event_type": event.event_type},
+            ):
+                await handler(event)
+
         self.run_in_background(
-            self.bus.consume(stream, group=self.name, consumer=consumer, handler=handler),
+            self.bus.consume(stream, group=self.name, consumer=self.settings.instance_name, handler=traced),
             name=f"consume:{stream}",
         )
 
@@ -161,7 +173,9 @@ class ServiceHost:
 
 def create_bus(settings: Settings) -> EventBus:
     if settings.event_bus == "redis":
-        return RedisStreamsBus(settings.redis_url.get_secret_value(), settings.stream_prefix)
+        return RedisStreamsBus(
+            settings.redis_url.get_secret_value(), settings.stream_prefix, settings.stream_max_length
+        )
     return InProcessBus()
 
 

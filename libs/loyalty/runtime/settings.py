@@ -9,6 +9,7 @@ PostgreSQL, Redis); only the values differ.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     event_bus: Literal["memory", "redis"] = "memory"
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     stream_prefix: str = "loyalty"
+    stream_max_length: int = Field(default=1_000_000, ge=1000, description="entries kept per stream (approximate)")
+    instance_name: str = Field(
+        default_factory=socket.gethostname,
+        description="this replica's consumer name in its groups; stable across restarts (the pod name)",
+    )
     auto_migrate: bool = Field(default=True, description="apply Alembic migrations at start-up")
     otlp_endpoint: str | None = None
     log_level: str = "INFO"
@@ -47,6 +53,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 10.0
     outbox_poll_seconds: float = 0.5
     default_point_currency: str = "BONUS"
+    saga_resume_seconds: float = Field(
+        default=5.0, gt=0, description="how often, and after how long, unfinished receipts are completed"
+    )
 
     gateway: ServiceConfig = ServiceConfig(port=50051, metrics_port=9101)
     members: ServiceConfig = ServiceConfig(port=50052, metrics_port=9102)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import DateTime
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
+
+from loyalty.runtime.errors import Violations
 
 
 def utcnow() -> datetime:
@@ -23,11 +26,20 @@ def to_timestamp(moment: datetime | None) -> Timestamp | None:
     return stamp
 
 
-def from_timestamp(stamp: Timestamp, present: bool = True) -> datetime | None:
-    """The moment a Timestamp field holds, or None when the field is unset."""
-    if not present:
-        return None
+def from_timestamp(stamp: Timestamp) -> datetime:
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def timestamp_field(message: Message, field: str, violations: Violations, path: str | None = None) -> datetime | None:
+    """The moment a Timestamp field of a request holds, None when unset; a value outside
+    years 1..9999 is a violation on `path` (default: the field name)."""
+    if not message.HasField(field):
+        return None
+    try:
+        return from_timestamp(getattr(message, field))
+    except (ValueError, OverflowError):
+        violations.add(path or field, "a timestamp between the years 1 and 9999")
+        return None
 
 
 class UtcDateTime(TypeDecorator[datetime]):

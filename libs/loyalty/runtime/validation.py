@@ -14,7 +14,7 @@ MAX_RECEIPT_LINES = 1000
 def check_receipt(receipt: receipt_pb2.Receipt, violations: Violations, prefix: str = "receipt") -> None:
     """Adds a violation for every malformed part of a receipt."""
     violations.check(
-        bool(_CURRENCY_CODE.match(receipt.currency_code)),
+        bool(_CURRENCY_CODE.fullmatch(receipt.currency_code)),
         f"{prefix}.currency_code",
         "an ISO 4217 code such as RUB",
     )

@@ -1,0 +1,109 @@
+"""The cluster shape: each service its own process, its own PostgreSQL database, events
+on Redis Streams — the golden path, a crash mid-receipt, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from pydantic import SecretStr
+
+from loyalty.gateway.v1 import pos_service_pb2 as pos
+from loyalty.gateway.v1 import pos_service_pb2_grpc as pos_grpc
+from loyalty.runtime.settings import Settings
+from services import cluster, suite
+from tests import infra
+from tests.e2e.scenario import golden_path, receipt, set_up_program
+
+RESUME_SECONDS = 0.5
+
+
+@dataclass
+class Cluster:
+    settings: Settings
+    processes: cluster.ServiceProcesses
+
+
+@pytest.fixture
+async def running_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    prefix = f"loyalty_e2e_{uuid.uuid4().hex[:8]}"
+    settings = infra.suite_settings(
+        tmp_path, event_bus="redis", redis_url=SecretStr(infra.REDIS_URL), stream_prefix=prefix
+    )
+    ports = {}
+    for name in suite.START_ORDER:
+        ports[f"LOYALTY_{name.upper()}__PORT"] = str(settings.service(name).port)
+        ports[f"LOYALTY_{name.upper()}__METRICS_PORT"] = str(settings.service(name).metrics_port)
+    database_urls = await cluster.create_databases(infra.POSTGRES_ADMIN_DSN, prefix)
+    environment = cluster.cluster_environment(
+        database_urls,
+        infra.REDIS_URL,
+        {
+            **ports,
+            "LOYALTY_STREAM_PREFIX": prefix,
+            "LOYALTY_SAGA_RESUME_SECONDS": str(RESUME_SECONDS),
+            "LOYALTY_OUTBOX_POLL_SECONDS": "0.1",
+            "LOYALTY_LOG_FORMAT": "text",
+            "LOYALTY_LOG_LEVEL": "WARNING",
+        },
+    )
+    processes = cluster.ServiceProcesses(environment)
+    processes.start()
+    try:
+        async with asyncio.timeout(60):
+            await cluster.wait_serving({name: settings.address(name) for name in suite.START_ORDER})
+        yield Cluster(settings, processes)
+    finally:
+        processes.stop()
+        await cluster.drop_databases(infra.POSTGRES_ADMIN_DSN, prefix)
+        await infra.flush_redis_prefix(prefix)
+
+
+def _pids(processes: cluster.ServiceProcesses) -> Iterator[int]:
+    return (process.pid for process in processes.processes.values())
+
+
+async def test_golden_path_across_processes_on_postgres_and_redis(running_cluster: Cluster) -> None:
+    assert len(set(_pids(running_cluster.processes))) == 6
+    await golden_path(running_cluster.settings)
+
+
+async def test_sigterm_stops_every_service_cleanly(running_cluster: Cluster) -> None:
+    await set_up_program(running_cluster.settings)
+    codes = await asyncio.to_thread(running_cluster.processes.stop)
+    assert codes == dict.fromkeys(suite.START_ORDER, 0)
+
+
+async def test_a_receipt_committed_while_the_ledger_is_down_is_credited_once_it_is_back(
+    running_cluster: Cluster,
+) -> None:
+    settings, processes = running_cluster.settings, running_cluster.processes
+    program = await set_up_program(settings)
+    processes.kill("accounts")
+    async with grpc.aio.insecure_channel(settings.address("gateway")) as channel:
+        gateway = pos_grpc.PosServiceStub(channel)
+        by_card = pos.CustomerIdentifier(card_number=program.card_number)
+        commit = pos.CommitChequeRequest(receipt=receipt("0300", 40_000), identifier=by_card)
+        committed = await gateway.CommitCheque(commit, timeout=15)
+        assert committed.state == pos.CHEQUE_STATE_COMMITTED, "durable, with the points owed"
+        assert committed.points_earned_total == 2000
+
+        processes.start(["accounts"])
+        async with asyncio.timeout(60):
+            await cluster.wait_serving({"accounts": settings.address("accounts")})
+
+        async def credited() -> bool:
+            answer = await gateway.Identify(pos.IdentifyRequest(identifier=by_card))
+            return answer.customer.available_points == 2000
+
+        await infra.wait_until(credited, what="the resumed saga to credit the points", seconds=20)
+        retried = await gateway.CommitCheque(commit)
+        assert retried.state == pos.CHEQUE_STATE_COMPLETED
+        await asyncio.sleep(RESUME_SECONDS * 3)
+        answer = await gateway.Identify(pos.IdentifyRequest(identifier=by_card))
+        assert answer.customer.available_points == 2000, "the resumer and the retry must not credit twice"
