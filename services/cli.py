@@ -74,8 +74,20 @@ def _new_revision(settings: Settings, name: str, message: str) -> None:
             async with engine.begin() as connection:
 
                 def revision(sync_connection: object) -> None:
-                    config = db._alembic_config(definition.migrations_dir)
+                    config = db.alembic_config(definition.migrations_dir)
                     config.attributes["connection"] = sync_connection
+                    ruff = Path(sys.executable).parent / "ruff"
+                    config.set_section_option("post_write_hooks", "hooks", "ruff_fix, ruff_format")
+                    config.set_section_option("post_write_hooks", "ruff_fix.type", "exec")
+                    config.set_section_option("post_write_hooks", "ruff_fix.executable", str(ruff))
+                    config.set_section_option(
+                        "post_write_hooks", "ruff_fix.options", "check --fix --unsafe-fixes REVISION_SCRIPT_FILENAME"
+                    )
+                    config.set_section_option("post_write_hooks", "ruff_format.type", "exec")
+                    config.set_section_option("post_write_hooks", "ruff_format.executable", str(ruff))
+                    config.set_section_option(
+                        "post_write_hooks", "ruff_format.options", "format REVISION_SCRIPT_FILENAME"
+                    )
                     command.revision(config, message=message, autogenerate=True)
 
                 await connection.run_sync(revision)

@@ -42,7 +42,7 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def _alembic_config(migrations_dir: Path) -> Config:
+def alembic_config(migrations_dir: Path) -> Config:
     config = Config()
     config.set_main_option("script_location", str(migrations_dir))
     return config
@@ -55,7 +55,7 @@ def _upgrade(connection: Connection, config: Config) -> None:
 
 async def migrate(engine: AsyncEngine, migrations_dir: Path) -> None:
     """Brings the service's schema to the newest revision on the given engine."""
-    config = _alembic_config(migrations_dir)
+    config = alembic_config(migrations_dir)
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade, config)
 
