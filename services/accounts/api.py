@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loyalty.accounts.v1 import accounts_service_pb2 as pb
 from loyalty.accounts.v1 import accounts_service_pb2_grpc as pb_grpc
 from loyalty.runtime.errors import Violations
-from loyalty.runtime.idempotency import run_idempotent
+from loyalty.runtime.idempotency import IdempotentCalls
 from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.paging import Cursor, page_size
 from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
@@ -58,7 +58,7 @@ def entry_to_proto(entry: store.EntryRow, currency: str) -> pb.Entry:
 class AccountsApi(pb_grpc.AccountsServiceServicer):
     def __init__(self, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay, default_currency: str) -> None:
         self._sessions = sessions
-        self._relay = relay
+        self._idempotent = IdempotentCalls(sessions, store.idempotency_keys, relay.notify)
         self._default_currency = default_currency
 
     def _currency(self, requested: str) -> str:
@@ -92,16 +92,7 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
                 entry=entry_to_proto(result.entry, accrual.currency), balance=balance_to_proto(result.balance)
             )
 
-        return await run_idempotent(
-            self._sessions,
-            store.idempotency_keys,
-            "AccruePoints",
-            request.request_id,
-            request,
-            pb.AccruePointsResponse,
-            work,
-            after_commit=lambda _session: self._relay.notify(),
-        )
+        return await self._idempotent.run("AccruePoints", request, pb.AccruePointsResponse, work)
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.GetBalanceResponse:
         currency = self._currency(request.currency)

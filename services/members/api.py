@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loyalty.members.v1 import members_service_pb2 as pb
 from loyalty.members.v1 import members_service_pb2_grpc as pb_grpc
 from loyalty.runtime.errors import Violations
-from loyalty.runtime.idempotency import run_idempotent
+from loyalty.runtime.idempotency import IdempotentCalls
 from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.timeutil import to_timestamp
 from services.members import service, store
@@ -52,7 +52,7 @@ def card_to_proto(card: Card) -> pb.Card:
 class MembersApi(pb_grpc.MembersServiceServicer):
     def __init__(self, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay) -> None:
         self._sessions = sessions
-        self._relay = relay
+        self._idempotent = IdempotentCalls(sessions, store.idempotency_keys, relay.notify)
 
     async def RegisterMember(self, request: pb.RegisterMemberRequest, context: Context) -> pb.RegisterMemberResponse:
         registration = service.parse_registration(
@@ -68,16 +68,7 @@ class MembersApi(pb_grpc.MembersServiceServicer):
             member, created = await service.register_member(session, registration)
             return pb.RegisterMemberResponse(member=member_to_proto(member), created=created)
 
-        return await run_idempotent(
-            self._sessions,
-            store.idempotency_keys,
-            "RegisterMember",
-            request.request_id,
-            request,
-            pb.RegisterMemberResponse,
-            work,
-            after_commit=lambda _session: self._relay.notify(),
-        )
+        return await self._idempotent.run("RegisterMember", request, pb.RegisterMemberResponse, work)
 
     async def GetMember(self, request: pb.GetMemberRequest, context: Context) -> pb.GetMemberResponse:
         violations = Violations()
@@ -98,15 +89,7 @@ class MembersApi(pb_grpc.MembersServiceServicer):
             card = await service.issue_card(session, request.member_id, request.card_number)
             return pb.IssueCardResponse(card=card_to_proto(card))
 
-        return await run_idempotent(
-            self._sessions,
-            store.idempotency_keys,
-            "IssueCard",
-            request.request_id,
-            request,
-            pb.IssueCardResponse,
-            work,
-        )
+        return await self._idempotent.run("IssueCard", request, pb.IssueCardResponse, work)
 
     async def IdentifyMember(self, request: pb.IdentifyMemberRequest, context: Context) -> pb.IdentifyMemberResponse:
         which = request.WhichOneof("identifier")

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loyalty.rewards.v1 import rewards_service_pb2 as pb
 from loyalty.rewards.v1 import rewards_service_pb2_grpc as pb_grpc
 from loyalty.runtime.errors import Violations
-from loyalty.runtime.idempotency import run_idempotent
+from loyalty.runtime.idempotency import IdempotentCalls
 from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from services.rewards import service, store
@@ -45,7 +45,7 @@ def coupon_to_proto(coupon: Coupon) -> pb.Coupon:
 class RewardsApi(pb_grpc.RewardsServiceServicer):
     def __init__(self, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay) -> None:
         self._sessions = sessions
-        self._relay = relay
+        self._idempotent = IdempotentCalls(sessions, store.idempotency_keys, relay.notify)
 
     async def IssueCoupon(self, request: pb.IssueCouponRequest, context: Context) -> pb.IssueCouponResponse:
         violations = Violations()
@@ -58,16 +58,7 @@ class RewardsApi(pb_grpc.RewardsServiceServicer):
             coupon = await service.issue_coupon(session, terms, utcnow())
             return pb.IssueCouponResponse(coupon=coupon_to_proto(coupon))
 
-        return await run_idempotent(
-            self._sessions,
-            store.idempotency_keys,
-            "IssueCoupon",
-            request.request_id,
-            request,
-            pb.IssueCouponResponse,
-            work,
-            after_commit=lambda _session: self._relay.notify(),
-        )
+        return await self._idempotent.run("IssueCoupon", request, pb.IssueCouponResponse, work)
 
     async def ValidateCoupon(self, request: pb.ValidateCouponRequest, context: Context) -> pb.ValidateCouponResponse:
         code = service.parse_code(request.code)

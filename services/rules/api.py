@@ -11,7 +11,7 @@ from loyalty.common.v1 import receipt_pb2
 from loyalty.rules.v1 import rules_service_pb2 as pb
 from loyalty.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from loyalty.runtime.errors import Violations
-from loyalty.runtime.idempotency import run_idempotent
+from loyalty.runtime.idempotency import IdempotentCalls
 from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from loyalty.runtime.validation import check_receipt, line_amount
@@ -158,8 +158,13 @@ class RulesApi(pb_grpc.RulesServiceServicer):
         self, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay, live: service.LiveCampaigns
     ) -> None:
         self._sessions = sessions
-        self._relay = relay
         self._live = live
+
+        def on_commit() -> None:
+            live.invalidate()
+            relay.notify()
+
+        self._idempotent = IdempotentCalls(sessions, store.idempotency_keys, on_commit)
 
     async def CreateCampaign(self, request: pb.CreateCampaignRequest, context: Context) -> pb.CreateCampaignResponse:
         draft = campaign_from_proto(request.campaign)
@@ -168,15 +173,7 @@ class RulesApi(pb_grpc.RulesServiceServicer):
             created = await service.create_campaign(session, draft)
             return pb.CreateCampaignResponse(campaign=campaign_to_proto(created))
 
-        return await run_idempotent(
-            self._sessions,
-            store.idempotency_keys,
-            "CreateCampaign",
-            request.request_id,
-            request,
-            pb.CreateCampaignResponse,
-            work,
-        )
+        return await self._idempotent.run("CreateCampaign", request, pb.CreateCampaignResponse, work)
 
     async def GetCampaign(self, request: pb.GetCampaignRequest, context: Context) -> pb.GetCampaignResponse:
         violations = Violations()
@@ -195,20 +192,7 @@ class RulesApi(pb_grpc.RulesServiceServicer):
             published = await service.publish_campaign(session, request.campaign_id)
             return pb.PublishCampaignResponse(campaign=campaign_to_proto(published))
 
-        def after_commit(_session: AsyncSession) -> None:
-            self._live.invalidate()
-            self._relay.notify()
-
-        return await run_idempotent(
-            self._sessions,
-            store.idempotency_keys,
-            "PublishCampaign",
-            request.request_id,
-            request,
-            pb.PublishCampaignResponse,
-            work,
-            after_commit,
-        )
+        return await self._idempotent.run("PublishCampaign", request, pb.PublishCampaignResponse, work)
 
     async def EvaluateReceipt(self, request: pb.EvaluateReceiptRequest, context: Context) -> pb.EvaluateReceiptResponse:
         receipt = receipt_from_proto(request.receipt)

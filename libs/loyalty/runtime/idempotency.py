@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -85,7 +86,7 @@ async def run_idempotent(
     request: Message,
     response_type: type[ResponseT],
     work: Callable[[AsyncSession], Awaitable[ResponseT]],
-    after_commit: Callable[[AsyncSession], None] | None = None,
+    after_commit: Callable[[], None] | None = None,
 ) -> ResponseT:
     """Runs ``work`` once per (scope, key) in one transaction with the key's record."""
     validate_key(key)
@@ -110,6 +111,27 @@ async def run_idempotent(
             except IntegrityError:
                 continue
             if after_commit is not None:
-                after_commit(session)
+                after_commit()
             return response
     raise FailedPrecondition("IDEMPOTENCY_CONFLICT", f"{scope} key {key!r} is being processed; retry")
+
+
+@dataclass(frozen=True)
+class IdempotentCalls:
+    """``run_idempotent`` bound to one service's sessions and key table, keyed by each
+    request's ``request_id``; ``on_commit`` runs after every committed change (it wakes
+    the outbox relay, for one)."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    table: Table
+    on_commit: Callable[[], None] | None = None
+
+    async def run(
+        self,
+        scope: str,
+        request: Message,
+        response_type: type[ResponseT],
+        work: Callable[[AsyncSession], Awaitable[ResponseT]],
+    ) -> ResponseT:
+        key: str = getattr(request, "request_id")  # noqa: B009 - every mutating request has one
+        return await run_idempotent(self.sessions, self.table, scope, key, request, response_type, work, self.on_commit)
