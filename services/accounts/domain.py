@@ -10,6 +10,9 @@ from enum import StrEnum
 from loyalty.runtime.errors import Violations
 
 MAX_POINTS_PER_OPERATION = 10**12
+MAX_HOLDER_ID_LENGTH = 64
+MAX_SOURCE_REF_LENGTH = 200
+MAX_REASON_LENGTH = 500
 _CURRENCY = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
 
 
@@ -86,6 +89,9 @@ def check_currency(currency: str, violations: Violations, field: str = "currency
 def check_accrual(accrual: Accrual, violations: Violations) -> None:
     """Adds a violation for each way the accrual is not acceptable."""
     violations.check(bool(accrual.holder_id), "holder_id", "required")
+    violations.check_length(accrual.holder_id, "holder_id", MAX_HOLDER_ID_LENGTH)
+    violations.check_length(accrual.source_ref, "source_ref", MAX_SOURCE_REF_LENGTH)
+    violations.check_length(accrual.reason, "reason", MAX_REASON_LENGTH)
     check_currency(accrual.currency, violations)
     violations.check(accrual.amount > 0, "amount", "must be positive")
     violations.check(accrual.amount <= MAX_POINTS_PER_OPERATION, "amount", f"at most {MAX_POINTS_PER_OPERATION}")

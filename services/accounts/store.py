@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -13,7 +14,14 @@ from loyalty.runtime.idempotency import define_idempotency_table
 from loyalty.runtime.outbox import define_outbox_table
 from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import UtcDateTime
-from services.accounts.domain import Accrual, EntryKind, Lot
+from services.accounts.domain import (
+    MAX_HOLDER_ID_LENGTH,
+    MAX_REASON_LENGTH,
+    MAX_SOURCE_REF_LENGTH,
+    Accrual,
+    EntryKind,
+    Lot,
+)
 
 
 class Base(DeclarativeBase):
@@ -27,7 +35,7 @@ class AccountRow(Base):
     __table_args__ = (UniqueConstraint("holder_id", "currency"),)
 
     account_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    holder_id: Mapped[str] = mapped_column(String(64))
+    holder_id: Mapped[str] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
     currency: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
@@ -43,7 +51,7 @@ class LotRow(Base):
     activate_at: Mapped[datetime] = mapped_column(UtcDateTime())
     expire_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     source: Mapped[str] = mapped_column(String(16))
-    source_ref: Mapped[str] = mapped_column(String(200))
+    source_ref: Mapped[str] = mapped_column(String(MAX_SOURCE_REF_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
@@ -58,8 +66,8 @@ class EntryRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     amount: Mapped[int] = mapped_column(BigInteger)
     lot_id: Mapped[str | None] = mapped_column(ForeignKey("lots.lot_id"))
-    source_ref: Mapped[str] = mapped_column(String(200))
-    reason: Mapped[str] = mapped_column(String(500))
+    source_ref: Mapped[str] = mapped_column(String(MAX_SOURCE_REF_LENGTH))
+    reason: Mapped[str] = mapped_column(String(MAX_REASON_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
@@ -75,13 +83,18 @@ async def find_account(session: AsyncSession, holder_id: str, currency: str) -> 
 
 
 async def open_account(session: AsyncSession, holder_id: str, currency: str, now: datetime) -> AccountRow:
-    """The holder's account, created on first use. A concurrent creation loses on the
-    unique constraint and the caller's transaction is retried."""
+    """The holder's account, created on first use. Of two transactions opening the same
+    account at once, one inserts and the other waits for it and uses its row."""
     account = await find_account(session, holder_id, currency)
     if account is None:
-        account = AccountRow(account_id=str(uuid.uuid4()), holder_id=holder_id, currency=currency, created_at=now)
-        session.add(account)
-        await session.flush()
+        insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+        await session.execute(
+            insert(AccountRow)
+            .values(account_id=str(uuid.uuid4()), holder_id=holder_id, currency=currency, created_at=now)
+            .on_conflict_do_nothing(index_elements=["holder_id", "currency"])
+        )
+        account = await find_account(session, holder_id, currency)
+        assert account is not None
     return account
 
 

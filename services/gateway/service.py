@@ -92,9 +92,7 @@ class PointOfSale:
         violations = Violations()
         check_identifier(identifier, violations)
         violations.raise_if_any()
-        member = await self._peers.identify(identifier)
-        balance = await self._peers.balance(member.account_holder_id)
-        return _customer(member, balance.available, balance.pending)
+        return await self._customer_with_balance(await self._peers.identify(identifier))
 
     async def _customer_with_balance(self, member: members.MemberContext) -> pos.Customer:
         """The customer for the cashier; a balance the ledger can't give now is left out
@@ -103,7 +101,9 @@ class PointOfSale:
             balance = await self._peers.balance(member.account_holder_id)
         except DomainError as error:
             log.warning("balance unavailable for the receipt answer: %s", error.reason)
-            return _customer(member)
+            unknown = _customer(member)
+            unknown.balance_unavailable = True
+            return unknown
         return _customer(member, balance.available, balance.pending)
 
     async def _evaluate(

@@ -25,6 +25,7 @@ from services.members.domain import (
 )
 
 MAX_NAME_LENGTH = 100
+MAX_REFERRAL_CODE_LENGTH = 64
 CARD_NUMBER_ATTEMPTS = 5
 
 
@@ -54,6 +55,7 @@ def parse_registration(
             violations.add("email", str(error))
     violations.check(len(first_name) <= MAX_NAME_LENGTH, "first_name", f"at most {MAX_NAME_LENGTH} characters")
     violations.check(len(last_name) <= MAX_NAME_LENGTH, "last_name", f"at most {MAX_NAME_LENGTH} characters")
+    violations.check_length(referral_code, "referral_code", MAX_REFERRAL_CODE_LENGTH)
     violations.raise_if_any()
     assert normal_phone is not None
     return Registration(

@@ -18,6 +18,9 @@ from loyalty.runtime.validation import check_receipt, line_amount
 from services.rules import service, store
 from services.rules.domain import (
     MAX_BASIS_POINTS,
+    MAX_CONDITION_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_RECEIPT_TEXT_LENGTH,
     Campaign,
     CampaignStatus,
     ConditionError,
@@ -66,6 +69,7 @@ def campaign_from_proto(proto: pb.Campaign) -> Campaign:
     """A new draft from a request, with every problem reported against its field."""
     violations = Violations()
     violations.check(bool(proto.name.strip()), "campaign.name", "required")
+    violations.check_length(proto.name, "campaign.name", MAX_NAME_LENGTH)
     violations.check(
         0 < len(proto.rules) <= MAX_RULES_PER_CAMPAIGN,
         "campaign.rules",
@@ -78,6 +82,11 @@ def campaign_from_proto(proto: pb.Campaign) -> Campaign:
     rules = []
     for index, rule in enumerate(proto.rules):
         where = f"campaign.rules[{index}]"
+        violations.check_length(rule.name, f"{where}.name", MAX_NAME_LENGTH)
+        violations.check_length(rule.receipt_text, f"{where}.receipt_text", MAX_RECEIPT_TEXT_LENGTH)
+        if len(rule.condition) > MAX_CONDITION_LENGTH:
+            violations.check_length(rule.condition, f"{where}.condition", MAX_CONDITION_LENGTH)
+            continue
         try:
             compile_condition(rule.condition)
         except ConditionError as error:

@@ -14,6 +14,9 @@ from typing import Any
 import cel
 
 MAX_BASIS_POINTS = 100_000
+MAX_NAME_LENGTH = 200
+MAX_RECEIPT_TEXT_LENGTH = 500
+MAX_CONDITION_LENGTH = 4000
 BASIS_POINTS_DENOMINATOR = 10_000
 
 
@@ -177,7 +180,8 @@ def compile_campaign(campaign: Campaign) -> CompiledCampaign:
 
 def spread(total: int, weights: list[int]) -> list[int]:
     """Splits `total` pro rata to `weights`, rounding down, with the remainder on the last
-    weighted share, so the parts always add up to the total."""
+    weighted share, so the parts add up to the total; with no weight at all, nothing is
+    given (lines excluded from promotions earn nothing)."""
     weight_sum = sum(weights)
     if weight_sum == 0 or total == 0:
         return [0] * len(weights)

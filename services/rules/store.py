@@ -12,7 +12,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from loyalty.runtime.idempotency import define_idempotency_table
 from loyalty.runtime.outbox import define_outbox_table
 from loyalty.runtime.timeutil import UtcDateTime
-from services.rules.domain import Campaign, CampaignStatus, EarnFixedPoints, EarnPointsPercent, Effect, Rule
+from services.rules.domain import (
+    MAX_CONDITION_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_RECEIPT_TEXT_LENGTH,
+    Campaign,
+    CampaignStatus,
+    EarnFixedPoints,
+    EarnPointsPercent,
+    Effect,
+    Rule,
+)
 
 
 class Base(DeclarativeBase):
@@ -23,7 +33,7 @@ class CampaignRow(Base):
     __tablename__ = "campaigns"
 
     campaign_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
     status: Mapped[str] = mapped_column(String(16), index=True)
     start_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     end_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
@@ -39,10 +49,10 @@ class RuleRow(Base):
     rule_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     campaign_id: Mapped[str] = mapped_column(ForeignKey("campaigns.campaign_id"), index=True)
     position: Mapped[int] = mapped_column(Integer)
-    name: Mapped[str] = mapped_column(String(200))
-    condition: Mapped[str] = mapped_column(String(4000))
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+    condition: Mapped[str] = mapped_column(String(MAX_CONDITION_LENGTH))
     effect: Mapped[dict[str, Any]] = mapped_column(JSON)
-    receipt_text: Mapped[str] = mapped_column(String(500))
+    receipt_text: Mapped[str] = mapped_column(String(MAX_RECEIPT_TEXT_LENGTH))
     priority: Mapped[int] = mapped_column(Integer)
 
 

@@ -92,6 +92,9 @@ async def test_a_receipt_committed_while_the_ledger_is_down_is_credited_once_it_
         committed = await gateway.CommitCheque(commit, timeout=15)
         assert committed.state == pos.CHEQUE_STATE_COMMITTED, "durable, with the points owed"
         assert committed.points_earned_total == 2000
+        assert committed.customer.balance_unavailable, "unknown, not zero"
+        degraded = await gateway.Identify(pos.IdentifyRequest(identifier=by_card))
+        assert (degraded.customer.member_id, degraded.customer.balance_unavailable) == (program.member_id, True)
 
         processes.start(["accounts"])
         async with asyncio.timeout(60):
@@ -99,7 +102,7 @@ async def test_a_receipt_committed_while_the_ledger_is_down_is_credited_once_it_
 
         async def credited() -> bool:
             answer = await gateway.Identify(pos.IdentifyRequest(identifier=by_card))
-            return answer.customer.available_points == 2000
+            return not answer.customer.balance_unavailable and answer.customer.available_points == 2000
 
         await infra.wait_until(credited, what="the resumed saga to credit the points", seconds=20)
         retried = await gateway.CommitCheque(commit)

@@ -47,6 +47,10 @@ class Channels:
                     ("grpc.service_config", _SERVICE_CONFIG),
                     ("grpc.enable_retries", 1),
                     ("grpc.keepalive_time_ms", 30_000),
+                    # A restarted peer is back within seconds; the default backoff
+                    # (growing to two minutes) would keep calls failing long after.
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 2_000),
                 ],
                 interceptors=aio_client_interceptors(tracer_provider=self._tracer_provider),  # type: ignore[no-untyped-call]
             )

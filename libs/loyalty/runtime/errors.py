@@ -75,6 +75,9 @@ class Violations:
         if not condition:
             self.add(field_path, description)
 
+    def check_length(self, value: str, field_path: str, maximum: int) -> None:
+        self.check(len(value) <= maximum, field_path, f"at most {maximum} characters")
+
     def raise_if_any(self) -> None:
         if self.items:
             raise InvalidArgument(list(self.items))

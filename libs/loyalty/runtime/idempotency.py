@@ -25,6 +25,7 @@ from loyalty.runtime.timeutil import UtcDateTime
 ResponseT = TypeVar("ResponseT", bound=Message)
 
 MAX_KEY_LENGTH = 200
+MAX_ATTEMPTS = 4
 
 
 def define_idempotency_table(metadata: MetaData) -> Table:
@@ -88,10 +89,15 @@ async def run_idempotent(
     work: Callable[[AsyncSession], Awaitable[ResponseT]],
     after_commit: Callable[[], None] | None = None,
 ) -> ResponseT:
-    """Runs ``work`` once per (scope, key) in one transaction with the key's record."""
+    """Runs ``work`` once per (scope, key) in one transaction with the key's record.
+
+    A transaction that loses a race on a unique constraint (this key, or a row the work
+    creates) is rolled back; if the key was recorded meanwhile its answer is returned,
+    otherwise the work is tried again.
+    """
     validate_key(key)
     request_hash = fingerprint(request)
-    for _attempt in range(2):
+    for _attempt in range(MAX_ATTEMPTS):
         async with sessions() as session:
             try:
                 async with session.begin():
@@ -109,11 +115,15 @@ async def run_idempotent(
                         )
                     )
             except IntegrityError:
+                async with sessions() as reader:
+                    winner = await _recorded(reader, table, scope, key, request_hash, response_type)
+                if winner is not None:
+                    return winner
                 continue
             if after_commit is not None:
                 after_commit()
             return response
-    raise FailedPrecondition("IDEMPOTENCY_CONFLICT", f"{scope} key {key!r} is being processed; retry")
+    raise FailedPrecondition("IDEMPOTENCY_CONFLICT", f"{scope} key {key!r} kept conflicting; retry")
 
 
 @dataclass(frozen=True)

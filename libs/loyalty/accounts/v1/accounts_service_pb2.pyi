@@ -205,7 +205,9 @@ class AccruePointsRequest(_message.Message):
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the points expire; empty means the currency's default lifetime."""
+        """When the points expire; empty means they do not expire (per-currency default
+        lifetimes come with point-currency configuration).
+        """
 
     def __init__(
         self,

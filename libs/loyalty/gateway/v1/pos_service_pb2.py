@@ -26,35 +26,35 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from loyalty.common.v1 import receipt_pb2 as loyalty_dot_common_dot_v1_dot_receipt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$loyalty/gateway/v1/pos_service.proto\x12\x12loyalty.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1floyalty/common/v1/receipt.proto\"D\n\x12\x43ustomerIdentifier\x12\x15\n\x0b\x63\x61rd_number\x18\x01 \x01(\tH\x00\x12\x0f\n\x05phone\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"r\n\x08\x43ustomer\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\x12\x18\n\x10\x61vailable_points\x18\x04 \x01(\x03\x12\x16\n\x0epending_points\x18\x05 \x01(\x03\"i\n\nChequeLine\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x16\n\x0e\x64iscount_minor\x18\x02 \x01(\x03\x12\x1a\n\x12\x66inal_amount_minor\x18\x03 \x01(\x03\x12\x15\n\rpoints_earned\x18\x04 \x01(\x03\"v\n\x10\x41ppliedPromotion\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0f\n\x07rule_id\x18\x02 \x01(\t\x12\x14\n\x0creceipt_text\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x03\x12\x16\n\x0e\x64iscount_minor\x18\x05 \x01(\x03\"M\n\x0fIdentifyRequest\x12:\n\nidentifier\x18\x01 \x01(\x0b\x32&.loyalty.gateway.v1.CustomerIdentifier\"B\n\x10IdentifyResponse\x12.\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1c.loyalty.gateway.v1.Customer\"\x81\x01\n\x16\x43\x61lculateChequeRequest\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.loyalty.common.v1.Receipt\x12:\n\nidentifier\x18\x02 \x01(\x0b\x32&.loyalty.gateway.v1.CustomerIdentifier\"\xa7\x02\n\x17\x43\x61lculateChequeResponse\x12\x16\n\x0e\x63\x61lculation_id\x18\x01 \x01(\t\x12.\n\x08\x63ustomer\x18\x02 \x01(\x0b\x32\x1c.loyalty.gateway.v1.Customer\x12-\n\x05lines\x18\x03 \x03(\x0b\x32\x1e.loyalty.gateway.v1.ChequeLine\x12@\n\x12\x61pplied_promotions\x18\x04 \x03(\x0b\x32$.loyalty.gateway.v1.AppliedPromotion\x12\x1c\n\x14\x64iscount_total_minor\x18\x05 \x01(\x03\x12\x1b\n\x13points_earned_total\x18\x06 \x01(\x03\x12\x18\n\x10receipt_messages\x18\x07 \x03(\t\"\x96\x01\n\x13\x43ommitChequeRequest\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.loyalty.common.v1.Receipt\x12:\n\nidentifier\x18\x02 \x01(\x0b\x32&.loyalty.gateway.v1.CustomerIdentifier\x12\x16\n\x0e\x63\x61lculation_id\x18\x03 \x01(\t\"\x91\x02\n\x14\x43ommitChequeResponse\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.loyalty.gateway.v1.ChequeState\x12\x1b\n\x13points_earned_total\x18\x02 \x01(\x03\x12\x1c\n\x14\x64iscount_total_minor\x18\x03 \x01(\x03\x12-\n\x05lines\x18\x04 \x03(\x0b\x32\x1e.loyalty.gateway.v1.ChequeLine\x12.\n\x08\x63ustomer\x18\x05 \x01(\x0b\x32\x1c.loyalty.gateway.v1.Customer\x12/\n\x0b\x63ommit_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x80\x01\n\x0b\x43hequeState\x12\x1c\n\x18\x43HEQUE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43HEQUE_STATE_CALCULATED\x10\x01\x12\x1a\n\x16\x43HEQUE_STATE_COMMITTED\x10\x02\x12\x1a\n\x16\x43HEQUE_STATE_COMPLETED\x10\x03\x32\xb2\x02\n\nPosService\x12U\n\x08Identify\x12#.loyalty.gateway.v1.IdentifyRequest\x1a$.loyalty.gateway.v1.IdentifyResponse\x12j\n\x0f\x43\x61lculateCheque\x12*.loyalty.gateway.v1.CalculateChequeRequest\x1a+.loyalty.gateway.v1.CalculateChequeResponse\x12\x61\n\x0c\x43ommitCheque\x12\'.loyalty.gateway.v1.CommitChequeRequest\x1a(.loyalty.gateway.v1.CommitChequeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$loyalty/gateway/v1/pos_service.proto\x12\x12loyalty.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1floyalty/common/v1/receipt.proto\"D\n\x12\x43ustomerIdentifier\x12\x15\n\x0b\x63\x61rd_number\x18\x01 \x01(\tH\x00\x12\x0f\n\x05phone\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x08\x43ustomer\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\x12\x18\n\x10\x61vailable_points\x18\x04 \x01(\x03\x12\x16\n\x0epending_points\x18\x05 \x01(\x03\x12\x1b\n\x13\x62\x61lance_unavailable\x18\x06 \x01(\x08\"i\n\nChequeLine\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x16\n\x0e\x64iscount_minor\x18\x02 \x01(\x03\x12\x1a\n\x12\x66inal_amount_minor\x18\x03 \x01(\x03\x12\x15\n\rpoints_earned\x18\x04 \x01(\x03\"v\n\x10\x41ppliedPromotion\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0f\n\x07rule_id\x18\x02 \x01(\t\x12\x14\n\x0creceipt_text\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x03\x12\x16\n\x0e\x64iscount_minor\x18\x05 \x01(\x03\"M\n\x0fIdentifyRequest\x12:\n\nidentifier\x18\x01 \x01(\x0b\x32&.loyalty.gateway.v1.CustomerIdentifier\"B\n\x10IdentifyResponse\x12.\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1c.loyalty.gateway.v1.Customer\"\x81\x01\n\x16\x43\x61lculateChequeRequest\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.loyalty.common.v1.Receipt\x12:\n\nidentifier\x18\x02 \x01(\x0b\x32&.loyalty.gateway.v1.CustomerIdentifier\"\xa7\x02\n\x17\x43\x61lculateChequeResponse\x12\x16\n\x0e\x63\x61lculation_id\x18\x01 \x01(\t\x12.\n\x08\x63ustomer\x18\x02 \x01(\x0b\x32\x1c.loyalty.gateway.v1.Customer\x12-\n\x05lines\x18\x03 \x03(\x0b\x32\x1e.loyalty.gateway.v1.ChequeLine\x12@\n\x12\x61pplied_promotions\x18\x04 \x03(\x0b\x32$.loyalty.gateway.v1.AppliedPromotion\x12\x1c\n\x14\x64iscount_total_minor\x18\x05 \x01(\x03\x12\x1b\n\x13points_earned_total\x18\x06 \x01(\x03\x12\x18\n\x10receipt_messages\x18\x07 \x03(\t\"\x96\x01\n\x13\x43ommitChequeRequest\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.loyalty.common.v1.Receipt\x12:\n\nidentifier\x18\x02 \x01(\x0b\x32&.loyalty.gateway.v1.CustomerIdentifier\x12\x16\n\x0e\x63\x61lculation_id\x18\x03 \x01(\t\"\x91\x02\n\x14\x43ommitChequeResponse\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.loyalty.gateway.v1.ChequeState\x12\x1b\n\x13points_earned_total\x18\x02 \x01(\x03\x12\x1c\n\x14\x64iscount_total_minor\x18\x03 \x01(\x03\x12-\n\x05lines\x18\x04 \x03(\x0b\x32\x1e.loyalty.gateway.v1.ChequeLine\x12.\n\x08\x63ustomer\x18\x05 \x01(\x0b\x32\x1c.loyalty.gateway.v1.Customer\x12/\n\x0b\x63ommit_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x80\x01\n\x0b\x43hequeState\x12\x1c\n\x18\x43HEQUE_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43HEQUE_STATE_CALCULATED\x10\x01\x12\x1a\n\x16\x43HEQUE_STATE_COMMITTED\x10\x02\x12\x1a\n\x16\x43HEQUE_STATE_COMPLETED\x10\x03\x32\xb2\x02\n\nPosService\x12U\n\x08Identify\x12#.loyalty.gateway.v1.IdentifyRequest\x1a$.loyalty.gateway.v1.IdentifyResponse\x12j\n\x0f\x43\x61lculateCheque\x12*.loyalty.gateway.v1.CalculateChequeRequest\x1a+.loyalty.gateway.v1.CalculateChequeResponse\x12\x61\n\x0c\x43ommitCheque\x12\'.loyalty.gateway.v1.CommitChequeRequest\x1a(.loyalty.gateway.v1.CommitChequeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loyalty.gateway.v1.pos_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHEQUESTATE']._serialized_start=1546
-  _globals['_CHEQUESTATE']._serialized_end=1674
+  _globals['_CHEQUESTATE']._serialized_start=1576
+  _globals['_CHEQUESTATE']._serialized_end=1704
   _globals['_CUSTOMERIDENTIFIER']._serialized_start=126
   _globals['_CUSTOMERIDENTIFIER']._serialized_end=194
-  _globals['_CUSTOMER']._serialized_start=196
-  _globals['_CUSTOMER']._serialized_end=310
-  _globals['_CHEQUELINE']._serialized_start=312
-  _globals['_CHEQUELINE']._serialized_end=417
-  _globals['_APPLIEDPROMOTION']._serialized_start=419
-  _globals['_APPLIEDPROMOTION']._serialized_end=537
-  _globals['_IDENTIFYREQUEST']._serialized_start=539
-  _globals['_IDENTIFYREQUEST']._serialized_end=616
-  _globals['_IDENTIFYRESPONSE']._serialized_start=618
-  _globals['_IDENTIFYRESPONSE']._serialized_end=684
-  _globals['_CALCULATECHEQUEREQUEST']._serialized_start=687
-  _globals['_CALCULATECHEQUEREQUEST']._serialized_end=816
-  _globals['_CALCULATECHEQUERESPONSE']._serialized_start=819
-  _globals['_CALCULATECHEQUERESPONSE']._serialized_end=1114
-  _globals['_COMMITCHEQUEREQUEST']._serialized_start=1117
-  _globals['_COMMITCHEQUEREQUEST']._serialized_end=1267
-  _globals['_COMMITCHEQUERESPONSE']._serialized_start=1270
-  _globals['_COMMITCHEQUERESPONSE']._serialized_end=1543
-  _globals['_POSSERVICE']._serialized_start=1677
-  _globals['_POSSERVICE']._serialized_end=1983
+  _globals['_CUSTOMER']._serialized_start=197
+  _globals['_CUSTOMER']._serialized_end=340
+  _globals['_CHEQUELINE']._serialized_start=342
+  _globals['_CHEQUELINE']._serialized_end=447
+  _globals['_APPLIEDPROMOTION']._serialized_start=449
+  _globals['_APPLIEDPROMOTION']._serialized_end=567
+  _globals['_IDENTIFYREQUEST']._serialized_start=569
+  _globals['_IDENTIFYREQUEST']._serialized_end=646
+  _globals['_IDENTIFYRESPONSE']._serialized_start=648
+  _globals['_IDENTIFYRESPONSE']._serialized_end=714
+  _globals['_CALCULATECHEQUEREQUEST']._serialized_start=717
+  _globals['_CALCULATECHEQUEREQUEST']._serialized_end=846
+  _globals['_CALCULATECHEQUERESPONSE']._serialized_start=849
+  _globals['_CALCULATECHEQUERESPONSE']._serialized_end=1144
+  _globals['_COMMITCHEQUEREQUEST']._serialized_start=1147
+  _globals['_COMMITCHEQUEREQUEST']._serialized_end=1297
+  _globals['_COMMITCHEQUERESPONSE']._serialized_start=1300
+  _globals['_COMMITCHEQUERESPONSE']._serialized_end=1573
+  _globals['_POSSERVICE']._serialized_start=1707
+  _globals['_POSSERVICE']._serialized_end=2013
 # @@protoc_insertion_point(module_scope)

@@ -88,6 +88,7 @@ class Customer(_message.Message):
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
     AVAILABLE_POINTS_FIELD_NUMBER: _builtins.int
     PENDING_POINTS_FIELD_NUMBER: _builtins.int
+    BALANCE_UNAVAILABLE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member id."""
     tier: _builtins.str
@@ -98,6 +99,10 @@ class Customer(_message.Message):
     """Points that can be spent now, in the currency's smallest unit."""
     pending_points: _builtins.int
     """Points credited but not yet spendable."""
+    balance_unavailable: _builtins.bool
+    """True when the ledger could not answer in time: the points above are then
+    unknown, not zero, and the sale goes on without them.
+    """
     def __init__(
         self,
         *,
@@ -106,10 +111,11 @@ class Customer(_message.Message):
         card_number: _builtins.str = ...,
         available_points: _builtins.int = ...,
         pending_points: _builtins.int = ...,
+        balance_unavailable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_points", b"available_points", "card_number", b"card_number", "member_id", b"member_id", "pending_points", b"pending_points", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_points", b"available_points", "balance_unavailable", b"balance_unavailable", "card_number", b"card_number", "member_id", b"member_id", "pending_points", b"pending_points", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

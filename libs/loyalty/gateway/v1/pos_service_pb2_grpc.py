@@ -69,7 +69,8 @@ class PosServiceServicer:
     """
 
     def Identify(self, request, context):
-        """Identifies a customer by card or phone and returns their balance.
+        """Identifies a customer by card or phone and returns their balance (flagged
+        unavailable, rather than failing, when the ledger cannot answer in time).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,9 @@ class PosServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PosServiceAsyncStub: ...
     Identify: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.IdentifyRequest, _pos_service_pb2.IdentifyResponse]
-    """Identifies a customer by card or phone and returns their balance."""
+    """Identifies a customer by card or phone and returns their balance (flagged
+    unavailable, rather than failing, when the ledger cannot answer in time).
+    """
     CalculateCheque: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.CalculateChequeRequest, _pos_service_pb2.CalculateChequeResponse]
     """Calculates discounts and points for a receipt being scanned."""
     CommitCheque: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.CommitChequeRequest, _pos_service_pb2.CommitChequeResponse]
@@ -60,7 +62,9 @@ class PosServiceAsyncStub(PosServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Identify: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.IdentifyRequest, _pos_service_pb2.IdentifyResponse]  # type: ignore[assignment]
-    """Identifies a customer by card or phone and returns their balance."""
+    """Identifies a customer by card or phone and returns their balance (flagged
+    unavailable, rather than failing, when the ledger cannot answer in time).
+    """
     CalculateCheque: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.CalculateChequeRequest, _pos_service_pb2.CalculateChequeResponse]  # type: ignore[assignment]
     """Calculates discounts and points for a receipt being scanned."""
     CommitCheque: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.CommitChequeRequest, _pos_service_pb2.CommitChequeResponse]  # type: ignore[assignment]
@@ -82,7 +86,9 @@ class PosServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _pos_service_pb2.IdentifyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_pos_service_pb2.IdentifyResponse, _abc.Awaitable[_pos_service_pb2.IdentifyResponse]]:
-        """Identifies a customer by card or phone and returns their balance."""
+        """Identifies a customer by card or phone and returns their balance (flagged
+        unavailable, rather than failing, when the ledger cannot answer in time).
+        """
 
     @_abc_1.abstractmethod
     def CalculateCheque(

@@ -139,7 +139,8 @@ class Rule(_message.Message):
     """A name for marketers."""
     condition: _builtins.str
     """A CEL expression over `receipt` (total_minor, line_count, store_id,
-    channel, hour, weekday) and `member` (tier, segments); empty means always.
+    terminal_id, channel, currency_code, skus, hour and weekday of the receipt time
+    in UTC) and `member` (id, identified, tier, segments); empty means always.
     Example: receipt.total_minor >= 200000 && member.tier == "gold".
     """
     receipt_text: _builtins.str
