@@ -103,7 +103,7 @@ async def _wait_serving(addresses: dict[str, str], seconds: float) -> None:
         await cluster.wait_serving(addresses)
 
 
-def _run_cluster(settings: Settings, admin_dsn: str, prefix: str) -> None:
+def _run_cluster(settings: Settings, admin_dsn: str, prefix: str, with_demo: bool) -> None:
     """Creates the databases, starts the six processes, waits for Ctrl-C, stops them."""
     database_urls = asyncio.run(cluster.create_databases(admin_dsn, prefix))
     processes = cluster.ServiceProcesses(
@@ -120,6 +120,8 @@ def _run_cluster(settings: Settings, admin_dsn: str, prefix: str) -> None:
         )
         for name, address in addresses.items():
             print(f"  {name:<14} {address}  pid {processes.processes[name].pid}")
+        if with_demo:
+            print(demo.instructions(settings, asyncio.run(demo.seed(settings))))
         print("Press Ctrl-C to stop.", flush=True)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         signal.pause()
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         help="an admin connection used to create the per-service databases",
     )
     cluster_run.add_argument("--database-prefix", default="loyalty")
+    cluster_run.add_argument("--no-demo", action="store_true", help="do not load the demo program")
     receipt = commands.add_parser("demo-receipt", help="calculate and commit a demo receipt through the gateway")
     who = receipt.add_mutually_exclusive_group(required=True)
     who.add_argument("--card")
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "serve":
         _serve_one(settings, args.service)
     elif args.command == "cluster":
-        _run_cluster(settings, args.postgres_dsn, args.database_prefix)
+        _run_cluster(settings, args.postgres_dsn, args.database_prefix, with_demo=not args.no_demo)
     elif args.command == "migrate":
         names = list(suite.START_ORDER) if args.service == "all" else [args.service]
         asyncio.run(_migrate(settings, names))

@@ -75,10 +75,12 @@ class EventBus(Protocol):
 
 
 class InProcessBus:
-    """An in-memory log per stream with an offset per consumer group."""
+    """An in-memory log per stream with an offset per consumer group: the consumers of
+    one group share the events (each goes to one of them), every group gets them all."""
 
     def __init__(self) -> None:
         self._logs: dict[str, list[Event]] = defaultdict(list)
+        self._offsets: dict[tuple[str, str], int] = defaultdict(int)
         self._appended = asyncio.Condition()
         self.dead_letters: dict[str, list[Event]] = defaultdict(list)
 
@@ -88,17 +90,15 @@ class InProcessBus:
             self._appended.notify_all()
 
     async def consume(self, stream: str, group: str, consumer: str, handler: Handler) -> None:
-        offset = 0
+        log_of_stream, position = self._logs[stream], (stream, group)
         while True:
-            log_of_stream = self._logs[stream]
             async with self._appended:
-                while len(log_of_stream) <= offset:
+                while len(log_of_stream) <= self._offsets[position]:
                     await self._appended.wait()
-                batch = log_of_stream[offset:]
-            for event in batch:
-                if not await deliver(handler, event, f"{stream}/{group}"):
-                    self.dead_letters[f"{stream}/{group}"].append(event)
-                offset += 1
+                event = log_of_stream[self._offsets[position]]
+                self._offsets[position] += 1
+            if not await deliver(handler, event, f"{stream}/{group}"):
+                self.dead_letters[f"{stream}/{group}"].append(event)
 
     async def close(self) -> None:
         return None
@@ -137,11 +137,14 @@ class RedisStreamsBus:
             if "BUSYGROUP" not in str(error):
                 raise
 
-    async def _claim_abandoned(self, key: str, group: str, consumer: str) -> list[tuple[str, dict[str, str]]]:
+    async def _claim_abandoned(
+        self, key: str, group: str, consumer: str, start_id: str
+    ) -> tuple[str, list[tuple[str, dict[str, str]]]]:
+        """Entries idle in other consumers' hands; returns where the next scan starts."""
         claimed = await self._redis.xautoclaim(
-            key, group, consumer, min_idle_time=self._claim_idle_ms, start_id="0-0", count=100
+            key, group, consumer, min_idle_time=self._claim_idle_ms, start_id=start_id, count=100
         )
-        return list(claimed[1])
+        return claimed[0], list(claimed[1])
 
     async def _read(self, key: str, group: str, consumer: str, cursor: str) -> list[tuple[str, dict[str, str]]]:
         response = await self._redis.xreadgroup(group, consumer, {key: cursor}, count=100, block=1000)
@@ -150,7 +153,7 @@ class RedisStreamsBus:
     async def consume(self, stream: str, group: str, consumer: str, handler: Handler) -> None:
         key = self.key(stream)
         await self._ensure_group(key, group)
-        cursor = "0"
+        cursor, claim_from = "0", "0-0"
         next_claim = 0.0
         loop = asyncio.get_running_loop()
         while True:
@@ -158,14 +161,21 @@ class RedisStreamsBus:
             if cursor == "0" and not entries:
                 cursor = ">"
             if loop.time() >= next_claim:
-                entries += await self._claim_abandoned(key, group, consumer)
-                next_claim = loop.time() + self._claim_idle_ms / 2000
+                claim_from, claimed = await self._claim_abandoned(key, group, consumer, claim_from)
+                entries += claimed
+                if claim_from == "0-0":
+                    next_claim = loop.time() + self._claim_idle_ms / 2000
             for entry_id, fields in entries:
                 # An entry trimmed from the stream while pending comes back without fields.
                 if fields:
                     event = Event.from_fields(fields)
                     if not await deliver(handler, event, f"{stream}/{group}"):
-                        await self._redis.xadd(f"{key}:dead:{group}", fields)  # type: ignore[arg-type]
+                        await self._redis.xadd(
+                            f"{key}:dead:{group}",
+                            fields,  # type: ignore[arg-type]
+                            maxlen=self._max_length,
+                            approximate=True,
+                        )
                 await self._redis.xack(key, group, entry_id)
 
     async def close(self) -> None:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.trace import TracerProvider
 from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -132,7 +132,12 @@ class ServiceHost:
         )
         server = grpc.aio.server(
             interceptors=[
-                aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
+                # Health checks are not traced: they are noise, and the instrumentation
+                # cannot wrap the Watch stream (a coroutine, not an async generator).
+                aio_server_interceptor(  # type: ignore[no-untyped-call]
+                    tracer_provider=tracer_provider,
+                    filter_=filters.negate(filters.service_name(health.SERVICE_NAME)),
+                ),
                 ServerInterceptor(metrics),
             ],
             options=[("grpc.so_reuseport", 0)],

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_NAMES: tuple[str, ...] = ("gateway", "members", "accounts", "rules", "rewards", "notifications")
+DEFAULT_PORTS: dict[str, dict[str, int]] = {
+    name: {"port": 50051 + index, "metrics_port": 9101 + index} for index, name in enumerate(SERVICE_NAMES)
+}
 
 
 class ServiceConfig(BaseModel):
@@ -29,6 +32,11 @@ class ServiceConfig(BaseModel):
         description="sqlite+aiosqlite:///... or postgresql+asyncpg://...; default: a SQLite file in data_dir",
     )
     address: str | None = Field(default=None, description="host:port peers dial; default 127.0.0.1:port")
+
+
+def _default_config(name: str) -> ServiceConfig:
+    ports = DEFAULT_PORTS[name]
+    return ServiceConfig(port=ports["port"], metrics_port=ports["metrics_port"])
 
 
 class Settings(BaseSettings):
@@ -57,12 +65,23 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="how often, and after how long, unfinished receipts are completed"
     )
 
-    gateway: ServiceConfig = ServiceConfig(port=50051, metrics_port=9101)
-    members: ServiceConfig = ServiceConfig(port=50052, metrics_port=9102)
-    accounts: ServiceConfig = ServiceConfig(port=50053, metrics_port=9103)
-    rules: ServiceConfig = ServiceConfig(port=50054, metrics_port=9104)
-    rewards: ServiceConfig = ServiceConfig(port=50055, metrics_port=9105)
-    notifications: ServiceConfig = ServiceConfig(port=50056, metrics_port=9106)
+    gateway: ServiceConfig = _default_config("gateway")
+    members: ServiceConfig = _default_config("members")
+    accounts: ServiceConfig = _default_config("accounts")
+    rules: ServiceConfig = _default_config("rules")
+    rewards: ServiceConfig = _default_config("rewards")
+    notifications: ServiceConfig = _default_config("notifications")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_default_ports(cls, data: Any) -> Any:
+        # A group given in part (LOYALTY_ACCOUNTS__DATABASE_URL alone) keeps its default ports.
+        if isinstance(data, dict):
+            for name, ports in DEFAULT_PORTS.items():
+                group = data.get(name)
+                if isinstance(group, dict):
+                    data[name] = {**ports, **group}
+        return data
 
     def service(self, name: str) -> ServiceConfig:
         if name not in SERVICE_NAMES:
