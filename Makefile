@@ -24,8 +24,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the suite with its development tools
 
-$(BUF): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+# package.json pins buf exactly, and buf pins its per-platform binaries; no lock file is
+# kept because npm here records only this platform's optional packages in one.
+$(BUF): package.json
+	npm install --no-audit --no-fund --no-package-lock --loglevel=error
 	touch $@
 
 proto: $(STAMP) ## Regenerate the Python stubs from proto/ into libs/loyalty/
