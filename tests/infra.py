@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,11 +24,26 @@ POSTGRES_ADMIN_DSN = os.environ.get("LOYALTY_TEST_POSTGRES_DSN", "postgresql://p
 REDIS_URL = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
+# Test servers take ports below the kernel's ephemeral range (32768-60999 here), so an
+# outgoing connection can never be handed a port a test is about to listen on; a port is
+# issued once per test session.
+_TEST_PORTS = range(20_000, 32_000)
+_issued_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
+    for _attempt in range(1000):
+        port = random.choice(_TEST_PORTS)
+        if port in _issued_ports:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _issued_ports.add(port)
         return port
+    raise RuntimeError("no free port for a test server")
 
 
 def asyncpg_dsn(database: str) -> str:

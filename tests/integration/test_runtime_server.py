@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -215,3 +216,16 @@ async def test_after_stop_the_grpc_port_and_the_metrics_port_refuse(tmp_path: Pa
     assert gone.value.code() == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(OSError):
         await scrape(settings.members.metrics_port)
+
+
+async def test_a_service_that_cannot_bind_fails_to_start_and_releases_what_it_opened(tmp_path: Path) -> None:
+    settings = infra.suite_settings(tmp_path)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", settings.members.port))
+        squatter.listen()
+        host = ServiceHost(suite.definition("members"), settings, InProcessBus())
+        with pytest.raises(RuntimeError):
+            await host.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", settings.members.metrics_port))  # the metrics endpoint was closed again
+    assert host.context.engine.pool.checkedout() == 0

@@ -113,13 +113,21 @@ class ServiceHost:
         return self._context
 
     async def start(self) -> None:
+        """Starts everything the service owns; on any failure, releases what was started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         name, settings = self.definition.name, self.settings
         config = settings.service(name)
         metrics = ServerMetrics.create()
+        if config.metrics_port:
+            self._metrics_endpoint = MetricsEndpoint(metrics.registry, settings.bind_host, config.metrics_port)
         tracer_provider = create_tracer_provider(name, settings.otlp_endpoint)
         engine = db.create_engine(settings.database_url(name))
-        if settings.auto_migrate:
-            await db.migrate(engine, self.definition.migrations_dir)
         self._context = ServiceContext(
             name=name,
             settings=settings,
@@ -130,6 +138,8 @@ class ServiceHost:
             metrics=metrics,
             tracer_provider=tracer_provider,
         )
+        if settings.auto_migrate:
+            await db.migrate(engine, self.definition.migrations_dir)
         server = grpc.aio.server(
             interceptors=[
                 # Health checks are not traced: they are noise, and the instrumentation
@@ -142,6 +152,7 @@ class ServiceHost:
             ],
             options=[("grpc.so_reuseport", 0)],
         )
+        self._server = server
         await self.definition.wire(self._context, server)
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -150,11 +161,8 @@ class ServiceHost:
         )
         self.port = server.add_insecure_port(f"{settings.bind_host}:{config.port}")
         await server.start()
-        self._server = server
         for service_name in ("", *self.definition.grpc_service_names):
             await self._health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
-        if config.metrics_port:
-            self._metrics_endpoint = MetricsEndpoint(metrics.registry, settings.bind_host, config.metrics_port)
         log.info("%s serving on %s:%d", name, settings.bind_host, self.port)
 
     async def stop(self) -> None:
