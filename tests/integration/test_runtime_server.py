@@ -15,6 +15,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.pool import QueuePool
 
 from loyalty.members.v1 import members_service_pb2 as members
 from loyalty.members.v1 import members_service_pb2_grpc as members_grpc
@@ -228,4 +229,5 @@ async def test_a_service_that_cannot_bind_fails_to_start_and_releases_what_it_op
             await host.start()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", settings.members.metrics_port))  # the metrics endpoint was closed again
-    assert host.context.engine.pool.checkedout() == 0
+    pool = host.context.engine.sync_engine.pool
+    assert isinstance(pool, QueuePool) and pool.checkedout() == 0
