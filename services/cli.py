@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cluster_run.add_argument("--database-prefix", default="loyalty")
     cluster_run.add_argument("--no-demo", action="store_true", help="do not load the demo program")
+    commands.add_parser("seed-demo", help="load the demo program into a running suite (idempotent)")
     receipt = commands.add_parser("demo-receipt", help="calculate and commit a demo receipt through the gateway")
     who = receipt.add_mutually_exclusive_group(required=True)
     who.add_argument("--card")
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_migrate(settings, names))
     elif args.command == "revision":
         _new_revision(settings, args.service, args.message)
+    elif args.command == "seed-demo":
+        print(demo.instructions(settings, asyncio.run(demo.seed(settings))))
     elif args.command == "demo-receipt":
         address = args.gateway or settings.address("gateway")
         return asyncio.run(demo.print_demo_receipt(address, card=args.card, phone=args.phone))

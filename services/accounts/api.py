@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.accounts.v1 import accounts_service_pb2 as pb
@@ -56,7 +57,19 @@ def entry_to_proto(entry: store.EntryRow, currency: str) -> pb.Entry:
 
 
 class AccountsApi(pb_grpc.AccountsServiceServicer):
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay, default_currency: str) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        relay: OutboxRelay,
+        default_currency: str,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._points_accrued = Counter(
+            "loyalty_points_accrued",
+            "Points credited, in the currency's smallest unit.",
+            ["currency"],
+            registry=registry,
+        )
         self._sessions = sessions
         self._idempotent = IdempotentCalls(sessions, store.idempotency_keys, relay.notify)
         self._default_currency = default_currency
@@ -92,7 +105,13 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
                 entry=entry_to_proto(result.entry, accrual.currency), balance=balance_to_proto(result.balance)
             )
 
-        return await self._idempotent.run("AccruePoints", request, pb.AccruePointsResponse, work)
+        return await self._idempotent.run(
+            "AccruePoints",
+            request,
+            pb.AccruePointsResponse,
+            work,
+            committed=lambda response: self._points_accrued.labels(response.entry.currency).inc(response.entry.amount),
+        )
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.GetBalanceResponse:
         currency = self._currency(request.currency)

@@ -14,7 +14,7 @@ from services.accounts.api import AccountsApi
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
     relay = context.start_outbox_relay(store.outbox)
-    api = AccountsApi(context.sessions, relay, context.settings.default_point_currency)
+    api = AccountsApi(context.sessions, relay, context.settings.default_point_currency, context.metrics.registry)
     accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(api, server)
 
 

@@ -19,6 +19,7 @@ from loyalty.runtime.timeutil import to_timestamp, utcnow
 from loyalty.runtime.validation import check_receipt
 from services.gateway import store
 from services.gateway.domain import ChequeState, CommitPlan, ReceiptKey, receipt_fingerprint
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.peers import Peers
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,13 @@ class PointOfSale:
         sessions: async_sessionmaker[AsyncSession],
         peers: Peers,
         relay: OutboxRelay,
+        metrics: GatewayMetrics,
         resume_after: timedelta,
     ) -> None:
         self._sessions = sessions
         self._peers = peers
         self._relay = relay
+        self._metrics = metrics
         self._resume_after = resume_after
 
     async def identify(self, identifier: pos.CustomerIdentifier) -> pos.Customer:
@@ -101,6 +104,7 @@ class PointOfSale:
             balance = await self._peers.balance(member.account_holder_id)
         except DomainError as error:
             log.warning("balance unavailable for the receipt answer: %s", error.reason)
+            self._metrics.degraded_answers.labels("balance_unavailable").inc()
             unknown = _customer(member)
             unknown.balance_unavailable = True
             return unknown
@@ -114,6 +118,15 @@ class PointOfSale:
         return member, evaluation
 
     async def calculate(self, request: pos.CalculateChequeRequest) -> pos.CalculateChequeResponse:
+        try:
+            response = await self._calculate(request)
+        except DomainError:
+            self._metrics.receipts.labels("calculate", "rejected").inc()
+            raise
+        self._metrics.receipts.labels("calculate", "completed").inc()
+        return response
+
+    async def _calculate(self, request: pos.CalculateChequeRequest) -> pos.CalculateChequeResponse:
         check_calculation(request, committing=False)
         member, evaluation = await self._evaluate(request)
         response = pos.CalculateChequeResponse(
@@ -225,6 +238,19 @@ class PointOfSale:
         return row
 
     async def commit(self, request: pos.CommitChequeRequest) -> pos.CommitChequeResponse:
+        try:
+            response = await self._commit(request)
+        except DomainError:
+            self._metrics.receipts.labels("commit", "rejected").inc()
+            raise
+        if response.state == pos.CHEQUE_STATE_COMPLETED:
+            self._metrics.receipts.labels("commit", "completed").inc()
+        else:
+            self._metrics.receipts.labels("commit", "committed").inc()
+            self._metrics.degraded_answers.labels("effects_deferred").inc()
+        return response
+
+    async def _commit(self, request: pos.CommitChequeRequest) -> pos.CommitChequeResponse:
         check_calculation(request, committing=True)
         key = ReceiptKey(request.receipt.terminal_id, request.receipt.receipt_number)
         receipt_hash = receipt_fingerprint(request)
@@ -275,6 +301,8 @@ class PointOfSale:
         completed = 0
         for key in keys:
             completed += await self.complete(key) is ChequeState.COMPLETED
+        async with self._sessions() as session:
+            self._metrics.unfinished_receipts.set(await store.count_unfinished(session))
         return completed
 
     async def run_resumer(self, interval_seconds: float) -> None:
@@ -283,4 +311,7 @@ class PointOfSale:
                 await self.resume_unfinished()
             except Exception:
                 log.exception("resuming unfinished receipts failed; will retry")
+                self._metrics.job_runs.labels("resume_receipts", "failed").inc()
+            else:
+                self._metrics.job_runs.labels("resume_receipts", "ok").inc()
             await asyncio.sleep(interval_seconds)

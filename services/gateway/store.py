@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Integer, LargeBinary, String, select
+from sqlalchemy import BigInteger, Integer, LargeBinary, String, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -85,6 +85,16 @@ async def mark_completed(session: AsyncSession, key: ReceiptKey, now: datetime) 
     row.state = ChequeState.COMPLETED.value
     row.completed_at = now
     row.last_error = ""
+
+
+async def count_unfinished(session: AsyncSession) -> int:
+    count: int = (
+        await session.scalar(
+            select(func.count()).select_from(ChequeRow).where(ChequeRow.state == ChequeState.COMMITTED.value)
+        )
+        or 0
+    )
+    return count
 
 
 async def unfinished_cheques(session: AsyncSession, committed_before: datetime, limit: int) -> list[ReceiptKey]:

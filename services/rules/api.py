@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from prometheus_client import CollectorRegistry, Histogram
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.common.v1 import receipt_pb2
@@ -164,10 +165,20 @@ def receipt_from_proto(receipt: receipt_pb2.Receipt) -> Receipt:
 
 class RulesApi(pb_grpc.RulesServiceServicer):
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], relay: OutboxRelay, live: service.LiveCampaigns
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        relay: OutboxRelay,
+        live: service.LiveCampaigns,
+        registry: CollectorRegistry,
     ) -> None:
         self._sessions = sessions
         self._live = live
+        self._evaluation_time = Histogram(
+            "loyalty_rule_evaluation_seconds",
+            "Time to evaluate one receipt against the live campaigns.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=registry,
+        )
 
         def on_commit() -> None:
             live.invalidate()
@@ -206,7 +217,8 @@ class RulesApi(pb_grpc.RulesServiceServicer):
     async def EvaluateReceipt(self, request: pb.EvaluateReceiptRequest, context: Context) -> pb.EvaluateReceiptResponse:
         receipt = receipt_from_proto(request.receipt)
         subject = Subject(request.subject.member_id, request.subject.tier, tuple(request.subject.segments))
-        evaluation = await self._live.evaluate(receipt, subject)
+        with self._evaluation_time.time():
+            evaluation = await self._live.evaluate(receipt, subject)
         return pb.EvaluateReceiptResponse(
             lines=[
                 pb.LineResult(

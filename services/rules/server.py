@@ -15,7 +15,7 @@ from services.rules.service import LiveCampaigns
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
     relay = context.start_outbox_relay(store.outbox)
-    api = RulesApi(context.sessions, relay, LiveCampaigns(context.sessions))
+    api = RulesApi(context.sessions, relay, LiveCampaigns(context.sessions), context.metrics.registry)
     rules_service_pb2_grpc.add_RulesServiceServicer_to_server(api, server)
 
 

@@ -67,8 +67,16 @@ Handler = Callable[[Event], Awaitable[None]]
 class EventBus(Protocol):
     async def publish(self, stream: str, event: Event) -> None: ...
 
-    async def consume(self, stream: str, group: str, consumer: str, handler: Handler) -> None:
-        """Delivers every event of the stream to the group, forever; run it as a task."""
+    async def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: Handler,
+        on_dead_letter: Callable[[Event], None] | None = None,
+    ) -> None:
+        """Delivers every event of the stream to the group, forever; run it as a task. An
+        event whose handler never succeeds is set aside and reported to ``on_dead_letter``."""
         ...
 
     async def close(self) -> None: ...
@@ -89,7 +97,14 @@ class InProcessBus:
             self._logs[stream].append(event)
             self._appended.notify_all()
 
-    async def consume(self, stream: str, group: str, consumer: str, handler: Handler) -> None:
+    async def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: Handler,
+        on_dead_letter: Callable[[Event], None] | None = None,
+    ) -> None:
         log_of_stream, position = self._logs[stream], (stream, group)
         while True:
             async with self._appended:
@@ -99,6 +114,8 @@ class InProcessBus:
                 self._offsets[position] += 1
             if not await deliver(handler, event, f"{stream}/{group}"):
                 self.dead_letters[f"{stream}/{group}"].append(event)
+                if on_dead_letter is not None:
+                    on_dead_letter(event)
 
     async def close(self) -> None:
         return None
@@ -150,7 +167,14 @@ class RedisStreamsBus:
         response = await self._redis.xreadgroup(group, consumer, {key: cursor}, count=100, block=1000)
         return [entry for _stream, entries in response or [] for entry in entries]
 
-    async def consume(self, stream: str, group: str, consumer: str, handler: Handler) -> None:
+    async def consume(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: Handler,
+        on_dead_letter: Callable[[Event], None] | None = None,
+    ) -> None:
         key = self.key(stream)
         await self._ensure_group(key, group)
         cursor, claim_from = "0", "0-0"
@@ -176,6 +200,8 @@ class RedisStreamsBus:
                             maxlen=self._max_length,
                             approximate=True,
                         )
+                        if on_dead_letter is not None:
+                            on_dead_letter(event)
                 await self._redis.xack(key, group, entry_id)
 
     async def close(self) -> None:

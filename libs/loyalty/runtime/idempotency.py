@@ -142,6 +142,23 @@ class IdempotentCalls:
         request: Message,
         response_type: type[ResponseT],
         work: Callable[[AsyncSession], Awaitable[ResponseT]],
+        committed: Callable[[ResponseT], None] | None = None,
     ) -> ResponseT:
+        """Runs the call once; ``committed`` sees the response only when this very call's
+        work committed (not on a replay), e.g. to count what it did."""
         key: str = getattr(request, "request_id")  # noqa: B009 - every mutating request has one
-        return await run_idempotent(self.sessions, self.table, scope, key, request, response_type, work, self.on_commit)
+        fresh: list[ResponseT] = []
+
+        async def recording_work(session: AsyncSession) -> ResponseT:
+            fresh[:] = [await work(session)]
+            return fresh[0]
+
+        def after_commit() -> None:
+            if self.on_commit is not None:
+                self.on_commit()
+            if committed is not None:
+                committed(fresh[0])
+
+        return await run_idempotent(
+            self.sessions, self.table, scope, key, request, response_type, recording_work, after_commit
+        )

@@ -68,6 +68,8 @@ class ServerInterceptor(InterceptorBase):
                 return await inner(request, context)
             except DomainError as error:
                 code = error.code
+                # The reason, never the message: messages may quote what the client sent.
+                log.info("%s/%s answered %s %s", service, method, code.name, error.reason)
                 await context.abort_with_status(to_grpc_status(error))
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN

@@ -15,10 +15,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import propagate
-from sqlalchemy import JSON, BigInteger, Column, Integer, MetaData, String, Table, select, update
+from sqlalchemy import JSON, BigInteger, Column, Integer, MetaData, String, Table, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.runtime.bus import Event, EventBus
+from loyalty.runtime.telemetry import PipelineMetrics
 from loyalty.runtime.timeutil import UtcDateTime
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class OutboxRelay:
         stream: str,
         source: str,
         poll_seconds: float,
+        metrics: PipelineMetrics | None = None,
     ) -> None:
         self._sessions = sessions
         self._outbox = outbox
@@ -79,6 +81,7 @@ class OutboxRelay:
         self._stream = stream
         self._source = source
         self._poll_seconds = poll_seconds
+        self._metrics = metrics
         self._wake = asyncio.Event()
 
     def notify(self) -> None:
@@ -111,13 +114,30 @@ class OutboxRelay:
                     .where(table.c.id.in_([row["id"] for row in rows]))
                     .values(published_at=datetime.now(UTC))
                 )
+        if rows and self._metrics is not None:
+            self._metrics.events_published.labels(self._stream).inc(len(rows))
         return len(rows)
+
+    async def observe_backlog(self) -> None:
+        """Updates the pending-events gauges from the table."""
+        if self._metrics is None:
+            return
+        table = self._outbox
+        async with self._sessions() as session:
+            pending, oldest = (
+                await session.execute(
+                    select(func.count(), func.min(table.c.occurred_at)).where(table.c.published_at.is_(None))
+                )
+            ).one()
+        self._metrics.outbox_pending.set(pending)
+        self._metrics.outbox_oldest_age.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
 
     async def run(self) -> None:
         while True:
             try:
                 while await self.publish_pending() == RELAY_BATCH:
                     pass
+                await self.observe_backlog()
             except Exception:
                 log.exception("outbox relay for %s failed; retrying", self._stream)
             with contextlib.suppress(TimeoutError):

@@ -15,6 +15,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,15 @@ class ServiceContext:
 
     def start_outbox_relay(self, outbox: Table) -> OutboxRelay:
         """Publishes this service's outbox to its own stream (named after the service)."""
-        relay = OutboxRelay(self.sessions, outbox, self.bus, self.name, self.name, self.settings.outbox_poll_seconds)
+        relay = OutboxRelay(
+            self.sessions,
+            outbox,
+            self.bus,
+            self.name,
+            self.name,
+            self.settings.outbox_poll_seconds,
+            self.metrics.pipeline,
+        )
         self.run_in_background(relay.run(), "outbox-relay")
         return relay
 
@@ -66,6 +75,7 @@ class ServiceContext:
         """Consumes another service's stream in this service's consumer group. Each event is
         handled in a consumer span that continues the publisher's trace."""
         tracer = self.tracer_provider.get_tracer("loyalty.runtime.bus")
+        consumed = self.metrics.pipeline.events_consumed
 
         async def traced(event: Event) -> None:
             with tracer.start_as_current_span(
@@ -74,10 +84,26 @@ class ServiceContext:
                 kind=trace.SpanKind.CONSUMER,
                 attributes={"messaging.message.id": event.event_id, "loyalty.event_type": event.event_type},
             ):
-                await handler(event)
+                try:
+                    await handler(event)
+                except Exception:
+                    consumed.labels(stream, "failed").inc()
+                    raise
+            consumed.labels(stream, "handled").inc()
+            lag = (datetime.now(UTC) - event.occurred_at).total_seconds()
+            self.metrics.pipeline.consumer_lag.labels(stream).set(max(lag, 0.0))
+
+        def dead_lettered(_event: Event) -> None:
+            consumed.labels(stream, "dead_lettered").inc()
 
         self.run_in_background(
-            self.bus.consume(stream, group=self.name, consumer=self.settings.instance_name, handler=traced),
+            self.bus.consume(
+                stream,
+                group=self.name,
+                consumer=self.settings.instance_name,
+                handler=traced,
+                on_dead_letter=dead_lettered,
+            ),
             name=f"consume:{stream}",
         )
 
