@@ -47,6 +47,9 @@ test: $(STAMP) $(BUF) services ## Run every test: unit, integration (SQLite, Pos
 	$(BIN)/python tools/protogen.py --check
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+helm-lint: $(STAMP) ## Lint and render the Helm chart with Helm's engine; Kubernetes schemas; policies
+	$(BIN)/pytest tests/helm/test_chart.py tests/helm/test_image.py -q
+
 run: $(STAMP) ## Start all six services in one process on SQLite, with demo data
 	$(BIN)/loyalty run
 
@@ -59,4 +62,4 @@ cluster: $(STAMP) services ## Start each service as its own process on PostgreSQ
 clean: ## Remove local data (var/) and caches; keeps .venv and node_modules
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install proto lint services test run demo-receipt cluster clean
+.PHONY: help install proto lint services test helm-lint run demo-receipt cluster clean

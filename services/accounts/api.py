@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -16,7 +17,20 @@ from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.paging import Cursor, page_size
 from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from services.accounts import service, store
-from services.accounts.domain import Accrual, AccrualSource, Balance, EntryKind, check_accrual, check_currency
+from services.accounts.domain import (
+    MAX_HOLD_SECONDS,
+    Accrual,
+    AccrualSource,
+    Balance,
+    EntryKind,
+    Hold,
+    HoldStatus,
+    check_accrual,
+    check_currency,
+    check_holder,
+    check_points,
+    check_references,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -54,6 +68,31 @@ def entry_to_proto(entry: store.EntryRow, currency: str) -> pb.Entry:
         reason=entry.reason,
         create_time=to_timestamp(entry.created_at),
     )
+
+
+_HOLD_STATUS = {
+    HoldStatus.ACTIVE: pb.HOLD_STATUS_ACTIVE,
+    HoldStatus.CAPTURED: pb.HOLD_STATUS_CAPTURED,
+    HoldStatus.RELEASED: pb.HOLD_STATUS_RELEASED,
+}
+DEFAULT_HOLD_SECONDS = 900
+
+
+def hold_to_proto(hold: Hold, balance: Balance) -> pb.Hold:
+    return pb.Hold(
+        hold_id=hold.hold_id,
+        holder_id=balance.holder_id,
+        currency=balance.currency,
+        amount=hold.amount,
+        status=_HOLD_STATUS[hold.status],
+        expire_time=to_timestamp(hold.expires_at),
+        captured=hold.captured,
+    )
+
+
+def _require_hold_id(hold_id: str, violations: Violations) -> None:
+    violations.check(bool(hold_id), "hold_id", "required")
+    violations.check_length(hold_id, "hold_id", 36)
 
 
 class AccountsApi(pb_grpc.AccountsServiceServicer):
@@ -135,3 +174,72 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
             entries=[entry_to_proto(entry, currency) for entry in page.entries],
             next_page_token=page.next_cursor.encode() if page.next_cursor else "",
         )
+
+    async def PlaceHold(self, request: pb.PlaceHoldRequest, context: Context) -> pb.PlaceHoldResponse:
+        violations = Violations()
+        currency = request.currency or self._default_currency
+        check_holder(request.holder_id, violations)
+        check_currency(currency, violations)
+        check_points(request.amount, violations)
+        check_references(request.source_ref, "", violations)
+        violations.check(
+            0 <= request.ttl_seconds <= MAX_HOLD_SECONDS, "ttl_seconds", f"between 0 and {MAX_HOLD_SECONDS}"
+        )
+        violations.raise_if_any()
+        ttl = timedelta(seconds=request.ttl_seconds or DEFAULT_HOLD_SECONDS)
+
+        async def work(session: AsyncSession) -> pb.PlaceHoldResponse:
+            placed = await service.place_hold(
+                session, request.holder_id, currency, request.amount, ttl, request.source_ref
+            )
+            return pb.PlaceHoldResponse(
+                hold=hold_to_proto(placed.hold, placed.balance), balance=balance_to_proto(placed.balance)
+            )
+
+        return await self._idempotent.run("PlaceHold", request, pb.PlaceHoldResponse, work)
+
+    async def CaptureHold(self, request: pb.CaptureHoldRequest, context: Context) -> pb.CaptureHoldResponse:
+        violations = Violations()
+        _require_hold_id(request.hold_id, violations)
+        violations.check(request.amount >= 0, "amount", "must not be negative (0 captures the whole hold)")
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.CaptureHoldResponse:
+            spent = await service.capture_hold(session, request.hold_id, request.amount)
+            return pb.CaptureHoldResponse(
+                entry=entry_to_proto(spent.entry, spent.balance.currency), balance=balance_to_proto(spent.balance)
+            )
+
+        return await self._idempotent.run("CaptureHold", request, pb.CaptureHoldResponse, work)
+
+    async def ReleaseHold(self, request: pb.ReleaseHoldRequest, context: Context) -> pb.ReleaseHoldResponse:
+        violations = Violations()
+        _require_hold_id(request.hold_id, violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.ReleaseHoldResponse:
+            released = await service.release_hold(session, request.hold_id)
+            return pb.ReleaseHoldResponse(
+                hold=hold_to_proto(released.hold, released.balance), balance=balance_to_proto(released.balance)
+            )
+
+        return await self._idempotent.run("ReleaseHold", request, pb.ReleaseHoldResponse, work)
+
+    async def RedeemPoints(self, request: pb.RedeemPointsRequest, context: Context) -> pb.RedeemPointsResponse:
+        violations = Violations()
+        currency = request.currency or self._default_currency
+        check_holder(request.holder_id, violations)
+        check_currency(currency, violations)
+        check_points(request.amount, violations)
+        check_references(request.source_ref, request.reason, violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.RedeemPointsResponse:
+            spent = await service.redeem_points(
+                session, request.holder_id, currency, request.amount, request.source_ref, request.reason
+            )
+            return pb.RedeemPointsResponse(
+                entry=entry_to_proto(spent.entry, currency), balance=balance_to_proto(spent.balance)
+            )
+
+        return await self._idempotent.run("RedeemPoints", request, pb.RedeemPointsResponse, work)

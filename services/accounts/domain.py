@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from loyalty.runtime.errors import Violations
+from loyalty.runtime.errors import FailedPrecondition, NotFound, Violations
 
 MAX_POINTS_PER_OPERATION = 10**12
 MAX_HOLDER_ID_LENGTH = 64
@@ -86,16 +86,103 @@ def check_currency(currency: str, violations: Violations, field: str = "currency
     violations.check(bool(_CURRENCY.fullmatch(currency)), field, "upper-case letters, digits or _, e.g. BONUS")
 
 
+def check_holder(holder_id: str, violations: Violations) -> None:
+    violations.check(bool(holder_id), "holder_id", "required")
+    violations.check_length(holder_id, "holder_id", MAX_HOLDER_ID_LENGTH)
+
+
+def check_points(amount: int, violations: Violations, field: str = "amount") -> None:
+    violations.check(amount > 0, field, "must be positive")
+    violations.check(amount <= MAX_POINTS_PER_OPERATION, field, f"at most {MAX_POINTS_PER_OPERATION}")
+
+
+def check_references(source_ref: str, reason: str, violations: Violations) -> None:
+    violations.check_length(source_ref, "source_ref", MAX_SOURCE_REF_LENGTH)
+    violations.check_length(reason, "reason", MAX_REASON_LENGTH)
+
+
 def check_accrual(accrual: Accrual, violations: Violations) -> None:
     """Adds a violation for each way the accrual is not acceptable."""
-    violations.check(bool(accrual.holder_id), "holder_id", "required")
-    violations.check_length(accrual.holder_id, "holder_id", MAX_HOLDER_ID_LENGTH)
-    violations.check_length(accrual.source_ref, "source_ref", MAX_SOURCE_REF_LENGTH)
-    violations.check_length(accrual.reason, "reason", MAX_REASON_LENGTH)
+    check_holder(accrual.holder_id, violations)
     check_currency(accrual.currency, violations)
-    violations.check(accrual.amount > 0, "amount", "must be positive")
-    violations.check(accrual.amount <= MAX_POINTS_PER_OPERATION, "amount", f"at most {MAX_POINTS_PER_OPERATION}")
+    check_points(accrual.amount, violations)
+    check_references(accrual.source_ref, accrual.reason, violations)
     if accrual.expire_at is not None:
         violations.check(accrual.expire_at > accrual.activate_at, "expire_time", "must be after activation")
     if accrual.source is AccrualSource.STAFF:
         violations.check(bool(accrual.reason.strip()), "reason", "a staff accrual needs a reason")
+
+
+class HoldStatus(StrEnum):
+    ACTIVE = "active"
+    CAPTURED = "captured"
+    RELEASED = "released"
+
+
+MAX_HOLD_SECONDS = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Points reserved for a calculated receipt until captured, released or expired."""
+
+    hold_id: str
+    amount: int
+    status: HoldStatus
+    expires_at: datetime
+    captured: int
+
+    def is_live(self, now: datetime) -> bool:
+        """Counts against the available balance: placed, not settled, not expired."""
+        return self.status is HoldStatus.ACTIVE and now < self.expires_at
+
+
+def held_total(holds: list[Hold], now: datetime) -> int:
+    return sum(hold.amount for hold in holds if hold.is_live(now))
+
+
+def check_hold(hold: Hold | None, now: datetime) -> Hold:
+    """The hold, if it can still be captured or released; otherwise the refusal why not."""
+    if hold is None:
+        raise NotFound("HOLD_NOT_FOUND", "no such hold")
+    if hold.status is HoldStatus.CAPTURED:
+        raise FailedPrecondition("HOLD_ALREADY_CAPTURED", "the hold was already captured")
+    if hold.status is HoldStatus.RELEASED:
+        raise FailedPrecondition("HOLD_RELEASED", "the hold was released")
+    if not hold.is_live(now):
+        raise FailedPrecondition("HOLD_EXPIRED", "the hold expired; its points are available again")
+    return hold
+
+
+def ensure_available(balance: Balance, amount: int) -> None:
+    if amount > balance.available:
+        raise FailedPrecondition("INSUFFICIENT_POINTS", f"{amount} requested, {balance.available} available")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The part of one lot that paid for a redemption, kept so a reversal restores it."""
+
+    lot_id: str
+    amount: int
+
+
+def allocate(lots: list[Lot], amount: int, now: datetime) -> list[Allocation]:
+    """Takes `amount` from the active lots, soonest-expiring first (lots that never expire
+    last, older activation first among equals). The caller has checked availability."""
+    never = datetime.max.replace(tzinfo=now.tzinfo)
+    spendable = sorted(
+        (lot for lot in lots if lot.is_active(now) and lot.remaining > 0),
+        key=lambda lot: (lot.expire_at or never, lot.activate_at, lot.lot_id),
+    )
+    allocations: list[Allocation] = []
+    left = amount
+    for lot in spendable:
+        if left == 0:
+            break
+        taken = min(lot.remaining, left)
+        allocations.append(Allocation(lot.lot_id, taken))
+        left -= taken
+    if left:
+        raise FailedPrecondition("INSUFFICIENT_POINTS", f"{amount} requested, {amount - left} spendable")
+    return allocations

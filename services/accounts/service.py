@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loyalty.runtime.errors import FailedPrecondition, NotFound
 from loyalty.runtime.outbox import add_event
 from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import utcnow
 from services.accounts import store
-from services.accounts.domain import Accrual, Balance, balance_at
+from services.accounts.domain import (
+    Accrual,
+    Balance,
+    Hold,
+    HoldStatus,
+    allocate,
+    balance_at,
+    check_hold,
+    ensure_available,
+    held_total,
+)
 
 
 @dataclass(frozen=True)
@@ -43,12 +55,107 @@ async def accrue_points(session: AsyncSession, accrual: Accrual) -> AccrualResul
 
 
 async def get_balance(session: AsyncSession, holder_id: str, currency: str) -> Balance:
-    now = utcnow()
     account = await store.find_account(session, holder_id, currency)
     if account is None:
         return Balance(holder_id, currency, active=0, pending=0, held=0)
+    return await _balance_of(session, account, utcnow())
+
+
+async def _balance_of(session: AsyncSession, account: store.AccountRow, now: datetime) -> Balance:
     lots = await store.open_lots(session, account.account_id, now)
-    return balance_at(holder_id, currency, lots, held=0, now=now)
+    holds = await store.live_holds(session, account.account_id, now)
+    return balance_at(account.holder_id, account.currency, lots, held_total(holds, now), now)
+
+
+async def _locked_account(session: AsyncSession, holder_id: str, currency: str) -> store.AccountRow:
+    account = await store.lock_account(session, holder_id, currency)
+    if account is None:
+        raise FailedPrecondition("INSUFFICIENT_POINTS", "the holder has no points in this currency")
+    return account
+
+
+@dataclass(frozen=True)
+class HoldResult:
+    hold: Hold
+    balance: Balance
+
+
+async def place_hold(
+    session: AsyncSession, holder_id: str, currency: str, amount: int, ttl: timedelta, source_ref: str
+) -> HoldResult:
+    """Reserves points for a calculated receipt; they count against the available balance
+    at once, and come back by themselves when the hold expires."""
+    now = utcnow()
+    account = await _locked_account(session, holder_id, currency)
+    ensure_available(await _balance_of(session, account, now), amount)
+    hold = await store.add_hold(session, account, amount, now + ttl, source_ref, now)
+    return HoldResult(hold, await _balance_of(session, account, now))
+
+
+@dataclass(frozen=True)
+class RedemptionResult:
+    entry: store.EntryRow
+    balance: Balance
+
+
+async def _redeem(
+    session: AsyncSession, account: store.AccountRow, amount: int, source_ref: str, reason: str, now: datetime
+) -> RedemptionResult:
+    lots = await store.open_lots(session, account.account_id, now)
+    entry = await store.add_redemption(session, account, allocate(lots, amount, now), source_ref, reason, now)
+    await add_event(
+        session,
+        store.outbox,
+        "points.redeemed",
+        key=account.holder_id,
+        payload={
+            "holder_id": account.holder_id,
+            "currency": account.currency,
+            "amount": amount,
+            "entry_id": entry.entry_id,
+            "source_ref": source_ref,
+        },
+    )
+    return RedemptionResult(entry, await _balance_of(session, account, now))
+
+
+async def _locked_hold(session: AsyncSession, hold_id: str, now: datetime) -> tuple[Hold, store.AccountRow]:
+    """A hold that can still be settled, with its account locked. The hold is read again
+    under the lock: a concurrent capture or release may have settled it meanwhile."""
+    found = await store.find_hold(session, hold_id)
+    if found is None:
+        raise NotFound("HOLD_NOT_FOUND", "no such hold")
+    account = await _locked_account(session, found[1].holder_id, found[1].currency)
+    settled = await store.find_hold(session, hold_id)
+    return check_hold(settled[0] if settled else None, now), account
+
+
+async def capture_hold(session: AsyncSession, hold_id: str, amount: int) -> RedemptionResult:
+    """Spends a hold's points, all of them or part (amount 0 means all); the rest is freed."""
+    now = utcnow()
+    hold, account = await _locked_hold(session, hold_id, now)
+    spend = amount or hold.amount
+    if spend > hold.amount:
+        raise FailedPrecondition("CAPTURE_EXCEEDS_HOLD", f"{spend} requested, the hold is {hold.amount}")
+    await store.settle_hold(session, hold_id, HoldStatus.CAPTURED, spend, now)
+    return await _redeem(session, account, spend, f"hold:{hold_id}", "points paid on a receipt", now)
+
+
+async def release_hold(session: AsyncSession, hold_id: str) -> HoldResult:
+    now = utcnow()
+    _hold, account = await _locked_hold(session, hold_id, now)
+    hold = await store.settle_hold(session, hold_id, HoldStatus.RELEASED, 0, now)
+    return HoldResult(hold, await _balance_of(session, account, now))
+
+
+async def redeem_points(
+    session: AsyncSession, holder_id: str, currency: str, amount: int, source_ref: str, reason: str
+) -> RedemptionResult:
+    """Spends points at once, without a hold."""
+    now = utcnow()
+    account = await _locked_account(session, holder_id, currency)
+    ensure_available(await _balance_of(session, account, now), amount)
+    return await _redeem(session, account, amount, source_ref, reason, now)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, or_, select
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -19,7 +19,10 @@ from services.accounts.domain import (
     MAX_REASON_LENGTH,
     MAX_SOURCE_REF_LENGTH,
     Accrual,
+    Allocation,
     EntryKind,
+    Hold,
+    HoldStatus,
     Lot,
 )
 
@@ -69,6 +72,34 @@ class EntryRow(Base):
     source_ref: Mapped[str] = mapped_column(String(MAX_SOURCE_REF_LENGTH))
     reason: Mapped[str] = mapped_column(String(MAX_REASON_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class HoldRow(Base):
+    __tablename__ = "holds"
+    __table_args__ = (Index("ix_holds_account_status", "account_id", "status"),)
+
+    hold_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    captured: Mapped[int] = mapped_column(BigInteger)
+    source_ref: Mapped[str] = mapped_column(String(MAX_SOURCE_REF_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    settled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    def to_domain(self) -> Hold:
+        return Hold(self.hold_id, self.amount, HoldStatus(self.status), self.expires_at, self.captured)
+
+
+class AllocationRow(Base):
+    """Which lots paid for a redemption entry, and how much each."""
+
+    __tablename__ = "allocations"
+
+    entry_id: Mapped[str] = mapped_column(ForeignKey("entries.entry_id"), primary_key=True)
+    lot_id: Mapped[str] = mapped_column(ForeignKey("lots.lot_id"), primary_key=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
 
 
 outbox = define_outbox_table(Base.metadata)
@@ -130,11 +161,13 @@ async def add_accrual(session: AsyncSession, account: AccountRow, accrual: Accru
 async def open_lots(session: AsyncSession, account_id: str, now: datetime) -> list[Lot]:
     """Lots with points left that have not expired by `now`."""
     rows = await session.scalars(
-        select(LotRow).where(
+        select(LotRow)
+        .where(
             LotRow.account_id == account_id,
             LotRow.remaining > 0,
             or_(LotRow.expire_at.is_(None), LotRow.expire_at > now),
         )
+        .execution_options(populate_existing=True)
     )
     return [Lot(row.lot_id, row.remaining, row.activate_at, row.expire_at) for row in rows]
 
@@ -151,3 +184,91 @@ async def list_entries(session: AsyncSession, account_id: str, limit: int, after
         )
     query = query.order_by(EntryRow.created_at.desc(), EntryRow.entry_id.desc()).limit(limit)
     return list(await session.scalars(query))
+
+
+async def lock_account(session: AsyncSession, holder_id: str, currency: str) -> AccountRow | None:
+    """The account, locked until the end of the transaction: operations that spend points
+    on one account run one after another, so none can spend what another just took."""
+    account: AccountRow | None = await session.scalar(
+        select(AccountRow).where(AccountRow.holder_id == holder_id, AccountRow.currency == currency).with_for_update()
+    )
+    return account
+
+
+async def live_holds(session: AsyncSession, account_id: str, now: datetime) -> list[Hold]:
+    rows = await session.scalars(
+        select(HoldRow).where(
+            HoldRow.account_id == account_id,
+            HoldRow.status == HoldStatus.ACTIVE.value,
+            HoldRow.expires_at > now,
+        )
+    )
+    return [row.to_domain() for row in rows]
+
+
+async def add_hold(
+    session: AsyncSession, account: AccountRow, amount: int, expires_at: datetime, source_ref: str, now: datetime
+) -> Hold:
+    row = HoldRow(
+        hold_id=str(uuid.uuid4()),
+        account_id=account.account_id,
+        amount=amount,
+        status=HoldStatus.ACTIVE.value,
+        expires_at=expires_at,
+        captured=0,
+        source_ref=source_ref,
+        created_at=now,
+        settled_at=None,
+    )
+    session.add(row)
+    await session.flush()
+    return row.to_domain()
+
+
+async def find_hold(session: AsyncSession, hold_id: str) -> tuple[Hold, AccountRow] | None:
+    """The hold as the database has it now (never a copy cached by the session) and its account."""
+    row = await session.scalar(
+        select(HoldRow).where(HoldRow.hold_id == hold_id).execution_options(populate_existing=True)
+    )
+    if row is None:
+        return None
+    return row.to_domain(), await session.get_one(AccountRow, row.account_id)
+
+
+async def settle_hold(session: AsyncSession, hold_id: str, status: HoldStatus, captured: int, now: datetime) -> Hold:
+    row = await session.get_one(HoldRow, hold_id)
+    row.status, row.captured, row.settled_at = status.value, captured, now
+    await session.flush()
+    return row.to_domain()
+
+
+async def add_redemption(
+    session: AsyncSession,
+    account: AccountRow,
+    allocations: list[Allocation],
+    source_ref: str,
+    reason: str,
+    now: datetime,
+) -> EntryRow:
+    """Debits the allocated lots and writes one redemption entry that remembers them."""
+    entry = EntryRow(
+        entry_id=str(uuid.uuid4()),
+        account_id=account.account_id,
+        kind=EntryKind.REDEMPTION.value,
+        amount=-sum(allocation.amount for allocation in allocations),
+        lot_id=None,
+        source_ref=source_ref,
+        reason=reason,
+        created_at=now,
+    )
+    session.add(entry)
+    await session.flush()
+    for allocation in allocations:
+        await session.execute(
+            update(LotRow)
+            .where(LotRow.lot_id == allocation.lot_id)
+            .values(remaining=LotRow.remaining - allocation.amount)
+        )
+        session.add(AllocationRow(entry_id=entry.entry_id, lot_id=allocation.lot_id, amount=allocation.amount))
+    await session.flush()
+    return entry

@@ -51,6 +51,26 @@ class AccountsServiceStub:
                 request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListEntriesRequest.SerializeToString,
                 response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListEntriesResponse.FromString,
                 _registered_method=True)
+        self.PlaceHold = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/PlaceHold',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.PlaceHoldRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.PlaceHoldResponse.FromString,
+                _registered_method=True)
+        self.CaptureHold = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/CaptureHold',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CaptureHoldRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CaptureHoldResponse.FromString,
+                _registered_method=True)
+        self.ReleaseHold = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/ReleaseHold',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReleaseHoldRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReleaseHoldResponse.FromString,
+                _registered_method=True)
+        self.RedeemPoints = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/RedeemPoints',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServiceServicer:
@@ -80,6 +100,38 @@ class AccountsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlaceHold(self, request, context):
+        """Reserves points for a calculated receipt. They count against the available
+        balance at once and come back by themselves when the hold expires uncaptured.
+        Fails with INSUFFICIENT_POINTS when fewer points are available.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CaptureHold(self, request, context):
+        """Spends a live hold, wholly or in part; what is not captured is freed.
+        Fails with HOLD_NOT_FOUND, HOLD_EXPIRED, HOLD_ALREADY_CAPTURED, HOLD_RELEASED
+        or CAPTURE_EXCEEDS_HOLD.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseHold(self, request, context):
+        """Frees a live hold (a cancelled receipt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeemPoints(self, request, context):
+        """Spends points at once, without a hold; soonest-expiring lots are spent first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +149,26 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.ListEntries,
                     request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListEntriesRequest.FromString,
                     response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListEntriesResponse.SerializeToString,
+            ),
+            'PlaceHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlaceHold,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.PlaceHoldRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.PlaceHoldResponse.SerializeToString,
+            ),
+            'CaptureHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.CaptureHold,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CaptureHoldRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CaptureHoldResponse.SerializeToString,
+            ),
+            'ReleaseHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHold,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReleaseHoldRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReleaseHoldResponse.SerializeToString,
+            ),
+            'RedeemPoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemPoints,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +254,114 @@ class AccountsService:
             '/loyalty.accounts.v1.AccountsService/ListEntries',
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListEntriesRequest.SerializeToString,
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlaceHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/PlaceHold',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.PlaceHoldRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.PlaceHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CaptureHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/CaptureHold',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CaptureHoldRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CaptureHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/ReleaseHold',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReleaseHoldRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReleaseHoldResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemPoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/RedeemPoints',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,20 @@ class AccountsServiceStub:
     """Returns the balance of a holder's account at this instant."""
     ListEntries: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.ListEntriesRequest, _accounts_service_pb2.ListEntriesResponse]
     """Lists a holder's ledger entries, newest first."""
+    PlaceHold: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.PlaceHoldRequest, _accounts_service_pb2.PlaceHoldResponse]
+    """Reserves points for a calculated receipt. They count against the available
+    balance at once and come back by themselves when the hold expires uncaptured.
+    Fails with INSUFFICIENT_POINTS when fewer points are available.
+    """
+    CaptureHold: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.CaptureHoldRequest, _accounts_service_pb2.CaptureHoldResponse]
+    """Spends a live hold, wholly or in part; what is not captured is freed.
+    Fails with HOLD_NOT_FOUND, HOLD_EXPIRED, HOLD_ALREADY_CAPTURED, HOLD_RELEASED
+    or CAPTURE_EXCEEDS_HOLD.
+    """
+    ReleaseHold: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.ReleaseHoldRequest, _accounts_service_pb2.ReleaseHoldResponse]
+    """Frees a live hold (a cancelled receipt)."""
+    RedeemPoints: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.RedeemPointsRequest, _accounts_service_pb2.RedeemPointsResponse]
+    """Spends points at once, without a hold; soonest-expiring lots are spent first."""
 
 @_typing.type_check_only
 class AccountsServiceAsyncStub(AccountsServiceStub):
@@ -59,6 +73,20 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     """Returns the balance of a holder's account at this instant."""
     ListEntries: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.ListEntriesRequest, _accounts_service_pb2.ListEntriesResponse]  # type: ignore[assignment]
     """Lists a holder's ledger entries, newest first."""
+    PlaceHold: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.PlaceHoldRequest, _accounts_service_pb2.PlaceHoldResponse]  # type: ignore[assignment]
+    """Reserves points for a calculated receipt. They count against the available
+    balance at once and come back by themselves when the hold expires uncaptured.
+    Fails with INSUFFICIENT_POINTS when fewer points are available.
+    """
+    CaptureHold: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.CaptureHoldRequest, _accounts_service_pb2.CaptureHoldResponse]  # type: ignore[assignment]
+    """Spends a live hold, wholly or in part; what is not captured is freed.
+    Fails with HOLD_NOT_FOUND, HOLD_EXPIRED, HOLD_ALREADY_CAPTURED, HOLD_RELEASED
+    or CAPTURE_EXCEEDS_HOLD.
+    """
+    ReleaseHold: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.ReleaseHoldRequest, _accounts_service_pb2.ReleaseHoldResponse]  # type: ignore[assignment]
+    """Frees a live hold (a cancelled receipt)."""
+    RedeemPoints: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.RedeemPointsRequest, _accounts_service_pb2.RedeemPointsResponse]  # type: ignore[assignment]
+    """Spends points at once, without a hold; soonest-expiring lots are spent first."""
 
 class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
     """The points ledger: accounts per holder and point currency, append-only
@@ -90,5 +118,43 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_service_pb2.ListEntriesResponse, _abc.Awaitable[_accounts_service_pb2.ListEntriesResponse]]:
         """Lists a holder's ledger entries, newest first."""
+
+    @_abc_1.abstractmethod
+    def PlaceHold(
+        self,
+        request: _accounts_service_pb2.PlaceHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.PlaceHoldResponse, _abc.Awaitable[_accounts_service_pb2.PlaceHoldResponse]]:
+        """Reserves points for a calculated receipt. They count against the available
+        balance at once and come back by themselves when the hold expires uncaptured.
+        Fails with INSUFFICIENT_POINTS when fewer points are available.
+        """
+
+    @_abc_1.abstractmethod
+    def CaptureHold(
+        self,
+        request: _accounts_service_pb2.CaptureHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.CaptureHoldResponse, _abc.Awaitable[_accounts_service_pb2.CaptureHoldResponse]]:
+        """Spends a live hold, wholly or in part; what is not captured is freed.
+        Fails with HOLD_NOT_FOUND, HOLD_EXPIRED, HOLD_ALREADY_CAPTURED, HOLD_RELEASED
+        or CAPTURE_EXCEEDS_HOLD.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseHold(
+        self,
+        request: _accounts_service_pb2.ReleaseHoldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.ReleaseHoldResponse, _abc.Awaitable[_accounts_service_pb2.ReleaseHoldResponse]]:
+        """Frees a live hold (a cancelled receipt)."""
+
+    @_abc_1.abstractmethod
+    def RedeemPoints(
+        self,
+        request: _accounts_service_pb2.RedeemPointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.RedeemPointsResponse, _abc.Awaitable[_accounts_service_pb2.RedeemPointsResponse]]:
+        """Spends points at once, without a hold; soonest-expiring lots are spent first."""
 
 def add_AccountsServiceServicer_to_server(servicer: AccountsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""The Helm chart, the image, the dashboards and alert rules."""
