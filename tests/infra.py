@@ -100,7 +100,8 @@ async def flush_redis_prefix(prefix: str) -> None:
 def suite_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings for a whole suite on free loopback ports, metrics ports included."""
     groups = {name: ServiceConfig(port=free_port(), metrics_port=free_port()) for name in suite.START_ORDER}
-    return Settings(data_dir=data_dir, log_format="text", outbox_poll_seconds=0.1, **groups, **overrides)  # type: ignore[arg-type]
+    fast = {"log_format": "text", "outbox_poll_seconds": 0.1, "gauge_refresh_seconds": 0.2}
+    return Settings.model_validate({"data_dir": data_dir, **fast, **groups, **overrides})
 
 
 @asynccontextmanager

@@ -6,7 +6,6 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.accounts.v1 import accounts_service_pb2 as pb
@@ -31,6 +30,7 @@ from services.accounts.domain import (
     check_points,
     check_references,
 )
+from services.accounts.metrics import LedgerMetrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -101,14 +101,9 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         sessions: async_sessionmaker[AsyncSession],
         relay: OutboxRelay,
         default_currency: str,
-        registry: CollectorRegistry,
+        metrics: LedgerMetrics,
     ) -> None:
-        self._points_accrued = Counter(
-            "loyalty_points_accrued",
-            "Points credited, in the currency's smallest unit.",
-            ["currency"],
-            registry=registry,
-        )
+        self._metrics = metrics
         self._sessions = sessions
         self._idempotent = IdempotentCalls(sessions, store.idempotency_keys, relay.notify)
         self._default_currency = default_currency
@@ -149,7 +144,9 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
             request,
             pb.AccruePointsResponse,
             work,
-            committed=lambda response: self._points_accrued.labels(response.entry.currency).inc(response.entry.amount),
+            committed=lambda response: self._metrics.points_accrued.labels(response.entry.currency).inc(
+                response.entry.amount
+            ),
         )
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context: Context) -> pb.GetBalanceResponse:
@@ -210,7 +207,9 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
                 entry=entry_to_proto(spent.entry, spent.balance.currency), balance=balance_to_proto(spent.balance)
             )
 
-        return await self._idempotent.run("CaptureHold", request, pb.CaptureHoldResponse, work)
+        return await self._idempotent.run(
+            "CaptureHold", request, pb.CaptureHoldResponse, work, committed=self._count_redemption
+        )
 
     async def ReleaseHold(self, request: pb.ReleaseHoldRequest, context: Context) -> pb.ReleaseHoldResponse:
         violations = Violations()
@@ -242,4 +241,9 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
                 entry=entry_to_proto(spent.entry, currency), balance=balance_to_proto(spent.balance)
             )
 
-        return await self._idempotent.run("RedeemPoints", request, pb.RedeemPointsResponse, work)
+        return await self._idempotent.run(
+            "RedeemPoints", request, pb.RedeemPointsResponse, work, committed=self._count_redemption
+        )
+
+    def _count_redemption(self, response: pb.CaptureHoldResponse | pb.RedeemPointsResponse) -> None:
+        self._metrics.points_redeemed.labels(response.entry.currency).inc(-response.entry.amount)

@@ -10,11 +10,20 @@ from loyalty.accounts.v1 import accounts_service_pb2, accounts_service_pb2_grpc
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
 from services.accounts import store
 from services.accounts.api import AccountsApi
+from services.accounts.jobs import observe_outstanding_points
+from services.accounts.metrics import LedgerMetrics
 
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
     relay = context.start_outbox_relay(store.outbox)
-    api = AccountsApi(context.sessions, relay, context.settings.default_point_currency, context.metrics.registry)
+    metrics = LedgerMetrics.create(context.metrics.registry)
+    context.run_in_background(
+        observe_outstanding_points(
+            context.sessions, metrics, context.metrics.job_runs, context.settings.gauge_refresh_seconds
+        ),
+        "outstanding-points",
+    )
+    api = AccountsApi(context.sessions, relay, context.settings.default_point_currency, metrics)
     accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(api, server)
 
 

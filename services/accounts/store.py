@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, or_, select, update
+from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -272,3 +272,14 @@ async def add_redemption(
         session.add(AllocationRow(entry_id=entry.entry_id, lot_id=allocation.lot_id, amount=allocation.amount))
     await session.flush()
     return entry
+
+
+async def outstanding_by_currency(session: AsyncSession, now: datetime) -> dict[str, int]:
+    """Points left in lots that have not expired, per currency, across all accounts."""
+    rows = await session.execute(
+        select(AccountRow.currency, func.coalesce(func.sum(LotRow.remaining), 0))
+        .join(LotRow, LotRow.account_id == AccountRow.account_id)
+        .where(or_(LotRow.expire_at.is_(None), LotRow.expire_at > now))
+        .group_by(AccountRow.currency)
+    )
+    return {currency: int(total) for currency, total in rows.tuples()}

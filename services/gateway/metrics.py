@@ -12,7 +12,6 @@ class GatewayMetrics:
     receipts: Counter
     degraded_answers: Counter
     unfinished_receipts: Gauge
-    job_runs: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
@@ -33,12 +32,6 @@ class GatewayMetrics:
             unfinished_receipts=Gauge(
                 "loyalty_saga_unfinished_receipts",
                 "Committed receipts whose effects are not all applied yet, as of the last resume run.",
-                registry=registry,
-            ),
-            job_runs=Counter(
-                "loyalty_job_runs",
-                "Runs of periodic jobs by job and outcome (ok, failed).",
-                ["job", "outcome"],
                 registry=registry,
             ),
         )

@@ -24,6 +24,7 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
         Peers(context.channels),
         relay,
         GatewayMetrics.create(context.metrics.registry),
+        context.metrics.job_runs,
         timedelta(seconds=resume_seconds),
     )
     context.run_in_background(point_of_sale.run_resumer(resume_seconds), "resume-receipts")

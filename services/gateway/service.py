@@ -7,6 +7,7 @@ import logging
 import uuid
 from datetime import timedelta
 
+from prometheus_client import Counter
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -83,12 +84,14 @@ class PointOfSale:
         peers: Peers,
         relay: OutboxRelay,
         metrics: GatewayMetrics,
+        job_runs: Counter,
         resume_after: timedelta,
     ) -> None:
         self._sessions = sessions
         self._peers = peers
         self._relay = relay
         self._metrics = metrics
+        self._job_runs = job_runs
         self._resume_after = resume_after
 
     async def identify(self, identifier: pos.CustomerIdentifier) -> pos.Customer:
@@ -311,7 +314,7 @@ class PointOfSale:
                 await self.resume_unfinished()
             except Exception:
                 log.exception("resuming unfinished receipts failed; will retry")
-                self._metrics.job_runs.labels("resume_receipts", "failed").inc()
+                self._job_runs.labels("resume_receipts", "failed").inc()
             else:
-                self._metrics.job_runs.labels("resume_receipts", "ok").inc()
+                self._job_runs.labels("resume_receipts", "ok").inc()
             await asyncio.sleep(interval_seconds)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.common.v1 import receipt_pb2
@@ -173,6 +173,12 @@ class RulesApi(pb_grpc.RulesServiceServicer):
     ) -> None:
         self._sessions = sessions
         self._live = live
+        active = Gauge(
+            "loyalty_active_campaigns",
+            "Published campaigns live now, as of this replica's last refresh of its rules.",
+            registry=registry,
+        )
+        active.set_function(lambda: live.live_count(utcnow()))
         self._evaluation_time = Histogram(
             "loyalty_rule_evaluation_seconds",
             "Time to evaluate one receipt against the live campaigns.",

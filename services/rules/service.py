@@ -67,6 +67,10 @@ class LiveCampaigns:
         self._built_from: datetime | None = None
         self._checked_at = float("-inf")
 
+    def live_count(self, moment: datetime) -> int:
+        """How many of the compiled campaigns apply at `moment` (no database read)."""
+        return sum(compiled.campaign.is_live_at(moment) for compiled in self._compiled)
+
     def invalidate(self) -> None:
         self._checked_at = float("-inf")
 

@@ -10,6 +10,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loyalty.accounts.v1 import accounts_service_pb2 as accounts
+from loyalty.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
 from loyalty.gateway.v1 import pos_service_pb2 as pos
 from loyalty.gateway.v1 import pos_service_pb2_grpc as pos_grpc
 from loyalty.runtime.settings import Settings
@@ -61,3 +63,33 @@ async def test_receipts_points_and_events_are_counted(tmp_path: Path) -> None:
 
         await infra.wait_until(member_event_flowed, what="member.registered published and handled once")
         assert await sample(settings, "members", "loyalty_outbox_pending_events") == 0
+
+
+async def test_redeemed_outstanding_and_live_campaigns_are_reported(tmp_path: Path) -> None:
+    settings = infra.suite_settings(tmp_path)
+    async with infra.running_suite(settings):
+        program = await set_up_program(settings)
+        async with (
+            grpc.aio.insecure_channel(settings.address("gateway")) as gateway_channel,
+            grpc.aio.insecure_channel(settings.address("accounts")) as accounts_channel,
+        ):
+            by_card = pos.CustomerIdentifier(card_number=program.card_number)
+            await pos_grpc.PosServiceStub(gateway_channel).CommitCheque(
+                pos.CommitChequeRequest(receipt=receipt("m-3", 100_000), identifier=by_card)
+            )
+            ledger = AccountsServiceStub(accounts_channel)
+            placed = await ledger.PlaceHold(
+                accounts.PlaceHoldRequest(request_id="h-1", holder_id=program.member_id, amount=1_200)
+            )
+            await ledger.CaptureHold(accounts.CaptureHoldRequest(request_id="c-1", hold_id=placed.hold.hold_id))
+            await ledger.CaptureHold(accounts.CaptureHoldRequest(request_id="c-1", hold_id=placed.hold.hold_id))
+            await ledger.RedeemPoints(
+                accounts.RedeemPointsRequest(request_id="r-1", holder_id=program.member_id, amount=300)
+            )
+        assert await sample(settings, "accounts", "loyalty_points_redeemed_total", currency="BONUS") == 1_500
+        assert await sample(settings, "rules", "loyalty_active_campaigns") == 1
+
+        async def liability_reported() -> bool:
+            return await sample(settings, "accounts", "loyalty_points_outstanding", currency="BONUS") == 3_500
+
+        await infra.wait_until(liability_reported, what="5000 accrued - 1500 redeemed outstanding")

@@ -119,6 +119,9 @@ def test_dashboards_cover_the_sre_business_and_pipeline_views() -> None:
         "loyalty_points_accrued_total",
         "loyalty_degraded_answers_total",
         "loyalty_rule_evaluation_seconds_bucket",
+        "loyalty_points_redeemed_total",
+        "loyalty_points_outstanding",
+        "loyalty_active_campaigns",
     }
     assert read("pipeline.json") >= {
         "loyalty_outbox_pending_events",

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 10.0
     outbox_poll_seconds: float = 0.5
     default_point_currency: str = "BONUS"
+    gauge_refresh_seconds: float = Field(
+        default=15.0, gt=0, description="how often gauges read from the database (outstanding points) are refreshed"
+    )
     saga_resume_seconds: float = Field(
         default=5.0, gt=0, description="how often, and after how long, unfinished receipts are completed"
     )

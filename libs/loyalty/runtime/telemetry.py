@@ -106,6 +106,7 @@ class ServerMetrics:
     latency: Histogram
     in_flight: Gauge
     pipeline: PipelineMetrics
+    job_runs: Counter
 
     @classmethod
     def create(cls) -> ServerMetrics:
@@ -113,6 +114,12 @@ class ServerMetrics:
         return cls(
             registry=registry,
             pipeline=PipelineMetrics.create(registry),
+            job_runs=Counter(
+                "loyalty_job_runs",
+                "Runs of periodic jobs by task and outcome (ok, failed).",
+                ["task", "outcome"],
+                registry=registry,
+            ),
             requests=Counter(
                 "loyalty_grpc_server_requests",
                 "gRPC requests handled, by service, method and status code.",
