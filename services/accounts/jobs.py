@@ -1,13 +1,17 @@
-"""The ledger's periodic work."""
+"""The ledger's periodic work. Every job is safe with several replicas running: rows are
+claimed with SKIP LOCKED (PostgreSQL) or under SQLite's single writer, and each lot is
+expired or announced once, ever."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from loyalty.runtime.outbox import OutboxRelay, add_event
 from loyalty.runtime.timeutil import utcnow
 from services.accounts import store
 from services.accounts.metrics import LedgerMetrics
@@ -31,4 +35,87 @@ async def observe_outstanding_points(
             job_runs.labels("outstanding_points", "failed").inc()
         else:
             job_runs.labels("outstanding_points", "ok").inc()
+        await asyncio.sleep(interval_seconds)
+
+
+EXPIRY_BATCH = 500
+
+
+async def expire_lots(sessions: async_sessionmaker[AsyncSession], metrics: LedgerMetrics) -> int:
+    """Writes the expiry of every lot past its date, a batch per transaction; returns how many
+    points expired. Balances never wait for this: an expired lot stops counting at its
+    expiry instant; the job records the entry that says so and emits points.expired."""
+    expired = 0
+    while True:
+        now = utcnow()
+        async with sessions() as session, session.begin():
+            due = await store.lots_to_expire(session, now, EXPIRY_BATCH)
+            for lot in due:
+                await store.write_expiry(session, lot, now)
+                if lot.remaining:
+                    await add_event(
+                        session,
+                        store.outbox,
+                        "points.expired",
+                        key=lot.holder_id,
+                        payload={
+                            "holder_id": lot.holder_id,
+                            "currency": lot.currency,
+                            "amount": lot.remaining,
+                            "lot_id": lot.lot_id,
+                            "expire_at": lot.expire_at.isoformat(),
+                        },
+                    )
+        for lot in due:
+            metrics.points_expired.labels(lot.currency).inc(lot.remaining)
+            expired += lot.remaining
+        if len(due) < EXPIRY_BATCH:
+            return expired
+
+
+async def announce_expiring(sessions: async_sessionmaker[AsyncSession], ahead: timedelta) -> int:
+    """Emits points.expiring once per lot that expires within `ahead`; returns how many."""
+    announced = 0
+    while True:
+        now = utcnow()
+        async with sessions() as session, session.begin():
+            due = await store.lots_to_warn(session, now, now + ahead, EXPIRY_BATCH)
+            for lot in due:
+                await add_event(
+                    session,
+                    store.outbox,
+                    "points.expiring",
+                    key=lot.holder_id,
+                    payload={
+                        "holder_id": lot.holder_id,
+                        "currency": lot.currency,
+                        "amount": lot.remaining,
+                        "lot_id": lot.lot_id,
+                        "expire_at": lot.expire_at.isoformat(),
+                    },
+                )
+            await store.mark_warned(session, [lot.lot_id for lot in due], now)
+        announced += len(due)
+        if len(due) < EXPIRY_BATCH:
+            return announced
+
+
+async def run_expiry(
+    sessions: async_sessionmaker[AsyncSession],
+    metrics: LedgerMetrics,
+    job_runs: Counter,
+    relay: OutboxRelay,
+    ahead: timedelta,
+    interval_seconds: float,
+) -> None:
+    while True:
+        try:
+            written = await expire_lots(sessions, metrics) + await announce_expiring(sessions, ahead)
+        except Exception:
+            log.exception("expiring lots failed; will retry")
+            job_runs.labels("expire_lots", "failed").inc()
+        else:
+            job_runs.labels("expire_lots", "ok").inc()
+            if written:
+                relay.notify()
         await asyncio.sleep(interval_seconds)

@@ -12,6 +12,7 @@ class LedgerMetrics:
     points_accrued: Counter
     points_redeemed: Counter
     points_outstanding: Gauge
+    points_expired: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> LedgerMetrics:
@@ -25,6 +26,12 @@ class LedgerMetrics:
             points_redeemed=Counter(
                 "loyalty_points_redeemed",
                 "Points spent (captured holds and direct redemptions), in the currency's smallest unit.",
+                ["currency"],
+                registry=registry,
+            ),
+            points_expired=Counter(
+                "loyalty_points_expired",
+                "Points written off by the expiry job, in the currency's smallest unit.",
                 ["currency"],
                 registry=registry,
             ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -10,7 +11,7 @@ from loyalty.accounts.v1 import accounts_service_pb2, accounts_service_pb2_grpc
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
 from services.accounts import store
 from services.accounts.api import AccountsApi
-from services.accounts.jobs import observe_outstanding_points
+from services.accounts.jobs import observe_outstanding_points, run_expiry
 from services.accounts.metrics import LedgerMetrics
 
 
@@ -22,6 +23,17 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
             context.sessions, metrics, context.metrics.job_runs, context.settings.gauge_refresh_seconds
         ),
         "outstanding-points",
+    )
+    context.run_in_background(
+        run_expiry(
+            context.sessions,
+            metrics,
+            context.metrics.job_runs,
+            relay,
+            timedelta(days=context.settings.expiry_warning_days),
+            context.settings.expiry_interval_seconds,
+        ),
+        "expire-lots",
     )
     api = AccountsApi(context.sessions, relay, context.settings.default_point_currency, metrics)
     accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(api, server)

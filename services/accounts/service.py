@@ -101,7 +101,7 @@ class RedemptionResult:
 async def _redeem(
     session: AsyncSession, account: store.AccountRow, amount: int, source_ref: str, reason: str, now: datetime
 ) -> RedemptionResult:
-    lots = await store.open_lots(session, account.account_id, now)
+    lots = await store.open_lots(session, account.account_id, now, for_update=True)
     entry = await store.add_redemption(session, account, allocate(lots, amount, now), source_ref, reason, now)
     await add_event(
         session,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 
 from loyalty.runtime.idempotency import define_idempotency_table
 from loyalty.runtime.outbox import define_outbox_table
@@ -45,7 +47,10 @@ class AccountRow(Base):
 
 class LotRow(Base):
     __tablename__ = "lots"
-    __table_args__ = (Index("ix_lots_account_open", "account_id", "remaining"),)
+    __table_args__ = (
+        Index("ix_lots_account_open", "account_id", "remaining"),
+        Index("ix_lots_expiry_due", "expire_at", "expired_at"),
+    )
 
     lot_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id"))
@@ -56,6 +61,10 @@ class LotRow(Base):
     source: Mapped[str] = mapped_column(String(16))
     source_ref: Mapped[str] = mapped_column(String(MAX_SOURCE_REF_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # When the expiry job wrote this lot's expiry entry; a lot is expired once, ever.
+    expired_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # When points.expiring was announced for this lot.
+    expiry_warned_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class EntryRow(Base):
@@ -158,9 +167,10 @@ async def add_accrual(session: AsyncSession, account: AccountRow, accrual: Accru
     return entry
 
 
-async def open_lots(session: AsyncSession, account_id: str, now: datetime) -> list[Lot]:
-    """Lots with points left that have not expired by `now`."""
-    rows = await session.scalars(
+async def open_lots(session: AsyncSession, account_id: str, now: datetime, for_update: bool = False) -> list[Lot]:
+    """Lots with points left that have not expired by `now`; locked when about to be spent,
+    so the expiry job and a redemption never both take the same points."""
+    query = (
         select(LotRow)
         .where(
             LotRow.account_id == account_id,
@@ -169,6 +179,7 @@ async def open_lots(session: AsyncSession, account_id: str, now: datetime) -> li
         )
         .execution_options(populate_existing=True)
     )
+    rows = await session.scalars(query.with_for_update() if for_update else query)
     return [Lot(row.lot_id, row.remaining, row.activate_at, row.expire_at) for row in rows]
 
 
@@ -264,11 +275,13 @@ async def add_redemption(
     session.add(entry)
     await session.flush()
     for allocation in allocations:
-        await session.execute(
+        debited = await session.execute(
             update(LotRow)
-            .where(LotRow.lot_id == allocation.lot_id)
+            .where(LotRow.lot_id == allocation.lot_id, LotRow.remaining >= allocation.amount)
             .values(remaining=LotRow.remaining - allocation.amount)
         )
+        if debited.rowcount != 1:  # type: ignore[attr-defined]
+            raise RuntimeError(f"lot {allocation.lot_id} no longer holds {allocation.amount} points")
         session.add(AllocationRow(entry_id=entry.entry_id, lot_id=allocation.lot_id, amount=allocation.amount))
     await session.flush()
     return entry
@@ -283,3 +296,73 @@ async def outstanding_by_currency(session: AsyncSession, now: datetime) -> dict[
         .group_by(AccountRow.currency)
     )
     return {currency: int(total) for currency, total in rows.tuples()}
+
+
+@dataclass(frozen=True)
+class DueLot:
+    lot_id: str
+    account_id: str
+    holder_id: str
+    currency: str
+    remaining: int
+    expire_at: datetime
+
+
+async def _due_lots(session: AsyncSession, condition: ColumnElement[bool], limit: int) -> list[DueLot]:
+    """Lots matching `condition`, locked; lots another job run holds are skipped, not waited for."""
+    query = (
+        select(LotRow, AccountRow.holder_id, AccountRow.currency)
+        .join(AccountRow, AccountRow.account_id == LotRow.account_id)
+        .where(condition)
+        .order_by(LotRow.expire_at, LotRow.lot_id)
+        .limit(limit)
+        .execution_options(populate_existing=True)
+    )
+    if session.bind.dialect.name == "postgresql":
+        query = query.with_for_update(of=LotRow, skip_locked=True)
+    rows = await session.execute(query)
+    return [
+        DueLot(lot.lot_id, lot.account_id, holder_id, currency, lot.remaining, lot.expire_at)
+        for lot, holder_id, currency in rows.tuples()
+        if lot.expire_at is not None
+    ]
+
+
+async def lots_to_expire(session: AsyncSession, now: datetime, limit: int) -> list[DueLot]:
+    """Lots past their expiry whose expiry is not written yet."""
+    return await _due_lots(session, (LotRow.expire_at <= now) & LotRow.expired_at.is_(None), limit)
+
+
+async def lots_to_warn(session: AsyncSession, now: datetime, until: datetime, limit: int) -> list[DueLot]:
+    """Lots with points left that expire before `until` and were not announced yet."""
+    return await _due_lots(
+        session,
+        (LotRow.expire_at > now)
+        & (LotRow.expire_at <= until)
+        & (LotRow.remaining > 0)
+        & LotRow.expiry_warned_at.is_(None),
+        limit,
+    )
+
+
+async def write_expiry(session: AsyncSession, lot: DueLot, now: datetime) -> None:
+    """Empties the lot and records why: the entry takes the points out of the balance history."""
+    if lot.remaining > 0:
+        session.add(
+            EntryRow(
+                entry_id=str(uuid.uuid4()),
+                account_id=lot.account_id,
+                kind=EntryKind.EXPIRY.value,
+                amount=-lot.remaining,
+                lot_id=lot.lot_id,
+                source_ref=f"lot:{lot.lot_id}",
+                reason="points expired",
+                created_at=now,
+            )
+        )
+    await session.execute(update(LotRow).where(LotRow.lot_id == lot.lot_id).values(remaining=0, expired_at=now))
+    await session.flush()
+
+
+async def mark_warned(session: AsyncSession, lot_ids: list[str], now: datetime) -> None:
+    await session.execute(update(LotRow).where(LotRow.lot_id.in_(lot_ids)).values(expiry_warned_at=now))

@@ -120,6 +120,7 @@ def test_dashboards_cover_the_sre_business_and_pipeline_views() -> None:
         "loyalty_degraded_answers_total",
         "loyalty_rule_evaluation_seconds_bucket",
         "loyalty_points_redeemed_total",
+        "loyalty_points_expired_total",
         "loyalty_points_outstanding",
         "loyalty_active_campaigns",
     }

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 10.0
     outbox_poll_seconds: float = 0.5
     default_point_currency: str = "BONUS"
+    expiry_interval_seconds: float = Field(default=60.0, gt=0, description="how often the expiry job runs")
+    expiry_warning_days: int = Field(default=7, ge=0, description="points.expiring is emitted this many days ahead")
     gauge_refresh_seconds: float = Field(
         default=15.0, gt=0, description="how often gauges read from the database (outstanding points) are refreshed"
     )
