@@ -44,6 +44,7 @@ _ENTRY_KINDS = {
     EntryKind.ACCRUAL: pb.ENTRY_KIND_ACCRUAL,
     EntryKind.REDEMPTION: pb.ENTRY_KIND_REDEMPTION,
     EntryKind.EXPIRY: pb.ENTRY_KIND_EXPIRY,
+    EntryKind.REVERSAL: pb.ENTRY_KIND_REVERSAL,
 }
 
 
@@ -55,6 +56,7 @@ def balance_to_proto(balance: Balance) -> pb.Balance:
         pending=balance.pending,
         held=balance.held,
         available=balance.available,
+        negative=balance.negative,
     )
 
 
@@ -247,3 +249,21 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
 
     def _count_redemption(self, response: pb.CaptureHoldResponse | pb.RedeemPointsResponse) -> None:
         self._metrics.points_redeemed.labels(response.entry.currency).inc(-response.entry.amount)
+
+    async def ReverseOperation(
+        self, request: pb.ReverseOperationRequest, context: Context
+    ) -> pb.ReverseOperationResponse:
+        violations = Violations()
+        violations.check(bool(request.entry_id), "entry_id", "required")
+        violations.check_length(request.entry_id, "entry_id", 36)
+        violations.check(request.amount >= 0, "amount", "must not be negative (0 undoes all that is left)")
+        check_references(request.source_ref, "", violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.ReverseOperationResponse:
+            undone = await service.reverse_entry(session, request.entry_id, request.amount, request.source_ref)
+            return pb.ReverseOperationResponse(
+                entry=entry_to_proto(undone.entry, undone.balance.currency), balance=balance_to_proto(undone.balance)
+            )
+
+        return await self._idempotent.run("ReverseOperation", request, pb.ReverseOperationResponse, work)

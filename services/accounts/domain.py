@@ -20,6 +20,7 @@ class EntryKind(StrEnum):
     ACCRUAL = "accrual"
     REDEMPTION = "redemption"
     EXPIRY = "expiry"
+    REVERSAL = "reversal"
 
 
 class AccrualSource(StrEnum):
@@ -52,21 +53,23 @@ class Balance:
     active: int
     pending: int
     held: int
+    negative: int = 0
 
     @property
     def available(self) -> int:
-        return max(self.active - self.held, 0)
+        return max(self.active - self.held - self.negative, 0)
 
 
-def balance_at(holder_id: str, currency: str, lots: list[Lot], held: int, now: datetime) -> Balance:
+def balance_at(holder_id: str, currency: str, lots: list[Lot], held: int, now: datetime, negative: int = 0) -> Balance:
     """The balance as of `now`, straight from the lots: no job has to run for points
-    to activate or expire."""
+    to activate or expire. `negative` is what a return took back beyond what was left."""
     return Balance(
         holder_id=holder_id,
         currency=currency,
         active=sum(lot.remaining for lot in lots if lot.is_active(now)),
         pending=sum(lot.remaining for lot in lots if lot.is_pending(now)),
         held=held,
+        negative=negative,
     )
 
 
@@ -186,3 +189,52 @@ def allocate(lots: list[Lot], amount: int, now: datetime) -> list[Allocation]:
     if left:
         raise FailedPrecondition("INSUFFICIENT_POINTS", f"{amount} requested, {amount - left} spendable")
     return allocations
+
+
+def reversible_amount(original: int, reversed_so_far: int, requested: int) -> int:
+    """How much a reversal takes: all that is left of the operation when `requested` is 0,
+    else `requested`, refused when nothing or less than that is left."""
+    left = abs(original) - reversed_so_far
+    if left <= 0:
+        raise FailedPrecondition("ALREADY_REVERSED", "the operation was reversed in full")
+    if requested > left:
+        raise FailedPrecondition("REVERSAL_EXCEEDS_OPERATION", f"{requested} requested, {left} left to reverse")
+    return requested or left
+
+
+@dataclass(frozen=True)
+class AccrualTakeBack:
+    """Reversing earned points: what comes out of their lot, and what was already spent
+    (or expired) and so becomes a negative balance the next accruals repay."""
+
+    from_lot: int
+    owed: int
+
+
+def take_back(amount: int, left_in_lot: int) -> AccrualTakeBack:
+    from_lot = min(amount, max(left_in_lot, 0))
+    return AccrualTakeBack(from_lot, amount - from_lot)
+
+
+def restore(paid: list[Allocation], restored: dict[str, int], amount: int) -> list[Allocation]:
+    """Which lots get a reversed redemption's points back: the lots that paid, each up to
+    what it paid and has not had back yet, the last one taken first (the longest-lived
+    points come back first)."""
+    back: list[Allocation] = []
+    left = amount
+    for allocation in reversed(paid):
+        if left == 0:
+            break
+        room = allocation.amount - restored.get(allocation.lot_id, 0)
+        given = min(room, left)
+        if given > 0:
+            back.append(Allocation(allocation.lot_id, given))
+            left -= given
+    if left:
+        raise FailedPrecondition("REVERSAL_EXCEEDS_OPERATION", f"{left} more than the redemption took")
+    return back
+
+
+def repayment(owed: int, accrued: int) -> int:
+    """The part of a new accrual that first repays a negative balance."""
+    return min(max(owed, 0), accrued)

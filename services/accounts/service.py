@@ -15,6 +15,7 @@ from services.accounts import store
 from services.accounts.domain import (
     Accrual,
     Balance,
+    EntryKind,
     Hold,
     HoldStatus,
     allocate,
@@ -22,6 +23,10 @@ from services.accounts.domain import (
     check_hold,
     ensure_available,
     held_total,
+    repayment,
+    restore,
+    reversible_amount,
+    take_back,
 )
 
 
@@ -34,8 +39,9 @@ class AccrualResult:
 async def accrue_points(session: AsyncSession, accrual: Accrual) -> AccrualResult:
     """Credits a new lot and its entry, and emits points.accrued in the same transaction."""
     now = utcnow()
-    account = await store.open_account(session, accrual.holder_id, accrual.currency, now)
-    entry = await store.add_accrual(session, account, accrual, now)
+    await store.open_account(session, accrual.holder_id, accrual.currency, now)
+    account = await _locked_account(session, accrual.holder_id, accrual.currency)
+    entry = await store.add_accrual(session, account, accrual, now, repayment(account.debt, accrual.amount))
     await add_event(
         session,
         store.outbox,
@@ -64,7 +70,7 @@ async def get_balance(session: AsyncSession, holder_id: str, currency: str) -> B
 async def _balance_of(session: AsyncSession, account: store.AccountRow, now: datetime) -> Balance:
     lots = await store.open_lots(session, account.account_id, now)
     holds = await store.live_holds(session, account.account_id, now)
-    return balance_at(account.holder_id, account.currency, lots, held_total(holds, now), now)
+    return balance_at(account.holder_id, account.currency, lots, held_total(holds, now), now, account.debt)
 
 
 async def _locked_account(session: AsyncSession, holder_id: str, currency: str) -> store.AccountRow:
@@ -174,3 +180,53 @@ async def list_entries(
     page, more = rows[:page_size], len(rows) > page_size
     scope = f"{holder_id}/{currency}"
     return EntriesPage(page, Cursor(scope, page[-1].created_at, page[-1].entry_id) if more else None)
+
+
+async def reverse_entry(session: AsyncSession, entry_id: str, amount: int, source_ref: str) -> RedemptionResult:
+    """Undoes an accrual or a redemption, wholly (amount 0) or in part (returned lines).
+
+    Earned points come out of their lot; what was already spent or expired becomes a
+    negative balance, repaid first by the next accruals. Spent points go back into the
+    lots that paid for them; into a lot whose expiry was already written, they come back
+    expired.
+    """
+    now = utcnow()
+    original = await store.find_entry(session, entry_id)
+    if original is None:
+        raise NotFound("ENTRY_NOT_FOUND", "no such ledger entry")
+    account = await store.lock_account_by_id(session, original.account_id)
+    if original.kind not in (EntryKind.ACCRUAL.value, EntryKind.REDEMPTION.value):
+        raise FailedPrecondition("ENTRY_NOT_REVERSIBLE", f"a {original.kind} entry cannot be reversed")
+    taking = reversible_amount(original.amount, await store.reversed_so_far(session, entry_id), amount)
+    if original.kind == EntryKind.ACCRUAL.value:
+        assert original.lot_id is not None
+        lot = await store.lock_lot(session, original.lot_id)
+        plan = take_back(taking, 0 if lot.expired_at is not None else lot.remaining)
+        lot.remaining -= plan.from_lot
+        account.debt += plan.owed
+        entry = await store.add_reversal(session, account, original, -taking, [], source_ref, now)
+    else:
+        restored = restore(await store.paid_by(session, entry_id), await store.restored_to(session, entry_id), taking)
+        entry = await store.add_reversal(session, account, original, taking, restored, source_ref, now)
+        for allocation in restored:
+            lot = await store.lock_lot(session, allocation.lot_id)
+            if lot.expired_at is None:
+                lot.remaining += allocation.amount
+            else:
+                await store.write_off(session, account, allocation.lot_id, allocation.amount, now)
+    await session.flush()
+    await add_event(
+        session,
+        store.outbox,
+        "points.reversed",
+        key=account.holder_id,
+        payload={
+            "holder_id": account.holder_id,
+            "currency": account.currency,
+            "amount": entry.amount,
+            "entry_id": entry.entry_id,
+            "reverses_entry_id": entry_id,
+            "source_ref": source_ref,
+        },
+    )
+    return RedemptionResult(entry, await _balance_of(session, account, now))

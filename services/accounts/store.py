@@ -43,6 +43,9 @@ class AccountRow(Base):
     holder_id: Mapped[str] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
     currency: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # Points a return took back beyond what was left (a negative balance); changed only
+    # with the row locked, repaid first by the next accruals.
+    debt: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class LotRow(Base):
@@ -81,6 +84,8 @@ class EntryRow(Base):
     source_ref: Mapped[str] = mapped_column(String(MAX_SOURCE_REF_LENGTH))
     reason: Mapped[str] = mapped_column(String(MAX_REASON_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # For a reversal: the operation it reverses.
+    reverses_entry_id: Mapped[str | None] = mapped_column(ForeignKey("entries.entry_id"), index=True)
 
 
 class HoldRow(Base):
@@ -138,12 +143,17 @@ async def open_account(session: AsyncSession, holder_id: str, currency: str, now
     return account
 
 
-async def add_accrual(session: AsyncSession, account: AccountRow, accrual: Accrual, now: datetime) -> EntryRow:
+async def add_accrual(
+    session: AsyncSession, account: AccountRow, accrual: Accrual, now: datetime, repaid: int = 0
+) -> EntryRow:
+    """A new lot and its entry; `repaid` of the points go to the account's negative balance
+    instead of the lot (the account must be locked)."""
+    account.debt -= repaid
     lot = LotRow(
         lot_id=str(uuid.uuid4()),
         account_id=account.account_id,
         amount=accrual.amount,
-        remaining=accrual.amount,
+        remaining=accrual.amount - repaid,
         activate_at=accrual.activate_at,
         expire_at=accrual.expire_at,
         source=accrual.source.value,
@@ -201,7 +211,10 @@ async def lock_account(session: AsyncSession, holder_id: str, currency: str) -> 
     """The account, locked until the end of the transaction: operations that spend points
     on one account run one after another, so none can spend what another just took."""
     account: AccountRow | None = await session.scalar(
-        select(AccountRow).where(AccountRow.holder_id == holder_id, AccountRow.currency == currency).with_for_update()
+        select(AccountRow)
+        .where(AccountRow.holder_id == holder_id, AccountRow.currency == currency)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
     return account
 
@@ -366,3 +379,106 @@ async def write_expiry(session: AsyncSession, lot: DueLot, now: datetime) -> Non
 
 async def mark_warned(session: AsyncSession, lot_ids: list[str], now: datetime) -> None:
     await session.execute(update(LotRow).where(LotRow.lot_id.in_(lot_ids)).values(expiry_warned_at=now))
+
+
+async def find_entry(session: AsyncSession, entry_id: str) -> EntryRow | None:
+    return await session.get(EntryRow, entry_id)
+
+
+async def reversed_so_far(session: AsyncSession, entry_id: str) -> int:
+    total = await session.scalar(
+        select(func.coalesce(func.sum(func.abs(EntryRow.amount)), 0)).where(EntryRow.reverses_entry_id == entry_id)
+    )
+    return int(total or 0)
+
+
+async def lock_lot(session: AsyncSession, lot_id: str) -> LotRow:
+    lot: LotRow | None = await session.scalar(
+        select(LotRow).where(LotRow.lot_id == lot_id).with_for_update().execution_options(populate_existing=True)
+    )
+    if lot is None:
+        raise LookupError(f"lot {lot_id} is gone")
+    return lot
+
+
+async def paid_by(session: AsyncSession, entry_id: str) -> list[Allocation]:
+    """The lots that paid for a redemption, in the order they were spent."""
+    rows = await session.execute(
+        select(AllocationRow.lot_id, AllocationRow.amount, LotRow.expire_at, LotRow.activate_at)
+        .join(LotRow, LotRow.lot_id == AllocationRow.lot_id)
+        .where(AllocationRow.entry_id == entry_id)
+    )
+    ordered = sorted(
+        rows.tuples(),
+        key=lambda row: (row[2] is None, row[2] or row[3], row[3], row[0]),
+    )
+    return [Allocation(lot_id, amount) for lot_id, amount, _expire, _activate in ordered]
+
+
+async def restored_to(session: AsyncSession, entry_id: str) -> dict[str, int]:
+    """Per lot, what reversals of the redemption `entry_id` have given back so far."""
+    rows = await session.execute(
+        select(AllocationRow.lot_id, func.sum(AllocationRow.amount))
+        .join(EntryRow, EntryRow.entry_id == AllocationRow.entry_id)
+        .where(EntryRow.reverses_entry_id == entry_id)
+        .group_by(AllocationRow.lot_id)
+    )
+    return {lot_id: int(total) for lot_id, total in rows.tuples()}
+
+
+async def add_reversal(
+    session: AsyncSession,
+    account: AccountRow,
+    original: EntryRow,
+    amount: int,
+    restored: list[Allocation],
+    source_ref: str,
+    now: datetime,
+) -> EntryRow:
+    """The reversal entry (signed `amount`), remembering the lots it gave points back to."""
+    entry = EntryRow(
+        entry_id=str(uuid.uuid4()),
+        account_id=account.account_id,
+        kind=EntryKind.REVERSAL.value,
+        amount=amount,
+        lot_id=original.lot_id,
+        source_ref=source_ref,
+        reason=f"reverses {original.kind} {original.entry_id}",
+        created_at=now,
+        reverses_entry_id=original.entry_id,
+    )
+    session.add(entry)
+    await session.flush()
+    for allocation in restored:
+        session.add(AllocationRow(entry_id=entry.entry_id, lot_id=allocation.lot_id, amount=allocation.amount))
+    await session.flush()
+    return entry
+
+
+async def write_off(session: AsyncSession, account: AccountRow, lot_id: str, amount: int, now: datetime) -> None:
+    """An expiry entry for points given back to a lot whose expiry was already written."""
+    session.add(
+        EntryRow(
+            entry_id=str(uuid.uuid4()),
+            account_id=account.account_id,
+            kind=EntryKind.EXPIRY.value,
+            amount=-amount,
+            lot_id=lot_id,
+            source_ref=f"lot:{lot_id}",
+            reason="points returned to an expired lot",
+            created_at=now,
+        )
+    )
+    await session.flush()
+
+
+async def lock_account_by_id(session: AsyncSession, account_id: str) -> AccountRow:
+    account: AccountRow | None = await session.scalar(
+        select(AccountRow)
+        .where(AccountRow.account_id == account_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if account is None:
+        raise LookupError(f"account {account_id} is gone")
+    return account

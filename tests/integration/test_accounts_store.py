@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.accounts.v1 import accounts_service_pb2 as pb
@@ -300,22 +300,23 @@ async def test_bursts_of_first_accruals_never_fail(tmp_path: Path, database_url:
 
 
 async def test_a_duplicate_that_loses_the_key_race_answers_the_winner() -> None:
-    """Two runs of one request at once: the loser does its work, then finds the key taken
-    by the winner's commit. It must roll back and answer the winner's result, never an
-    error and never a second credit."""
+    """Two runs of one request at once: the second passes the key check while the first is
+    still working, then waits on the account. When the first commits, the second does its
+    work, finds the key taken, rolls back and answers the first's result: never an error,
+    never a second credit."""
     async with infra.scratch_postgres_database() as url, infra.migrated_engine("accounts", url) as engine:
         sessions = db.create_session_factory(engine)
         request = accrue_request("cheque:pos-1:0042:accrue", amount=40, holder_id="member-new")
         async with sessions() as session, session.begin():
             await store.open_account(session, "member-new", "BONUS", utcnow())
-        loser_in_work, winner_done = asyncio.Event(), asyncio.Event()
+        first_in_work, release_first = asyncio.Event(), asyncio.Event()
 
-        def work(wait_for_winner: bool) -> Callable[[AsyncSession], Awaitable[pb.AccruePointsResponse]]:
+        def work(pause: bool) -> Callable[[AsyncSession], Awaitable[pb.AccruePointsResponse]]:
             async def accrue(session: AsyncSession) -> pb.AccruePointsResponse:
                 result = await service.accrue_points(session, accrual(40, holder_id="member-new"))
-                if wait_for_winner and not winner_done.is_set():
-                    loser_in_work.set()
-                    await winner_done.wait()
+                if pause:
+                    first_in_work.set()
+                    await release_first.wait()
                 return pb.AccruePointsResponse(entry=pb.Entry(entry_id=result.entry.entry_id))
 
             return accrue
@@ -331,14 +332,26 @@ async def test_a_duplicate_that_loses_the_key_race_answers_the_winner() -> None:
                 work_fn,
             )
 
-        loser = asyncio.create_task(run(work(wait_for_winner=True)))
-        await asyncio.wait_for(loser_in_work.wait(), 10)
-        winner = await run(work(wait_for_winner=False))
-        winner_done.set()
-        answer = await asyncio.wait_for(loser, 10)
-        assert answer == winner
+        first = asyncio.create_task(run(work(pause=True)))
+        await asyncio.wait_for(first_in_work.wait(), 10)
+        second = asyncio.create_task(run(work(pause=False)))
+
+        async def second_waits_on_the_account() -> bool:
+            async with engine.connect() as probe:
+                waiting = await probe.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                )
+            return bool(waiting)
+
+        await infra.wait_until(second_waits_on_the_account, "the second run waiting on the account lock")
+        release_first.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert answers[0] == answers[1]
         async with sessions() as session:
             balance = await service.get_balance(session, "member-new", "BONUS")
             entries = await service.list_entries(session, "member-new", "BONUS", 10, None)
         assert balance.active == 40
-        assert len(entries.entries) == 1, "the loser's own credit was rolled back"
+        assert len(entries.entries) == 1, "the second run's own credit was rolled back"

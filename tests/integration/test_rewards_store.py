@@ -22,7 +22,7 @@ from loyalty.runtime.idempotency import run_idempotent
 from loyalty.runtime.timeutil import to_timestamp, utcnow
 from services.rewards import service, store
 from services.rewards.api import coupon_to_proto
-from services.rewards.domain import CouponStatus, Rejection
+from services.rewards.domain import CouponStatus, Rejection, ReservationStatus
 from tests import infra
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -188,9 +188,9 @@ def test_invalid_terms_are_refused_field_by_field_before_any_storage() -> None:
         FieldViolation("valid_until", "must be after valid_from"),
     ]
     with pytest.raises(InvalidArgument) as empty_code:
-        service.parse_code(" - ")
+        service.parse_lookup(" - ", "")
     assert [v.field for v in empty_code.value.violations] == ["code"]
-    assert service.parse_code("abcde-fgh23") == "ABCDEFGH23"
+    assert service.parse_lookup("abcde-fgh23", "pos-1") == "ABCDEFGH23"
 
 
 async def test_the_service_over_grpc(tmp_path: Path) -> None:
@@ -249,3 +249,70 @@ async def test_the_service_over_grpc(tmp_path: Path) -> None:
             ("coupon.issued", "rewards", code[-4:])
         ]
         assert code not in json.dumps(published[0].to_fields())
+
+
+async def test_a_reservation_holds_its_coupon_until_its_end_and_reads_back_the_same(database_url: str) -> None:
+    async with infra.migrated_engine("rewards", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            coupon = await service.issue_coupon(session, terms(), NOW)
+            reserved = await service.reserve_coupon(
+                session, coupon.code, "member-1", "pos-1:0001", timedelta(minutes=15), NOW
+            )
+        end = NOW + timedelta(minutes=15)
+        assert (reserved.coupon, reserved.reservation.expires_at) == (coupon, end)
+        async with sessions() as session:
+            assert await store.find_reservation(session, reserved.reservation.reservation_id) == reserved.reservation
+            answers = {
+                "other receipt": await service.validate_coupon(session, coupon.code, "member-1", NOW, "pos-2:0001"),
+                "own receipt": await service.validate_coupon(session, coupon.code, "member-1", NOW, "pos-1:0001"),
+                "at its end": await service.validate_coupon(session, coupon.code, "member-1", end, "pos-2:0001"),
+            }
+        assert {what: answer.rejection for what, answer in answers.items()} == {
+            "other receipt": Rejection.RESERVED,
+            "own receipt": None,
+            "at its end": None,
+        }
+        async with sessions() as session, session.begin():
+            with pytest.raises(FailedPrecondition) as held:
+                await service.reserve_coupon(session, coupon.code, "member-1", "pos-2:0001", timedelta(minutes=1), NOW)
+            assert held.value.reason == "COUPON_RESERVED"
+        async with sessions() as session, session.begin():
+            await service.reserve_coupon(session, coupon.code, "member-1", "pos-2:0001", timedelta(minutes=1), end)
+        async with sessions() as session, session.begin():
+            with pytest.raises(FailedPrecondition) as lapsed:
+                await service.redeem_coupon(session, reserved.reservation.reservation_id, end)
+            assert lapsed.value.reason == "RESERVATION_EXPIRED"
+
+
+async def test_a_coupon_redeemed_then_returned_after_its_validity_stays_used(database_url: str) -> None:
+    async with infra.migrated_engine("rewards", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        valid_until = NOW + timedelta(days=30)
+        async with sessions() as session, session.begin():
+            coupon = await service.issue_coupon(session, terms(valid_until=valid_until), NOW)
+            reserved = await service.reserve_coupon(
+                session, coupon.code, "member-1", "pos-1:1", timedelta(hours=1), NOW
+            )
+            redeemed = await service.redeem_coupon(session, reserved.reservation.reservation_id, NOW)
+        assert redeemed.coupon.status is CouponStatus.REDEEMED
+        async with sessions() as session, session.begin():
+            with pytest.raises(FailedPrecondition) as expired:
+                await service.reinstate_coupon(session, coupon.code, "pos-1:1", valid_until)
+            assert expired.value.reason == "COUPON_EXPIRED"
+        async with sessions() as session, session.begin():
+            reinstated = await service.reinstate_coupon(
+                session, coupon.code, "pos-1:1", valid_until - timedelta(seconds=1)
+            )
+        assert reinstated == coupon
+        async with sessions() as session:
+            returned = await store.find_reservation(session, reserved.reservation.reservation_id)
+            assert returned is not None and returned.status is ReservationStatus.RETURNED
+            assert await store.redeemed_reservation(session, coupon.code) is None
+            events = (await session.execute(select(store.outbox.c.event_type, store.outbox.c.payload))).all()
+        assert [event_type for event_type, _payload in events] == [
+            "coupon.issued",
+            "coupon.redeemed",
+            "coupon.reinstated",
+        ]
+        assert all(coupon.code not in json.dumps(payload) for _event_type, payload in events)

@@ -6,20 +6,31 @@ from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import pytest
 
+from loyalty.runtime.errors import DomainError, FailedPrecondition, NotFound
 from services.rewards.domain import (
     CODE_ALPHABET,
     CODE_LENGTH,
     Coupon,
     CouponStatus,
     Rejection,
+    Reservation,
+    ReservationStatus,
+    TooManyWrongCodes,
+    WrongCodeLimiter,
+    check_reinstatable,
+    check_reservation,
     code_suffix,
     is_valid_discount,
     is_valid_window,
     new_coupon_code,
     normalize_code,
+    refusal,
+    reservation_ttl,
     validate,
+    validate_for_receipt,
 )
 
 START = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -123,3 +134,160 @@ def test_a_bearer_coupon_is_valid_for_anyone_and_anonymous_receipts() -> None:
     assert validate(bearer, "member-2", START) is None
     assert validate(bearer, "", START) is None
     assert validate(replace(bearer, status=CouponStatus.REDEEMED), "", START) is Rejection.ALREADY_USED
+
+
+def reservation(**changes: object) -> Reservation:
+    base = Reservation(
+        reservation_id="r-1",
+        code="ABCDEFGH23",
+        member_id="member-1",
+        receipt_ref="pos-1:0001",
+        status=ReservationStatus.ACTIVE,
+        expires_at=START + timedelta(minutes=15),
+        created_at=START,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_a_reservation_holds_until_just_before_its_end_and_only_while_active() -> None:
+    assert reservation().is_live(START + timedelta(minutes=15) - TICK)
+    assert not reservation().is_live(START + timedelta(minutes=15))
+    for settled in (ReservationStatus.REDEEMED, ReservationStatus.RELEASED, ReservationStatus.RETURNED):
+        assert not reservation(status=settled).is_live(START)
+
+
+def test_a_live_reservation_for_another_receipt_makes_the_coupon_reserved() -> None:
+    held = [reservation()]
+    assert validate_for_receipt(coupon(), "member-1", "pos-2:0007", held, START) is Rejection.RESERVED
+    assert validate_for_receipt(coupon(), "member-1", "", held, START) is Rejection.RESERVED, "no receipt: any hold"
+    assert validate_for_receipt(coupon(), "member-1", "pos-1:0001", held, START) is None, "its own receipt"
+    lapsed = START + timedelta(minutes=15)
+    assert validate_for_receipt(coupon(), "member-1", "pos-2:0007", held, lapsed) is None, "a lapsed hold is free"
+    released = [reservation(status=ReservationStatus.RELEASED)]
+    assert validate_for_receipt(coupon(), "member-1", "pos-2:0007", released, START) is None
+
+
+def test_other_refusals_come_before_reserved() -> None:
+    held = [reservation()]
+    assert validate_for_receipt(coupon(), "member-2", "x", held, START) is Rejection.OTHER_MEMBER
+    used = coupon(status=CouponStatus.REDEEMED)
+    assert validate_for_receipt(used, "member-1", "x", held, START) is Rejection.ALREADY_USED
+    assert validate_for_receipt(None, "member-1", "x", [], START) is Rejection.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("rejection", "error", "reason"),
+    [
+        (Rejection.NOT_FOUND, NotFound, "COUPON_NOT_FOUND"),
+        (Rejection.OTHER_MEMBER, FailedPrecondition, "COUPON_OTHER_MEMBER"),
+        (Rejection.ALREADY_USED, FailedPrecondition, "COUPON_ALREADY_USED"),
+        (Rejection.NOT_YET_VALID, FailedPrecondition, "COUPON_NOT_YET_VALID"),
+        (Rejection.EXPIRED, FailedPrecondition, "COUPON_EXPIRED"),
+        (Rejection.RESERVED, FailedPrecondition, "COUPON_RESERVED"),
+    ],
+)
+def test_each_rejection_is_refused_with_a_stable_reason(
+    rejection: Rejection, error: type[DomainError], reason: str
+) -> None:
+    refused = refusal(rejection)
+    assert type(refused) is error
+    assert refused.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("held", "now", "reason"),
+    [
+        (None, START, "RESERVATION_NOT_FOUND"),
+        (reservation(status=ReservationStatus.REDEEMED), START, "COUPON_ALREADY_USED"),
+        (reservation(status=ReservationStatus.RETURNED), START, "COUPON_ALREADY_USED"),
+        (reservation(status=ReservationStatus.RELEASED), START, "RESERVATION_RELEASED"),
+        (reservation(), START + timedelta(minutes=15), "RESERVATION_EXPIRED"),
+    ],
+)
+def test_a_reservation_that_no_longer_holds_is_refused(held: Reservation | None, now: datetime, reason: str) -> None:
+    with pytest.raises(DomainError) as refused:
+        check_reservation(held, now)
+    assert refused.value.reason == reason
+
+
+def test_a_live_reservation_passes() -> None:
+    assert check_reservation(reservation(), START) == reservation()
+
+
+def test_a_coupon_is_reinstated_only_for_the_receipt_it_was_redeemed_on_and_within_validity() -> None:
+    used = coupon(status=CouponStatus.REDEEMED)
+    redeemed_on = reservation(status=ReservationStatus.REDEEMED)
+    assert check_reinstatable(used, redeemed_on, "pos-1:0001", END - TICK) == redeemed_on
+    refusals = {
+        "missing": (None, None, "pos-1:0001", START),
+        "not redeemed": (coupon(), None, "pos-1:0001", START),
+        "other receipt": (used, redeemed_on, "pos-9:0001", START),
+        "expired": (used, redeemed_on, "pos-1:0001", END),
+    }
+    reasons = {}
+    for what, arguments in refusals.items():
+        with pytest.raises(DomainError) as refused:
+            check_reinstatable(*arguments)
+        reasons[what] = refused.value.reason
+    assert reasons == {
+        "missing": "COUPON_NOT_FOUND",
+        "not redeemed": "COUPON_NOT_REDEEMED",
+        "other receipt": "COUPON_REDEEMED_ON_OTHER_RECEIPT",
+        "expired": "COUPON_EXPIRED",
+    }
+
+
+def test_a_reservation_lasts_fifteen_minutes_unless_told() -> None:
+    assert reservation_ttl(0) == timedelta(minutes=15)
+    assert reservation_ttl(1) == timedelta(seconds=1)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_terminal_is_refused_after_too_many_wrong_codes_within_the_window() -> None:
+    clock = FakeClock()
+    limiter = WrongCodeLimiter(limit=3, window_seconds=60, clock=clock)
+    for _ in range(3):
+        limiter.check("pos-1")
+        limiter.record_miss("pos-1")
+        clock.now += 10
+    with pytest.raises(TooManyWrongCodes) as refused:
+        limiter.check("pos-1")
+    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WRONG_CODES")
+    assert refused.value.metadata == {"retry_after_seconds": "30"}, "the first miss leaves the window in 30 s"
+    limiter.check("pos-2")  # another terminal is not affected
+
+    clock.now = 1000.0 + 60 - 0.001
+    with pytest.raises(TooManyWrongCodes):
+        limiter.check("pos-1")
+    clock.now = 1000.0 + 60
+    limiter.check("pos-1")  # the window slid past the first miss
+    limiter.record_miss("pos-1")
+    with pytest.raises(TooManyWrongCodes):
+        limiter.check("pos-1")
+
+
+def test_misses_spread_wider_than_the_window_never_trip_the_limit() -> None:
+    clock = FakeClock()
+    limiter = WrongCodeLimiter(limit=3, window_seconds=60, clock=clock)
+    for _ in range(20):
+        limiter.check("pos-1")
+        limiter.record_miss("pos-1")
+        clock.now += 30.001
+
+
+def test_terminals_with_only_stale_misses_are_forgotten() -> None:
+    clock = FakeClock()
+    limiter = WrongCodeLimiter(limit=3, window_seconds=60, clock=clock, max_terminals=4)
+    for index in range(4):
+        limiter.record_miss(f"pos-{index}")
+    assert limiter.terminals == 4
+    clock.now += 61
+    limiter.record_miss("pos-new")
+    assert limiter.terminals == 1

@@ -94,6 +94,8 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     """Points spent."""
     ENTRY_KIND_EXPIRY: _EntryKind.ValueType  # 3
     """Points that reached their lot's expiry."""
+    ENTRY_KIND_REVERSAL: _EntryKind.ValueType  # 4
+    """An accrual or a redemption undone (a return)."""
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
     """The kind of a ledger entry."""
@@ -106,6 +108,8 @@ ENTRY_KIND_REDEMPTION: EntryKind.ValueType  # 2
 """Points spent."""
 ENTRY_KIND_EXPIRY: EntryKind.ValueType  # 3
 """Points that reached their lot's expiry."""
+ENTRY_KIND_REVERSAL: EntryKind.ValueType  # 4
+"""An accrual or a redemption undone (a return)."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
 @_typing.final
@@ -120,6 +124,7 @@ class Balance(_message.Message):
     PENDING_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    NEGATIVE_FIELD_NUMBER: _builtins.int
     holder_id: _builtins.str
     """The account holder: a member id, or a household id for a pooled account."""
     currency: _builtins.str
@@ -131,7 +136,9 @@ class Balance(_message.Message):
     held: _builtins.int
     """Points reserved by holds for calculated receipts."""
     available: _builtins.int
-    """Points that can be spent now: active minus held."""
+    """Points that can be spent now: active minus held minus negative."""
+    negative: _builtins.int
+    """Points owed: a return took back more than was left. The next accruals repay it first."""
     def __init__(
         self,
         *,
@@ -141,10 +148,11 @@ class Balance(_message.Message):
         pending: _builtins.int = ...,
         held: _builtins.int = ...,
         available: _builtins.int = ...,
+        negative: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "available", b"available", "currency", b"currency", "held", b"held", "holder_id", b"holder_id", "pending", b"pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "available", b"available", "currency", b"currency", "held", b"held", "holder_id", b"holder_id", "negative", b"negative", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -707,3 +715,67 @@ class RedeemPointsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedeemPointsResponse: _TypeAlias = RedeemPointsResponse  # noqa: Y015
+
+@_typing.final
+class ReverseOperationRequest(_message.Message):
+    """Request of ReverseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    SOURCE_REF_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key, e.g. "return:<terminal>:<number>:accrual"."""
+    entry_id: _builtins.str
+    """The accrual or redemption entry to undo."""
+    amount: _builtins.int
+    """Points to undo, at most what is left of the operation; 0 means all that is left."""
+    source_ref: _builtins.str
+    """What caused it, e.g. the return receipt; shown in the history."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        source_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "entry_id", b"entry_id", "request_id", b"request_id", "source_ref", b"source_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseOperationRequest: _TypeAlias = ReverseOperationRequest  # noqa: Y015
+
+@_typing.final
+class ReverseOperationResponse(_message.Message):
+    """Response of ReverseOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___Entry:
+        """The reversal entry: negative for an accrual undone, positive for a redemption undone."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The balance after it."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___Entry | None = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReverseOperationResponse: _TypeAlias = ReverseOperationResponse  # noqa: Y015

@@ -71,6 +71,11 @@ class AccountsServiceStub:
                 request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsRequest.SerializeToString,
                 response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsResponse.FromString,
                 _registered_method=True)
+        self.ReverseOperation = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/ReverseOperation',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServiceServicer:
@@ -132,6 +137,18 @@ class AccountsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReverseOperation(self, request, context):
+        """Undoes an accrual or a redemption by its entry id, wholly or in part (returned
+        lines). Earned points come out of their lot; what was already spent or expired
+        becomes a negative balance that the next accruals repay first. Spent points go
+        back into the lots that paid for them (into an expired lot, they come back
+        expired). Fails with ENTRY_NOT_FOUND, ENTRY_NOT_REVERSIBLE, ALREADY_REVERSED or
+        REVERSAL_EXCEEDS_OPERATION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +186,11 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.RedeemPoints,
                     request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsRequest.FromString,
                     response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsResponse.SerializeToString,
+            ),
+            'ReverseOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReverseOperation,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +384,33 @@ class AccountsService:
             '/loyalty.accounts.v1.AccountsService/RedeemPoints',
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsRequest.SerializeToString,
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.RedeemPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReverseOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/ReverseOperation',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

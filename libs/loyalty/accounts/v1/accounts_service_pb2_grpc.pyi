@@ -57,6 +57,14 @@ class AccountsServiceStub:
     """Frees a live hold (a cancelled receipt)."""
     RedeemPoints: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.RedeemPointsRequest, _accounts_service_pb2.RedeemPointsResponse]
     """Spends points at once, without a hold; soonest-expiring lots are spent first."""
+    ReverseOperation: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.ReverseOperationRequest, _accounts_service_pb2.ReverseOperationResponse]
+    """Undoes an accrual or a redemption by its entry id, wholly or in part (returned
+    lines). Earned points come out of their lot; what was already spent or expired
+    becomes a negative balance that the next accruals repay first. Spent points go
+    back into the lots that paid for them (into an expired lot, they come back
+    expired). Fails with ENTRY_NOT_FOUND, ENTRY_NOT_REVERSIBLE, ALREADY_REVERSED or
+    REVERSAL_EXCEEDS_OPERATION.
+    """
 
 @_typing.type_check_only
 class AccountsServiceAsyncStub(AccountsServiceStub):
@@ -87,6 +95,14 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     """Frees a live hold (a cancelled receipt)."""
     RedeemPoints: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.RedeemPointsRequest, _accounts_service_pb2.RedeemPointsResponse]  # type: ignore[assignment]
     """Spends points at once, without a hold; soonest-expiring lots are spent first."""
+    ReverseOperation: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.ReverseOperationRequest, _accounts_service_pb2.ReverseOperationResponse]  # type: ignore[assignment]
+    """Undoes an accrual or a redemption by its entry id, wholly or in part (returned
+    lines). Earned points come out of their lot; what was already spent or expired
+    becomes a negative balance that the next accruals repay first. Spent points go
+    back into the lots that paid for them (into an expired lot, they come back
+    expired). Fails with ENTRY_NOT_FOUND, ENTRY_NOT_REVERSIBLE, ALREADY_REVERSED or
+    REVERSAL_EXCEEDS_OPERATION.
+    """
 
 class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
     """The points ledger: accounts per holder and point currency, append-only
@@ -156,5 +172,19 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_service_pb2.RedeemPointsResponse, _abc.Awaitable[_accounts_service_pb2.RedeemPointsResponse]]:
         """Spends points at once, without a hold; soonest-expiring lots are spent first."""
+
+    @_abc_1.abstractmethod
+    def ReverseOperation(
+        self,
+        request: _accounts_service_pb2.ReverseOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.ReverseOperationResponse, _abc.Awaitable[_accounts_service_pb2.ReverseOperationResponse]]:
+        """Undoes an accrual or a redemption by its entry id, wholly or in part (returned
+        lines). Earned points come out of their lot; what was already spent or expired
+        becomes a negative balance that the next accruals repay first. Spent points go
+        back into the lots that paid for them (into an expired lot, they come back
+        expired). Fails with ENTRY_NOT_FOUND, ENTRY_NOT_REVERSIBLE, ALREADY_REVERSED or
+        REVERSAL_EXCEEDS_OPERATION.
+        """
 
 def add_AccountsServiceServicer_to_server(servicer: AccountsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

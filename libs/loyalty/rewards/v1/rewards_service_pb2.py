@@ -25,27 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(loyalty/rewards/v1/rewards_service.proto\x12\x12loyalty.rewards.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\x06\x43oupon\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x1d\n\x15\x64iscount_basis_points\x18\x03 \x01(\x05\x12\x30\n\x06status\x18\x04 \x01(\x0e\x32 .loyalty.rewards.v1.CouponStatus\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\x12IssueCouponRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x1d\n\x15\x64iscount_basis_points\x18\x03 \x01(\x05\x12.\n\nvalid_from\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13IssueCouponResponse\x12*\n\x06\x63oupon\x18\x01 \x01(\x0b\x32\x1a.loyalty.rewards.v1.Coupon\"8\n\x15ValidateCouponRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\"\x8b\x01\n\x16ValidateCouponResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x36\n\trejection\x18\x02 \x01(\x0e\x32#.loyalty.rewards.v1.CouponRejection\x12*\n\x06\x63oupon\x18\x03 \x01(\x0b\x32\x1a.loyalty.rewards.v1.Coupon*c\n\x0c\x43ouponStatus\x12\x1d\n\x19\x43OUPON_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OUPON_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x43OUPON_STATUS_REDEEMED\x10\x02*\xdb\x01\n\x0f\x43ouponRejection\x12 \n\x1c\x43OUPON_REJECTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43OUPON_REJECTION_NOT_FOUND\x10\x01\x12\x1c\n\x18\x43OUPON_REJECTION_EXPIRED\x10\x02\x12!\n\x1d\x43OUPON_REJECTION_ALREADY_USED\x10\x03\x12!\n\x1d\x43OUPON_REJECTION_OTHER_MEMBER\x10\x04\x12\"\n\x1e\x43OUPON_REJECTION_NOT_YET_VALID\x10\x05\x32\xd9\x01\n\x0eRewardsService\x12^\n\x0bIssueCoupon\x12&.loyalty.rewards.v1.IssueCouponRequest\x1a\'.loyalty.rewards.v1.IssueCouponResponse\x12g\n\x0eValidateCoupon\x12).loyalty.rewards.v1.ValidateCouponRequest\x1a*.loyalty.rewards.v1.ValidateCouponResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(loyalty/rewards/v1/rewards_service.proto\x12\x12loyalty.rewards.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x01\n\x11\x43ouponReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x13\n\x0breceipt_ref\x18\x04 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x06status\x18\x06 \x01(\x0e\x32%.loyalty.rewards.v1.ReservationStatus\"\xdb\x01\n\x06\x43oupon\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x1d\n\x15\x64iscount_basis_points\x18\x03 \x01(\x05\x12\x30\n\x06status\x18\x04 \x01(\x0e\x32 .loyalty.rewards.v1.CouponStatus\x12.\n\nvalid_from\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x01\n\x12IssueCouponRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x1d\n\x15\x64iscount_basis_points\x18\x03 \x01(\x05\x12.\n\nvalid_from\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bvalid_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"A\n\x13IssueCouponResponse\x12*\n\x06\x63oupon\x18\x01 \x01(\x0b\x32\x1a.loyalty.rewards.v1.Coupon\"b\n\x15ValidateCouponRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x13\n\x0bterminal_id\x18\x03 \x01(\t\x12\x13\n\x0breceipt_ref\x18\x04 \x01(\t\"\x8b\x01\n\x16ValidateCouponResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\x36\n\trejection\x18\x02 \x01(\x0e\x32#.loyalty.rewards.v1.CouponRejection\x12*\n\x06\x63oupon\x18\x03 \x01(\x0b\x32\x1a.loyalty.rewards.v1.Coupon\"\x8a\x01\n\x14ReserveCouponRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x11\n\tmember_id\x18\x03 \x01(\t\x12\x13\n\x0breceipt_ref\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x05\x12\x13\n\x0bterminal_id\x18\x06 \x01(\t\"\x7f\n\x15ReserveCouponResponse\x12:\n\x0breservation\x18\x01 \x01(\x0b\x32%.loyalty.rewards.v1.CouponReservation\x12*\n\x06\x63oupon\x18\x02 \x01(\x0b\x32\x1a.loyalty.rewards.v1.Coupon\"A\n\x13RedeemCouponRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\"~\n\x14RedeemCouponResponse\x12*\n\x06\x63oupon\x18\x01 \x01(\x0b\x32\x1a.loyalty.rewards.v1.Coupon\x12:\n\x0breservation\x18\x02 \x01(\x0b\x32%.loyalty.rewards.v1.CouponReservation\"G\n\x19ReleaseReservationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\"X\n\x1aReleaseReservationResponse\x12:\n\x0breservation\x18\x01 \x01(\x0b\x32%.loyalty.rewards.v1.CouponReservation\"O\n\x16ReinstateCouponRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x13\n\x0breceipt_ref\x18\x03 \x01(\t\"E\n\x17ReinstateCouponResponse\x12*\n\x06\x63oupon\x18\x01 \x01(\x0b\x32\x1a.loyalty.rewards.v1.Coupon*c\n\x0c\x43ouponStatus\x12\x1d\n\x19\x43OUPON_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43OUPON_STATUS_ACTIVE\x10\x01\x12\x1a\n\x16\x43OUPON_STATUS_REDEEMED\x10\x02*\xfa\x01\n\x0f\x43ouponRejection\x12 \n\x1c\x43OUPON_REJECTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x43OUPON_REJECTION_NOT_FOUND\x10\x01\x12\x1c\n\x18\x43OUPON_REJECTION_EXPIRED\x10\x02\x12!\n\x1d\x43OUPON_REJECTION_ALREADY_USED\x10\x03\x12!\n\x1d\x43OUPON_REJECTION_OTHER_MEMBER\x10\x04\x12\"\n\x1e\x43OUPON_REJECTION_NOT_YET_VALID\x10\x05\x12\x1d\n\x19\x43OUPON_REJECTION_RESERVED\x10\x06*\xd9\x01\n\x11ReservationStatus\x12\"\n\x1eRESERVATION_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESERVATION_STATUS_ACTIVE\x10\x01\x12\x1f\n\x1bRESERVATION_STATUS_REDEEMED\x10\x02\x12\x1f\n\x1bRESERVATION_STATUS_RELEASED\x10\x03\x12\x1e\n\x1aRESERVATION_STATUS_EXPIRED\x10\x04\x12\x1f\n\x1bRESERVATION_STATUS_RETURNED\x10\x05\x32\x83\x05\n\x0eRewardsService\x12^\n\x0bIssueCoupon\x12&.loyalty.rewards.v1.IssueCouponRequest\x1a\'.loyalty.rewards.v1.IssueCouponResponse\x12g\n\x0eValidateCoupon\x12).loyalty.rewards.v1.ValidateCouponRequest\x1a*.loyalty.rewards.v1.ValidateCouponResponse\x12\x64\n\rReserveCoupon\x12(.loyalty.rewards.v1.ReserveCouponRequest\x1a).loyalty.rewards.v1.ReserveCouponResponse\x12\x61\n\x0cRedeemCoupon\x12\'.loyalty.rewards.v1.RedeemCouponRequest\x1a(.loyalty.rewards.v1.RedeemCouponResponse\x12s\n\x12ReleaseReservation\x12-.loyalty.rewards.v1.ReleaseReservationRequest\x1a..loyalty.rewards.v1.ReleaseReservationResponse\x12j\n\x0fReinstateCoupon\x12*.loyalty.rewards.v1.ReinstateCouponRequest\x1a+.loyalty.rewards.v1.ReinstateCouponResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loyalty.rewards.v1.rewards_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COUPONSTATUS']._serialized_start=776
-  _globals['_COUPONSTATUS']._serialized_end=875
-  _globals['_COUPONREJECTION']._serialized_start=878
-  _globals['_COUPONREJECTION']._serialized_end=1097
-  _globals['_COUPON']._serialized_start=98
-  _globals['_COUPON']._serialized_end=317
-  _globals['_ISSUECOUPONREQUEST']._serialized_start=320
-  _globals['_ISSUECOUPONREQUEST']._serialized_end=507
-  _globals['_ISSUECOUPONRESPONSE']._serialized_start=509
-  _globals['_ISSUECOUPONRESPONSE']._serialized_end=574
-  _globals['_VALIDATECOUPONREQUEST']._serialized_start=576
-  _globals['_VALIDATECOUPONREQUEST']._serialized_end=632
-  _globals['_VALIDATECOUPONRESPONSE']._serialized_start=635
-  _globals['_VALIDATECOUPONRESPONSE']._serialized_end=774
-  _globals['_REWARDSSERVICE']._serialized_start=1100
-  _globals['_REWARDSSERVICE']._serialized_end=1317
+  _globals['_COUPONSTATUS']._serialized_start=1802
+  _globals['_COUPONSTATUS']._serialized_end=1901
+  _globals['_COUPONREJECTION']._serialized_start=1904
+  _globals['_COUPONREJECTION']._serialized_end=2154
+  _globals['_RESERVATIONSTATUS']._serialized_start=2157
+  _globals['_RESERVATIONSTATUS']._serialized_end=2374
+  _globals['_COUPONRESERVATION']._serialized_start=98
+  _globals['_COUPONRESERVATION']._serialized_end=299
+  _globals['_COUPON']._serialized_start=302
+  _globals['_COUPON']._serialized_end=521
+  _globals['_ISSUECOUPONREQUEST']._serialized_start=524
+  _globals['_ISSUECOUPONREQUEST']._serialized_end=711
+  _globals['_ISSUECOUPONRESPONSE']._serialized_start=713
+  _globals['_ISSUECOUPONRESPONSE']._serialized_end=778
+  _globals['_VALIDATECOUPONREQUEST']._serialized_start=780
+  _globals['_VALIDATECOUPONREQUEST']._serialized_end=878
+  _globals['_VALIDATECOUPONRESPONSE']._serialized_start=881
+  _globals['_VALIDATECOUPONRESPONSE']._serialized_end=1020
+  _globals['_RESERVECOUPONREQUEST']._serialized_start=1023
+  _globals['_RESERVECOUPONREQUEST']._serialized_end=1161
+  _globals['_RESERVECOUPONRESPONSE']._serialized_start=1163
+  _globals['_RESERVECOUPONRESPONSE']._serialized_end=1290
+  _globals['_REDEEMCOUPONREQUEST']._serialized_start=1292
+  _globals['_REDEEMCOUPONREQUEST']._serialized_end=1357
+  _globals['_REDEEMCOUPONRESPONSE']._serialized_start=1359
+  _globals['_REDEEMCOUPONRESPONSE']._serialized_end=1485
+  _globals['_RELEASERESERVATIONREQUEST']._serialized_start=1487
+  _globals['_RELEASERESERVATIONREQUEST']._serialized_end=1558
+  _globals['_RELEASERESERVATIONRESPONSE']._serialized_start=1560
+  _globals['_RELEASERESERVATIONRESPONSE']._serialized_end=1648
+  _globals['_REINSTATECOUPONREQUEST']._serialized_start=1650
+  _globals['_REINSTATECOUPONREQUEST']._serialized_end=1729
+  _globals['_REINSTATECOUPONRESPONSE']._serialized_start=1731
+  _globals['_REINSTATECOUPONRESPONSE']._serialized_end=1800
+  _globals['_REWARDSSERVICE']._serialized_start=2377
+  _globals['_REWARDSSERVICE']._serialized_end=3020
 # @@protoc_insertion_point(module_scope)

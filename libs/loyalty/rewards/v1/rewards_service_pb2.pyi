@@ -60,6 +60,10 @@ class _CouponRejectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Coupo
     """Personal coupon of another member."""
     COUPON_REJECTION_NOT_YET_VALID: _CouponRejection.ValueType  # 5
     """Not yet valid."""
+    COUPON_REJECTION_RESERVED: _CouponRejection.ValueType  # 6
+    """Held by a live reservation for another receipt (possibly on another register);
+    it may become free again when that reservation is released or lapses.
+    """
 
 class CouponRejection(_CouponRejection, metaclass=_CouponRejectionEnumTypeWrapper):
     """Why a coupon cannot be applied."""
@@ -76,7 +80,95 @@ COUPON_REJECTION_OTHER_MEMBER: CouponRejection.ValueType  # 4
 """Personal coupon of another member."""
 COUPON_REJECTION_NOT_YET_VALID: CouponRejection.ValueType  # 5
 """Not yet valid."""
+COUPON_REJECTION_RESERVED: CouponRejection.ValueType  # 6
+"""Held by a live reservation for another receipt (possibly on another register);
+it may become free again when that reservation is released or lapses.
+"""
 Global___CouponRejection: _TypeAlias = CouponRejection  # noqa: Y015
+
+class _ReservationStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReservationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReservationStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESERVATION_STATUS_UNSPECIFIED: _ReservationStatus.ValueType  # 0
+    """Never used."""
+    RESERVATION_STATUS_ACTIVE: _ReservationStatus.ValueType  # 1
+    """Holds the coupon for its receipt until expire_time."""
+    RESERVATION_STATUS_REDEEMED: _ReservationStatus.ValueType  # 2
+    """The coupon was redeemed through this reservation."""
+    RESERVATION_STATUS_RELEASED: _ReservationStatus.ValueType  # 3
+    """Released before use; the coupon is free again."""
+    RESERVATION_STATUS_EXPIRED: _ReservationStatus.ValueType  # 4
+    """Lapsed at expire_time without being redeemed or released; the coupon is free again."""
+    RESERVATION_STATUS_RETURNED: _ReservationStatus.ValueType  # 5
+    """The coupon was redeemed through this reservation, then reinstated because
+    the receipt was returned.
+    """
+
+class ReservationStatus(_ReservationStatus, metaclass=_ReservationStatusEnumTypeWrapper):
+    """The state of a coupon reservation."""
+
+RESERVATION_STATUS_UNSPECIFIED: ReservationStatus.ValueType  # 0
+"""Never used."""
+RESERVATION_STATUS_ACTIVE: ReservationStatus.ValueType  # 1
+"""Holds the coupon for its receipt until expire_time."""
+RESERVATION_STATUS_REDEEMED: ReservationStatus.ValueType  # 2
+"""The coupon was redeemed through this reservation."""
+RESERVATION_STATUS_RELEASED: ReservationStatus.ValueType  # 3
+"""Released before use; the coupon is free again."""
+RESERVATION_STATUS_EXPIRED: ReservationStatus.ValueType  # 4
+"""Lapsed at expire_time without being redeemed or released; the coupon is free again."""
+RESERVATION_STATUS_RETURNED: ReservationStatus.ValueType  # 5
+"""The coupon was redeemed through this reservation, then reinstated because
+the receipt was returned.
+"""
+Global___ReservationStatus: _TypeAlias = ReservationStatus  # noqa: Y015
+
+@_typing.final
+class CouponReservation(_message.Message):
+    """A coupon held for one receipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_REF_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    reservation_id: _builtins.str
+    """Server-assigned id; pass it to RedeemCoupon or ReleaseReservation."""
+    code: _builtins.str
+    """The reserved coupon's code."""
+    member_id: _builtins.str
+    """The member the receipt belongs to; empty for an anonymous receipt."""
+    receipt_ref: _builtins.str
+    """The receipt the coupon is held for, as given to ReserveCoupon."""
+    status: Global___ReservationStatus.ValueType
+    """State when the call was first answered (a retry replays that answer)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the reservation lapses by itself if it is not redeemed or released."""
+
+    def __init__(
+        self,
+        *,
+        reservation_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        receipt_ref: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___ReservationStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expire_time", b"expire_time", "member_id", b"member_id", "receipt_ref", b"receipt_ref", "reservation_id", b"reservation_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CouponReservation: _TypeAlias = CouponReservation  # noqa: Y015
 
 @_typing.final
 class Coupon(_message.Message):
@@ -198,19 +290,34 @@ class ValidateCouponRequest(_message.Message):
 
     CODE_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_REF_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """The code as presented."""
     member_id: _builtins.str
     """The identified member; empty for an anonymous receipt."""
+    terminal_id: _builtins.str
+    """The register asking. Lookups of unknown codes are counted per terminal: after
+    too many within a minute, its lookups are refused for a while with
+    RESOURCE_EXHAUSTED, reason TOO_MANY_WRONG_CODES. Registers that leave it empty
+    share one allowance.
+    """
+    receipt_ref: _builtins.str
+    """The receipt being calculated, as later given to ReserveCoupon; a coupon
+    reserved for this very receipt is answered valid. Empty: any live
+    reservation makes the coupon COUPON_REJECTION_RESERVED.
+    """
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         member_id: _builtins.str = ...,
+        terminal_id: _builtins.str = ...,
+        receipt_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "member_id", b"member_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "member_id", b"member_id", "receipt_ref", b"receipt_ref", "terminal_id", b"terminal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,3 +354,253 @@ class ValidateCouponResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ValidateCouponResponse: _TypeAlias = ValidateCouponResponse  # noqa: Y015
+
+@_typing.final
+class ReserveCouponRequest(_message.Message):
+    """Request of ReserveCoupon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_REF_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a retry with the same key answers the first
+    result, the same key with another request is refused (IDEMPOTENCY_KEY_REUSED).
+    """
+    code: _builtins.str
+    """The code as presented (case, spaces and dashes are ignored)."""
+    member_id: _builtins.str
+    """The identified member; empty for an anonymous receipt."""
+    receipt_ref: _builtins.str
+    """The receipt the coupon is applied to, e.g. "terminal:receipt number"; required."""
+    ttl_seconds: _builtins.int
+    """How long the reservation lasts if not redeemed or released: 0 means 900
+    seconds (15 minutes), at most 86400.
+    """
+    terminal_id: _builtins.str
+    """The register asking; see ValidateCouponRequest.terminal_id."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        receipt_ref: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+        terminal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "member_id", b"member_id", "receipt_ref", b"receipt_ref", "request_id", b"request_id", "terminal_id", b"terminal_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveCouponRequest: _TypeAlias = ReserveCouponRequest  # noqa: Y015
+
+@_typing.final
+class ReserveCouponResponse(_message.Message):
+    """Response of ReserveCoupon. Refusals are errors with an ErrorInfo reason:
+    NOT_FOUND COUPON_NOT_FOUND; FAILED_PRECONDITION COUPON_OTHER_MEMBER,
+    COUPON_ALREADY_USED, COUPON_NOT_YET_VALID, COUPON_EXPIRED, COUPON_RESERVED
+    (held by another live reservation); RESOURCE_EXHAUSTED TOO_MANY_WRONG_CODES.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    COUPON_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reservation(self) -> Global___CouponReservation:
+        """The new reservation."""
+
+    @_builtins.property
+    def coupon(self) -> Global___Coupon:
+        """The reserved coupon, with its discount."""
+
+    def __init__(
+        self,
+        *,
+        reservation: Global___CouponReservation | None = ...,
+        coupon: Global___Coupon | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon", "reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon", "reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveCouponResponse: _TypeAlias = ReserveCouponResponse  # noqa: Y015
+
+@_typing.final
+class RedeemCouponRequest(_message.Message):
+    """Request of RedeemCoupon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a retry answers the first result."""
+    reservation_id: _builtins.str
+    """The reservation from ReserveCoupon."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemCouponRequest: _TypeAlias = RedeemCouponRequest  # noqa: Y015
+
+@_typing.final
+class RedeemCouponResponse(_message.Message):
+    """Response of RedeemCoupon. Refusals: NOT_FOUND RESERVATION_NOT_FOUND;
+    FAILED_PRECONDITION RESERVATION_EXPIRED, RESERVATION_RELEASED,
+    COUPON_ALREADY_USED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUPON_FIELD_NUMBER: _builtins.int
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def coupon(self) -> Global___Coupon:
+        """The coupon, now COUPON_STATUS_REDEEMED."""
+
+    @_builtins.property
+    def reservation(self) -> Global___CouponReservation:
+        """The reservation, now RESERVATION_STATUS_REDEEMED."""
+
+    def __init__(
+        self,
+        *,
+        coupon: Global___Coupon | None = ...,
+        reservation: Global___CouponReservation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon", "reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon", "reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeemCouponResponse: _TypeAlias = RedeemCouponResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseReservationRequest(_message.Message):
+    """Request of ReleaseReservation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a retry answers the first result."""
+    reservation_id: _builtins.str
+    """The reservation from ReserveCoupon."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "reservation_id", b"reservation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReservationRequest: _TypeAlias = ReleaseReservationRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseReservationResponse(_message.Message):
+    """Response of ReleaseReservation. Refusals: NOT_FOUND RESERVATION_NOT_FOUND;
+    FAILED_PRECONDITION RESERVATION_EXPIRED (it already lapsed: the coupon is
+    free), RESERVATION_RELEASED, COUPON_ALREADY_USED (it was redeemed; return the
+    receipt and call ReinstateCoupon instead).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reservation(self) -> Global___CouponReservation:
+        """The reservation, now RESERVATION_STATUS_RELEASED."""
+
+    def __init__(
+        self,
+        *,
+        reservation: Global___CouponReservation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseReservationResponse: _TypeAlias = ReleaseReservationResponse  # noqa: Y015
+
+@_typing.final
+class ReinstateCouponRequest(_message.Message):
+    """Request of ReinstateCoupon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    RECEIPT_REF_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a retry answers the first result."""
+    code: _builtins.str
+    """The code of the redeemed coupon."""
+    receipt_ref: _builtins.str
+    """The returned receipt: the receipt_ref the coupon was reserved and redeemed for."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        receipt_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "receipt_ref", b"receipt_ref", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReinstateCouponRequest: _TypeAlias = ReinstateCouponRequest  # noqa: Y015
+
+@_typing.final
+class ReinstateCouponResponse(_message.Message):
+    """Response of ReinstateCoupon. Refusals: NOT_FOUND COUPON_NOT_FOUND;
+    FAILED_PRECONDITION COUPON_NOT_REDEEMED, COUPON_REDEEMED_ON_OTHER_RECEIPT,
+    COUPON_EXPIRED (its validity ended: it stays used).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUPON_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def coupon(self) -> Global___Coupon:
+        """The coupon, COUPON_STATUS_ACTIVE again."""
+
+    def __init__(
+        self,
+        *,
+        coupon: Global___Coupon | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupon", b"coupon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReinstateCouponResponse: _TypeAlias = ReinstateCouponResponse  # noqa: Y015

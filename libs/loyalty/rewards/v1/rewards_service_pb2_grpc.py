@@ -45,6 +45,26 @@ class RewardsServiceStub:
                 request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ValidateCouponRequest.SerializeToString,
                 response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ValidateCouponResponse.FromString,
                 _registered_method=True)
+        self.ReserveCoupon = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ReserveCoupon',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReserveCouponRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReserveCouponResponse.FromString,
+                _registered_method=True)
+        self.RedeemCoupon = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/RedeemCoupon',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RedeemCouponRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RedeemCouponResponse.FromString,
+                _registered_method=True)
+        self.ReleaseReservation = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ReleaseReservation',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReleaseReservationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReleaseReservationResponse.FromString,
+                _registered_method=True)
+        self.ReinstateCoupon = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ReinstateCoupon',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponResponse.FromString,
+                _registered_method=True)
 
 
 class RewardsServiceServicer:
@@ -66,6 +86,38 @@ class RewardsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveCoupon(self, request, context):
+        """Holds a coupon for one receipt until it is redeemed, released or its
+        reservation lapses at expire_time, so no other register can use it meanwhile.
+        Call it when the coupon is applied to a receipt being calculated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeemCoupon(self, request, context):
+        """Uses up the reserved coupon (after fiscalisation of the receipt). Single use:
+        a coupon is redeemed at most once, whatever the number of registers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReservation(self, request, context):
+        """Frees a reservation, e.g. when the receipt is cancelled before payment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReinstateCoupon(self, request, context):
+        """Makes a redeemed coupon usable again because the receipt it was redeemed on
+        was returned; refused once the coupon's validity has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +130,26 @@ def add_RewardsServiceServicer_to_server(servicer, server):
                     servicer.ValidateCoupon,
                     request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ValidateCouponRequest.FromString,
                     response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ValidateCouponResponse.SerializeToString,
+            ),
+            'ReserveCoupon': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveCoupon,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReserveCouponRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReserveCouponResponse.SerializeToString,
+            ),
+            'RedeemCoupon': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemCoupon,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RedeemCouponRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RedeemCouponResponse.SerializeToString,
+            ),
+            'ReleaseReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReservation,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReleaseReservationRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReleaseReservationResponse.SerializeToString,
+            ),
+            'ReinstateCoupon': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReinstateCoupon,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +207,114 @@ class RewardsService:
             '/loyalty.rewards.v1.RewardsService/ValidateCoupon',
             loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ValidateCouponRequest.SerializeToString,
             loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ValidateCouponResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveCoupon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ReserveCoupon',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReserveCouponRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReserveCouponResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemCoupon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/RedeemCoupon',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RedeemCouponRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RedeemCouponResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ReleaseReservation',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReleaseReservationRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReleaseReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReinstateCoupon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ReinstateCoupon',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponResponse.FromString,
             options,
             channel_credentials,
             insecure,

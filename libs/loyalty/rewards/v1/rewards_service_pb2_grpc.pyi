@@ -39,6 +39,21 @@ class RewardsServiceStub:
     """Checks, without changing anything, whether a coupon can be applied now by
     this member; answers the reason when it cannot.
     """
+    ReserveCoupon: _grpc.UnaryUnaryMultiCallable[_rewards_service_pb2.ReserveCouponRequest, _rewards_service_pb2.ReserveCouponResponse]
+    """Holds a coupon for one receipt until it is redeemed, released or its
+    reservation lapses at expire_time, so no other register can use it meanwhile.
+    Call it when the coupon is applied to a receipt being calculated.
+    """
+    RedeemCoupon: _grpc.UnaryUnaryMultiCallable[_rewards_service_pb2.RedeemCouponRequest, _rewards_service_pb2.RedeemCouponResponse]
+    """Uses up the reserved coupon (after fiscalisation of the receipt). Single use:
+    a coupon is redeemed at most once, whatever the number of registers.
+    """
+    ReleaseReservation: _grpc.UnaryUnaryMultiCallable[_rewards_service_pb2.ReleaseReservationRequest, _rewards_service_pb2.ReleaseReservationResponse]
+    """Frees a reservation, e.g. when the receipt is cancelled before payment."""
+    ReinstateCoupon: _grpc.UnaryUnaryMultiCallable[_rewards_service_pb2.ReinstateCouponRequest, _rewards_service_pb2.ReinstateCouponResponse]
+    """Makes a redeemed coupon usable again because the receipt it was redeemed on
+    was returned; refused once the coupon's validity has ended.
+    """
 
 @_typing.type_check_only
 class RewardsServiceAsyncStub(RewardsServiceStub):
@@ -50,6 +65,21 @@ class RewardsServiceAsyncStub(RewardsServiceStub):
     ValidateCoupon: _aio.UnaryUnaryMultiCallable[_rewards_service_pb2.ValidateCouponRequest, _rewards_service_pb2.ValidateCouponResponse]  # type: ignore[assignment]
     """Checks, without changing anything, whether a coupon can be applied now by
     this member; answers the reason when it cannot.
+    """
+    ReserveCoupon: _aio.UnaryUnaryMultiCallable[_rewards_service_pb2.ReserveCouponRequest, _rewards_service_pb2.ReserveCouponResponse]  # type: ignore[assignment]
+    """Holds a coupon for one receipt until it is redeemed, released or its
+    reservation lapses at expire_time, so no other register can use it meanwhile.
+    Call it when the coupon is applied to a receipt being calculated.
+    """
+    RedeemCoupon: _aio.UnaryUnaryMultiCallable[_rewards_service_pb2.RedeemCouponRequest, _rewards_service_pb2.RedeemCouponResponse]  # type: ignore[assignment]
+    """Uses up the reserved coupon (after fiscalisation of the receipt). Single use:
+    a coupon is redeemed at most once, whatever the number of registers.
+    """
+    ReleaseReservation: _aio.UnaryUnaryMultiCallable[_rewards_service_pb2.ReleaseReservationRequest, _rewards_service_pb2.ReleaseReservationResponse]  # type: ignore[assignment]
+    """Frees a reservation, e.g. when the receipt is cancelled before payment."""
+    ReinstateCoupon: _aio.UnaryUnaryMultiCallable[_rewards_service_pb2.ReinstateCouponRequest, _rewards_service_pb2.ReinstateCouponResponse]  # type: ignore[assignment]
+    """Makes a redeemed coupon usable again because the receipt it was redeemed on
+    was returned; refused once the coupon's validity has ended.
     """
 
 class RewardsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -71,6 +101,45 @@ class RewardsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rewards_service_pb2.ValidateCouponResponse, _abc.Awaitable[_rewards_service_pb2.ValidateCouponResponse]]:
         """Checks, without changing anything, whether a coupon can be applied now by
         this member; answers the reason when it cannot.
+        """
+
+    @_abc_1.abstractmethod
+    def ReserveCoupon(
+        self,
+        request: _rewards_service_pb2.ReserveCouponRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rewards_service_pb2.ReserveCouponResponse, _abc.Awaitable[_rewards_service_pb2.ReserveCouponResponse]]:
+        """Holds a coupon for one receipt until it is redeemed, released or its
+        reservation lapses at expire_time, so no other register can use it meanwhile.
+        Call it when the coupon is applied to a receipt being calculated.
+        """
+
+    @_abc_1.abstractmethod
+    def RedeemCoupon(
+        self,
+        request: _rewards_service_pb2.RedeemCouponRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rewards_service_pb2.RedeemCouponResponse, _abc.Awaitable[_rewards_service_pb2.RedeemCouponResponse]]:
+        """Uses up the reserved coupon (after fiscalisation of the receipt). Single use:
+        a coupon is redeemed at most once, whatever the number of registers.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseReservation(
+        self,
+        request: _rewards_service_pb2.ReleaseReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rewards_service_pb2.ReleaseReservationResponse, _abc.Awaitable[_rewards_service_pb2.ReleaseReservationResponse]]:
+        """Frees a reservation, e.g. when the receipt is cancelled before payment."""
+
+    @_abc_1.abstractmethod
+    def ReinstateCoupon(
+        self,
+        request: _rewards_service_pb2.ReinstateCouponRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rewards_service_pb2.ReinstateCouponResponse, _abc.Awaitable[_rewards_service_pb2.ReinstateCouponResponse]]:
+        """Makes a redeemed coupon usable again because the receipt it was redeemed on
+        was returned; refused once the coupon's validity has ended.
         """
 
 def add_RewardsServiceServicer_to_server(servicer: RewardsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
