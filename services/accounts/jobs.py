@@ -41,6 +41,22 @@ async def observe_outstanding_points(
 EXPIRY_BATCH = 500
 
 
+async def _announce(session: AsyncSession, event_type: str, lot: store.DueLot) -> None:
+    await add_event(
+        session,
+        store.outbox,
+        event_type,
+        key=lot.holder_id,
+        payload={
+            "holder_id": lot.holder_id,
+            "currency": lot.currency,
+            "amount": lot.remaining,
+            "lot_id": lot.lot_id,
+            "expire_at": lot.expire_at.isoformat(),
+        },
+    )
+
+
 async def expire_lots(sessions: async_sessionmaker[AsyncSession], metrics: LedgerMetrics) -> int:
     """Writes the expiry of every lot past its date, a batch per transaction; returns how many
     points expired. Balances never wait for this: an expired lot stops counting at its
@@ -53,19 +69,7 @@ async def expire_lots(sessions: async_sessionmaker[AsyncSession], metrics: Ledge
             for lot in due:
                 await store.write_expiry(session, lot, now)
                 if lot.remaining:
-                    await add_event(
-                        session,
-                        store.outbox,
-                        "points.expired",
-                        key=lot.holder_id,
-                        payload={
-                            "holder_id": lot.holder_id,
-                            "currency": lot.currency,
-                            "amount": lot.remaining,
-                            "lot_id": lot.lot_id,
-                            "expire_at": lot.expire_at.isoformat(),
-                        },
-                    )
+                    await _announce(session, "points.expired", lot)
         for lot in due:
             metrics.points_expired.labels(lot.currency).inc(lot.remaining)
             expired += lot.remaining
@@ -81,19 +85,7 @@ async def announce_expiring(sessions: async_sessionmaker[AsyncSession], ahead: t
         async with sessions() as session, session.begin():
             due = await store.lots_to_warn(session, now, now + ahead, EXPIRY_BATCH)
             for lot in due:
-                await add_event(
-                    session,
-                    store.outbox,
-                    "points.expiring",
-                    key=lot.holder_id,
-                    payload={
-                        "holder_id": lot.holder_id,
-                        "currency": lot.currency,
-                        "amount": lot.remaining,
-                        "lot_id": lot.lot_id,
-                        "expire_at": lot.expire_at.isoformat(),
-                    },
-                )
+                await _announce(session, "points.expiring", lot)
             await store.mark_warned(session, [lot.lot_id for lot in due], now)
         announced += len(due)
         if len(due) < EXPIRY_BATCH:

@@ -8,7 +8,6 @@ import uuid
 from datetime import timedelta
 
 from prometheus_client import Counter
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.gateway.v1 import pos_service_pb2 as pos
@@ -214,10 +213,10 @@ class PointOfSale:
 
     async def _record(self, row: store.ChequeRow) -> store.ChequeRow:
         """Makes the receipt durable with its cheque.committed event; a concurrent commit of
-        the same receipt loses on the primary key and gets the winner's record."""
-        try:
-            async with self._sessions() as session, session.begin():
-                await store.add_cheque(session, row)
+        the same receipt finds it recorded and gets the first record."""
+        async with self._sessions() as session, session.begin():
+            recorded = await store.add_cheque_if_new(session, row)
+            if recorded:
                 await add_event(
                     session,
                     store.outbox,
@@ -231,14 +230,13 @@ class PointOfSale:
                         "points": row.points,
                     },
                 )
-        except IntegrityError:
-            async with self._sessions() as session:
+            else:
                 existing = await store.find_cheque(session, row.key)
-            if existing is None:
-                raise
-            return existing
-        self._relay.notify()
-        return row
+        if recorded:
+            self._relay.notify()
+            return row
+        assert existing is not None, "the conflicting receipt is committed before the insert returns"
+        return existing
 
     async def commit(self, request: pos.CommitChequeRequest) -> pos.CommitChequeResponse:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import BigInteger, Integer, LargeBinary, String, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -68,9 +69,18 @@ async def find_cheque(session: AsyncSession, key: ReceiptKey) -> ChequeRow | Non
     return await session.get(ChequeRow, (key.terminal_id, key.receipt_number))
 
 
-async def add_cheque(session: AsyncSession, row: ChequeRow) -> None:
-    session.add(row)
-    await session.flush()
+async def add_cheque_if_new(session: AsyncSession, row: ChequeRow) -> bool:
+    """Records the receipt unless its terminal and number are already recorded; says which.
+
+    ON CONFLICT rather than a caught unique violation: a concurrent commit of the same
+    receipt is normal traffic (a register retrying), not an error path.
+    """
+    insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    values = {column.key: getattr(row, column.key) for column in ChequeRow.__table__.columns}
+    result = await session.execute(
+        insert(ChequeRow).values(**values).on_conflict_do_nothing(index_elements=["terminal_id", "receipt_number"])
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def record_attempt(session: AsyncSession, key: ReceiptKey, error: str) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-from sqlalchemy.exc import IntegrityError
-
 from loyalty.runtime import db
 from loyalty.runtime.timeutil import utcnow
 from services.gateway import store
@@ -35,10 +32,11 @@ async def test_a_receipt_is_recorded_once_per_terminal_and_number(database_url: 
     async with infra.migrated_engine("gateway", database_url) as engine:
         sessions = db.create_session_factory(engine)
         async with sessions() as session, session.begin():
-            await store.add_cheque(session, cheque("1"))
-        with pytest.raises(IntegrityError):
-            async with sessions() as session, session.begin():
-                await store.add_cheque(session, cheque("1"))
+            assert await store.add_cheque_if_new(session, cheque("1"))
+        retry = cheque("1")
+        retry.points = 999
+        async with sessions() as session, session.begin():
+            assert not await store.add_cheque_if_new(session, retry)
         async with sessions() as session:
             found = await store.find_cheque(session, ReceiptKey("T1", "1"))
         assert found is not None and found.points == 500 and found.committed_at.tzinfo is not None
@@ -48,9 +46,9 @@ async def test_unfinished_receipts_are_found_oldest_first_until_completed(databa
     async with infra.migrated_engine("gateway", database_url) as engine:
         sessions = db.create_session_factory(engine)
         async with sessions() as session, session.begin():
-            await store.add_cheque(session, cheque("new", minutes_ago=0))
-            await store.add_cheque(session, cheque("old", minutes_ago=30))
-            await store.add_cheque(session, cheque("older", minutes_ago=60))
+            await store.add_cheque_if_new(session, cheque("new", minutes_ago=0))
+            await store.add_cheque_if_new(session, cheque("old", minutes_ago=30))
+            await store.add_cheque_if_new(session, cheque("older", minutes_ago=60))
         cutoff = utcnow() - timedelta(minutes=1)
         async with sessions() as session:
             pending = await store.unfinished_cheques(session, cutoff, limit=10)
