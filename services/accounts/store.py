@@ -207,16 +207,17 @@ async def list_entries(session: AsyncSession, account_id: str, limit: int, after
     return list(await session.scalars(query))
 
 
-async def lock_account(session: AsyncSession, holder_id: str, currency: str) -> AccountRow | None:
-    """The account, locked until the end of the transaction: operations that spend points
-    on one account run one after another, so none can spend what another just took."""
+async def _locked_account(session: AsyncSession, *conditions: ColumnElement[bool]) -> AccountRow | None:
+    """The account, locked until the end of the transaction and read fresh: operations that
+    change one account run one after another, so none can spend what another just took."""
     account: AccountRow | None = await session.scalar(
-        select(AccountRow)
-        .where(AccountRow.holder_id == holder_id, AccountRow.currency == currency)
-        .with_for_update()
-        .execution_options(populate_existing=True)
+        select(AccountRow).where(*conditions).with_for_update().execution_options(populate_existing=True)
     )
     return account
+
+
+async def lock_account(session: AsyncSession, holder_id: str, currency: str) -> AccountRow | None:
+    return await _locked_account(session, AccountRow.holder_id == holder_id, AccountRow.currency == currency)
 
 
 async def live_holds(session: AsyncSession, account_id: str, now: datetime) -> list[Hold]:
@@ -473,12 +474,7 @@ async def write_off(session: AsyncSession, account: AccountRow, lot_id: str, amo
 
 
 async def lock_account_by_id(session: AsyncSession, account_id: str) -> AccountRow:
-    account: AccountRow | None = await session.scalar(
-        select(AccountRow)
-        .where(AccountRow.account_id == account_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
+    account = await _locked_account(session, AccountRow.account_id == account_id)
     if account is None:
         raise LookupError(f"account {account_id} is gone")
     return account
