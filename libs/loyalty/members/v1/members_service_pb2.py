@@ -25,41 +25,45 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(loyalty/members/v1/members_service.proto\x12\x12loyalty.members.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x02\n\x06Member\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x12\n\nfirst_name\x18\x04 \x01(\t\x12\x11\n\tlast_name\x18\x05 \x01(\t\x12\x30\n\x06status\x18\x06 \x01(\x0e\x32 .loyalty.members.v1.MemberStatus\x12\x0c\n\x04tier\x18\x07 \x01(\t\x12\x45\n\x14registration_channel\x18\x08 \x01(\x0e\x32\'.loyalty.members.v1.RegistrationChannel\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x61\x63\x63ount_holder_id\x18\n \x01(\t\"\x8e\x01\n\x04\x43\x61rd\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.loyalty.members.v1.CardStatus\x12.\n\nissue_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\rMemberContext\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .loyalty.members.v1.MemberStatus\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x10\n\x08segments\x18\x04 \x03(\t\x12\x19\n\x11\x61\x63\x63ount_holder_id\x18\x05 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x06 \x01(\t\"\xc1\x01\n\x15RegisterMemberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x12\n\nfirst_name\x18\x04 \x01(\t\x12\x11\n\tlast_name\x18\x05 \x01(\t\x12\x38\n\x07\x63hannel\x18\x06 \x01(\x0e\x32\'.loyalty.members.v1.RegistrationChannel\x12\x15\n\rreferral_code\x18\x07 \x01(\t\"U\n\x16RegisterMemberResponse\x12*\n\x06member\x18\x01 \x01(\x0b\x32\x1a.loyalty.members.v1.Member\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"%\n\x10GetMemberRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"?\n\x11GetMemberResponse\x12*\n\x06member\x18\x01 \x01(\x0b\x32\x1a.loyalty.members.v1.Member\"N\n\x10IssueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\";\n\x11IssueCardResponse\x12&\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x18.loyalty.members.v1.Card\"M\n\x15IdentifyMemberRequest\x12\x15\n\x0b\x63\x61rd_number\x18\x01 \x01(\tH\x00\x12\x0f\n\x05phone\x18\x02 \x01(\tH\x00\x42\x0c\n\nidentifier\"L\n\x16IdentifyMemberResponse\x12\x32\n\x07\x63ontext\x18\x01 \x01(\x0b\x32!.loyalty.members.v1.MemberContext*b\n\x0cMemberStatus\x12\x1d\n\x19MEMBER_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14MEMBER_STATUS_ACTIVE\x10\x01\x12\x19\n\x15MEMBER_STATUS_BLOCKED\x10\x02*Z\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_BLOCKED\x10\x02*\x81\x02\n\x13RegistrationChannel\x12$\n REGISTRATION_CHANNEL_UNSPECIFIED\x10\x00\x12\x1c\n\x18REGISTRATION_CHANNEL_POS\x10\x01\x12\x1c\n\x18REGISTRATION_CHANNEL_WEB\x10\x02\x12\x1c\n\x18REGISTRATION_CHANNEL_APP\x10\x03\x12$\n REGISTRATION_CHANNEL_CALL_CENTRE\x10\x04\x12#\n\x1fREGISTRATION_CHANNEL_PAPER_FORM\x10\x05\x12\x1f\n\x1bREGISTRATION_CHANNEL_IMPORT\x10\x06\x32\x96\x03\n\x0eMembersService\x12g\n\x0eRegisterMember\x12).loyalty.members.v1.RegisterMemberRequest\x1a*.loyalty.members.v1.RegisterMemberResponse\x12X\n\tGetMember\x12$.loyalty.members.v1.GetMemberRequest\x1a%.loyalty.members.v1.GetMemberResponse\x12X\n\tIssueCard\x12$.loyalty.members.v1.IssueCardRequest\x1a%.loyalty.members.v1.IssueCardResponse\x12g\n\x0eIdentifyMember\x12).loyalty.members.v1.IdentifyMemberRequest\x1a*.loyalty.members.v1.IdentifyMemberResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(loyalty/members/v1/members_service.proto\x12\x12loyalty.members.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc7\x03\n\x06Member\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x12\n\nfirst_name\x18\x04 \x01(\t\x12\x11\n\tlast_name\x18\x05 \x01(\t\x12\x30\n\x06status\x18\x06 \x01(\x0e\x32 .loyalty.members.v1.MemberStatus\x12\x0c\n\x04tier\x18\x07 \x01(\t\x12\x45\n\x14registration_channel\x18\x08 \x01(\x0e\x32\'.loyalty.members.v1.RegistrationChannel\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x61\x63\x63ount_holder_id\x18\n \x01(\t\x12-\n\x08\x63onsents\x18\x0b \x03(\x0b\x32\x1b.loyalty.members.v1.Consent\x12\x11\n\ttime_zone\x18\x0c \x01(\t\x12\x0e\n\x06locale\x18\r \x01(\t\x12\x12\n\nbirth_date\x18\x0e \x01(\t\x12\x12\n\npush_token\x18\x0f \x01(\t\x12\x18\n\x10telegram_chat_id\x18\x10 \x01(\t\"\x90\x01\n\x07\x43onsent\x12\x33\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\".loyalty.members.v1.ContactChannel\x12\x0f\n\x07granted\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x04 \x01(\t\"\x8e\x01\n\x04\x43\x61rd\x12\x13\n\x0b\x63\x61rd_number\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.loyalty.members.v1.CardStatus\x12.\n\nissue_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\rMemberContext\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .loyalty.members.v1.MemberStatus\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x10\n\x08segments\x18\x04 \x03(\t\x12\x19\n\x11\x61\x63\x63ount_holder_id\x18\x05 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x06 \x01(\t\"\xc1\x01\n\x15RegisterMemberRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05phone\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x12\n\nfirst_name\x18\x04 \x01(\t\x12\x11\n\tlast_name\x18\x05 \x01(\t\x12\x38\n\x07\x63hannel\x18\x06 \x01(\x0e\x32\'.loyalty.members.v1.RegistrationChannel\x12\x15\n\rreferral_code\x18\x07 \x01(\t\"U\n\x16RegisterMemberResponse\x12*\n\x06member\x18\x01 \x01(\x0b\x32\x1a.loyalty.members.v1.Member\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"%\n\x10GetMemberRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"?\n\x11GetMemberResponse\x12*\n\x06member\x18\x01 \x01(\x0b\x32\x1a.loyalty.members.v1.Member\"N\n\x10IssueCardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x03 \x01(\t\";\n\x11IssueCardResponse\x12&\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x18.loyalty.members.v1.Card\"M\n\x15IdentifyMemberRequest\x12\x15\n\x0b\x63\x61rd_number\x18\x01 \x01(\tH\x00\x12\x0f\n\x05phone\x18\x02 \x01(\tH\x00\x42\x0c\n\nidentifier\"L\n\x16IdentifyMemberResponse\x12\x32\n\x07\x63ontext\x18\x01 \x01(\x0b\x32!.loyalty.members.v1.MemberContext*b\n\x0cMemberStatus\x12\x1d\n\x19MEMBER_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14MEMBER_STATUS_ACTIVE\x10\x01\x12\x19\n\x15MEMBER_STATUS_BLOCKED\x10\x02*Z\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x17\n\x13\x43\x41RD_STATUS_BLOCKED\x10\x02*\x81\x02\n\x13RegistrationChannel\x12$\n REGISTRATION_CHANNEL_UNSPECIFIED\x10\x00\x12\x1c\n\x18REGISTRATION_CHANNEL_POS\x10\x01\x12\x1c\n\x18REGISTRATION_CHANNEL_WEB\x10\x02\x12\x1c\n\x18REGISTRATION_CHANNEL_APP\x10\x03\x12$\n REGISTRATION_CHANNEL_CALL_CENTRE\x10\x04\x12#\n\x1fREGISTRATION_CHANNEL_PAPER_FORM\x10\x05\x12\x1f\n\x1bREGISTRATION_CHANNEL_IMPORT\x10\x06*\xb8\x01\n\x0e\x43ontactChannel\x12\x1f\n\x1b\x43ONTACT_CHANNEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43ONTACT_CHANNEL_SMS\x10\x01\x12\x19\n\x15\x43ONTACT_CHANNEL_EMAIL\x10\x02\x12\x18\n\x14\x43ONTACT_CHANNEL_PUSH\x10\x03\x12\x19\n\x15\x43ONTACT_CHANNEL_VIBER\x10\x04\x12\x1c\n\x18\x43ONTACT_CHANNEL_TELEGRAM\x10\x05\x32\x96\x03\n\x0eMembersService\x12g\n\x0eRegisterMember\x12).loyalty.members.v1.RegisterMemberRequest\x1a*.loyalty.members.v1.RegisterMemberResponse\x12X\n\tGetMember\x12$.loyalty.members.v1.GetMemberRequest\x1a%.loyalty.members.v1.GetMemberResponse\x12X\n\tIssueCard\x12$.loyalty.members.v1.IssueCardRequest\x1a%.loyalty.members.v1.IssueCardResponse\x12g\n\x0eIdentifyMember\x12).loyalty.members.v1.IdentifyMemberRequest\x1a*.loyalty.members.v1.IdentifyMemberResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loyalty.members.v1.members_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMBERSTATUS']._serialized_start=1404
-  _globals['_MEMBERSTATUS']._serialized_end=1502
-  _globals['_CARDSTATUS']._serialized_start=1504
-  _globals['_CARDSTATUS']._serialized_end=1594
-  _globals['_REGISTRATIONCHANNEL']._serialized_start=1597
-  _globals['_REGISTRATIONCHANNEL']._serialized_end=1854
+  _globals['_MEMBERSTATUS']._serialized_start=1699
+  _globals['_MEMBERSTATUS']._serialized_end=1797
+  _globals['_CARDSTATUS']._serialized_start=1799
+  _globals['_CARDSTATUS']._serialized_end=1889
+  _globals['_REGISTRATIONCHANNEL']._serialized_start=1892
+  _globals['_REGISTRATIONCHANNEL']._serialized_end=2149
+  _globals['_CONTACTCHANNEL']._serialized_start=2152
+  _globals['_CONTACTCHANNEL']._serialized_end=2336
   _globals['_MEMBER']._serialized_start=98
-  _globals['_MEMBER']._serialized_end=405
-  _globals['_CARD']._serialized_start=408
-  _globals['_CARD']._serialized_end=550
-  _globals['_MEMBERCONTEXT']._serialized_start=553
-  _globals['_MEMBERCONTEXT']._serialized_end=717
-  _globals['_REGISTERMEMBERREQUEST']._serialized_start=720
-  _globals['_REGISTERMEMBERREQUEST']._serialized_end=913
-  _globals['_REGISTERMEMBERRESPONSE']._serialized_start=915
-  _globals['_REGISTERMEMBERRESPONSE']._serialized_end=1000
-  _globals['_GETMEMBERREQUEST']._serialized_start=1002
-  _globals['_GETMEMBERREQUEST']._serialized_end=1039
-  _globals['_GETMEMBERRESPONSE']._serialized_start=1041
-  _globals['_GETMEMBERRESPONSE']._serialized_end=1104
-  _globals['_ISSUECARDREQUEST']._serialized_start=1106
-  _globals['_ISSUECARDREQUEST']._serialized_end=1184
-  _globals['_ISSUECARDRESPONSE']._serialized_start=1186
-  _globals['_ISSUECARDRESPONSE']._serialized_end=1245
-  _globals['_IDENTIFYMEMBERREQUEST']._serialized_start=1247
-  _globals['_IDENTIFYMEMBERREQUEST']._serialized_end=1324
-  _globals['_IDENTIFYMEMBERRESPONSE']._serialized_start=1326
-  _globals['_IDENTIFYMEMBERRESPONSE']._serialized_end=1402
-  _globals['_MEMBERSSERVICE']._serialized_start=1857
-  _globals['_MEMBERSSERVICE']._serialized_end=2263
+  _globals['_MEMBER']._serialized_end=553
+  _globals['_CONSENT']._serialized_start=556
+  _globals['_CONSENT']._serialized_end=700
+  _globals['_CARD']._serialized_start=703
+  _globals['_CARD']._serialized_end=845
+  _globals['_MEMBERCONTEXT']._serialized_start=848
+  _globals['_MEMBERCONTEXT']._serialized_end=1012
+  _globals['_REGISTERMEMBERREQUEST']._serialized_start=1015
+  _globals['_REGISTERMEMBERREQUEST']._serialized_end=1208
+  _globals['_REGISTERMEMBERRESPONSE']._serialized_start=1210
+  _globals['_REGISTERMEMBERRESPONSE']._serialized_end=1295
+  _globals['_GETMEMBERREQUEST']._serialized_start=1297
+  _globals['_GETMEMBERREQUEST']._serialized_end=1334
+  _globals['_GETMEMBERRESPONSE']._serialized_start=1336
+  _globals['_GETMEMBERRESPONSE']._serialized_end=1399
+  _globals['_ISSUECARDREQUEST']._serialized_start=1401
+  _globals['_ISSUECARDREQUEST']._serialized_end=1479
+  _globals['_ISSUECARDRESPONSE']._serialized_start=1481
+  _globals['_ISSUECARDRESPONSE']._serialized_end=1540
+  _globals['_IDENTIFYMEMBERREQUEST']._serialized_start=1542
+  _globals['_IDENTIFYMEMBERREQUEST']._serialized_end=1619
+  _globals['_IDENTIFYMEMBERRESPONSE']._serialized_start=1621
+  _globals['_IDENTIFYMEMBERRESPONSE']._serialized_end=1697
+  _globals['_MEMBERSSERVICE']._serialized_start=2339
+  _globals['_MEMBERSSERVICE']._serialized_end=2745
 # @@protoc_insertion_point(module_scope)

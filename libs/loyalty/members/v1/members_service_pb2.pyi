@@ -108,6 +108,42 @@ REGISTRATION_CHANNEL_IMPORT: RegistrationChannel.ValueType  # 6
 """From a bulk import."""
 Global___RegistrationChannel: _TypeAlias = RegistrationChannel  # noqa: Y015
 
+class _ContactChannel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ContactChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ContactChannel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTACT_CHANNEL_UNSPECIFIED: _ContactChannel.ValueType  # 0
+    """Never used."""
+    CONTACT_CHANNEL_SMS: _ContactChannel.ValueType  # 1
+    """Text message to the phone."""
+    CONTACT_CHANNEL_EMAIL: _ContactChannel.ValueType  # 2
+    """E-mail."""
+    CONTACT_CHANNEL_PUSH: _ContactChannel.ValueType  # 3
+    """Push notification to the app."""
+    CONTACT_CHANNEL_VIBER: _ContactChannel.ValueType  # 4
+    """Viber message to the phone."""
+    CONTACT_CHANNEL_TELEGRAM: _ContactChannel.ValueType  # 5
+    """Telegram message to the linked chat."""
+
+class ContactChannel(_ContactChannel, metaclass=_ContactChannelEnumTypeWrapper):
+    """A channel a member can be contacted through."""
+
+CONTACT_CHANNEL_UNSPECIFIED: ContactChannel.ValueType  # 0
+"""Never used."""
+CONTACT_CHANNEL_SMS: ContactChannel.ValueType  # 1
+"""Text message to the phone."""
+CONTACT_CHANNEL_EMAIL: ContactChannel.ValueType  # 2
+"""E-mail."""
+CONTACT_CHANNEL_PUSH: ContactChannel.ValueType  # 3
+"""Push notification to the app."""
+CONTACT_CHANNEL_VIBER: ContactChannel.ValueType  # 4
+"""Viber message to the phone."""
+CONTACT_CHANNEL_TELEGRAM: ContactChannel.ValueType  # 5
+"""Telegram message to the linked chat."""
+Global___ContactChannel: _TypeAlias = ContactChannel  # noqa: Y015
+
 @_typing.final
 class Member(_message.Message):
     """A program member."""
@@ -124,6 +160,12 @@ class Member(_message.Message):
     REGISTRATION_CHANNEL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ACCOUNT_HOLDER_ID_FIELD_NUMBER: _builtins.int
+    CONSENTS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    BIRTH_DATE_FIELD_NUMBER: _builtins.int
+    PUSH_TOKEN_FIELD_NUMBER: _builtins.int
+    TELEGRAM_CHAT_ID_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id, assigned at registration."""
     phone: _builtins.str
@@ -144,9 +186,27 @@ class Member(_message.Message):
     """The id of the points account holder: the member's own id, or a household's
     id when the member shares a pooled family account.
     """
+    time_zone: _builtins.str
+    """IANA time zone the member lives in, e.g. "Europe/Moscow"; empty means the
+    program's default. Quiet hours and birthdays are kept in this zone.
+    """
+    locale: _builtins.str
+    """BCP 47 locale for messages, e.g. "ru-RU"; empty means the program's default."""
+    birth_date: _builtins.str
+    """Birth date as YYYY-MM-DD; empty when not given."""
+    push_token: _builtins.str
+    """Push notification token of the member's app installation; empty when none."""
+    telegram_chat_id: _builtins.str
+    """Telegram chat id the member linked; empty when none."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the member registered."""
+
+    @_builtins.property
+    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]:
+        """The member's consents, one per channel they have answered for; a channel
+        without a granted consent receives no marketing messages.
+        """
 
     def __init__(
         self,
@@ -161,14 +221,56 @@ class Member(_message.Message):
         registration_channel: Global___RegistrationChannel.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         account_holder_id: _builtins.str = ...,
+        consents: _abc.Iterable[Global___Consent] | None = ...,
+        time_zone: _builtins.str = ...,
+        locale: _builtins.str = ...,
+        birth_date: _builtins.str = ...,
+        push_token: _builtins.str = ...,
+        telegram_chat_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "create_time", b"create_time", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "member_id", b"member_id", "phone", b"phone", "registration_channel", b"registration_channel", "status", b"status", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "birth_date", b"birth_date", "consents", b"consents", "create_time", b"create_time", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "locale", b"locale", "member_id", b"member_id", "phone", b"phone", "push_token", b"push_token", "registration_channel", b"registration_channel", "status", b"status", "telegram_chat_id", b"telegram_chat_id", "tier", b"tier", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Member: _TypeAlias = Member  # noqa: Y015
+
+@_typing.final
+class Consent(_message.Message):
+    """A member's answer on receiving marketing messages through one channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    channel: Global___ContactChannel.ValueType
+    """The channel."""
+    granted: _builtins.bool
+    """True when the member agreed to marketing messages through it."""
+    source: _builtins.str
+    """Where it was given, e.g. "pos", "app", "paper_form"."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When the member gave or withdrew it."""
+
+    def __init__(
+        self,
+        *,
+        channel: Global___ContactChannel.ValueType = ...,
+        granted: _builtins.bool = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "granted", b"granted", "source", b"source", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Consent: _TypeAlias = Consent  # noqa: Y015
 
 @_typing.final
 class Card(_message.Message):

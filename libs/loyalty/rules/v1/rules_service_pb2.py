@@ -23,50 +23,51 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from loyalty.common.v1 import coupon_pb2 as loyalty_dot_common_dot_v1_dot_coupon__pb2
 from loyalty.common.v1 import receipt_pb2 as loyalty_dot_common_dot_v1_dot_receipt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$loyalty/rules/v1/rules_service.proto\x12\x10loyalty.rules.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1floyalty/common/v1/receipt.proto\")\n\x11\x45\x61rnPointsPercent\x12\x14\n\x0c\x62\x61sis_points\x18\x01 \x01(\x05\"!\n\x0f\x45\x61rnFixedPoints\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x03\"\x94\x01\n\x06\x45\x66\x66\x65\x63t\x12\x42\n\x13\x65\x61rn_points_percent\x18\x01 \x01(\x0b\x32#.loyalty.rules.v1.EarnPointsPercentH\x00\x12>\n\x11\x65\x61rn_fixed_points\x18\x02 \x01(\x0b\x32!.loyalty.rules.v1.EarnFixedPointsH\x00\x42\x06\n\x04kind\"\x8a\x01\n\x04Rule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tcondition\x18\x03 \x01(\t\x12(\n\x06\x65\x66\x66\x65\x63t\x18\x04 \x01(\x0b\x32\x18.loyalty.rules.v1.Effect\x12\x14\n\x0creceipt_text\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"\xf5\x01\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .loyalty.rules.v1.CampaignStatus\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05rules\x18\x06 \x03(\x0b\x32\x16.loyalty.rules.v1.Rule\x12\x0f\n\x07version\x18\x07 \x01(\x05\"<\n\x07Subject\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x10\n\x08segments\x18\x03 \x03(\t\"b\n\nLineResult\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x16\n\x0e\x64iscount_minor\x18\x02 \x01(\x03\x12\x1a\n\x12\x66inal_amount_minor\x18\x03 \x01(\x03\x12\x0e\n\x06points\x18\x04 \x01(\x03\"\x90\x01\n\x10\x41ppliedPromotion\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x02 \x01(\x05\x12\x0f\n\x07rule_id\x18\x03 \x01(\t\x12\x14\n\x0creceipt_text\x18\x04 \x01(\t\x12\x0e\n\x06points\x18\x05 \x01(\x03\x12\x16\n\x0e\x64iscount_minor\x18\x06 \x01(\x03\"Y\n\x15\x43reateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\"F\n\x16\x43reateCampaignResponse\x12,\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"C\n\x13GetCampaignResponse\x12,\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\"A\n\x16PublishCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\"G\n\x17PublishCampaignResponse\x12,\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\"q\n\x16\x45valuateReceiptRequest\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.loyalty.common.v1.Receipt\x12*\n\x07subject\x18\x02 \x01(\x0b\x32\x19.loyalty.rules.v1.Subject\"\xba\x01\n\x17\x45valuateReceiptResponse\x12+\n\x05lines\x18\x01 \x03(\x0b\x32\x1c.loyalty.rules.v1.LineResult\x12>\n\x12\x61pplied_promotions\x18\x02 \x03(\x0b\x32\".loyalty.rules.v1.AppliedPromotion\x12\x14\n\x0cpoints_total\x18\x03 \x01(\x03\x12\x1c\n\x14\x64iscount_total_minor\x18\x04 \x01(\x03*h\n\x0e\x43\x61mpaignStatus\x12\x1f\n\x1b\x43\x41MPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41MPAIGN_STATUS_DRAFT\x10\x01\x12\x1a\n\x16\x43\x41MPAIGN_STATUS_ACTIVE\x10\x02\x32\x9f\x03\n\x0cRulesService\x12\x63\n\x0e\x43reateCampaign\x12\'.loyalty.rules.v1.CreateCampaignRequest\x1a(.loyalty.rules.v1.CreateCampaignResponse\x12Z\n\x0bGetCampaign\x12$.loyalty.rules.v1.GetCampaignRequest\x1a%.loyalty.rules.v1.GetCampaignResponse\x12\x66\n\x0fPublishCampaign\x12(.loyalty.rules.v1.PublishCampaignRequest\x1a).loyalty.rules.v1.PublishCampaignResponse\x12\x66\n\x0f\x45valuateReceipt\x12(.loyalty.rules.v1.EvaluateReceiptRequest\x1a).loyalty.rules.v1.EvaluateReceiptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$loyalty/rules/v1/rules_service.proto\x12\x10loyalty.rules.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eloyalty/common/v1/coupon.proto\x1a\x1floyalty/common/v1/receipt.proto\")\n\x11\x45\x61rnPointsPercent\x12\x14\n\x0c\x62\x61sis_points\x18\x01 \x01(\x05\"!\n\x0f\x45\x61rnFixedPoints\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x03\"\x94\x01\n\x06\x45\x66\x66\x65\x63t\x12\x42\n\x13\x65\x61rn_points_percent\x18\x01 \x01(\x0b\x32#.loyalty.rules.v1.EarnPointsPercentH\x00\x12>\n\x11\x65\x61rn_fixed_points\x18\x02 \x01(\x0b\x32!.loyalty.rules.v1.EarnFixedPointsH\x00\x42\x06\n\x04kind\"\x8a\x01\n\x04Rule\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tcondition\x18\x03 \x01(\t\x12(\n\x06\x65\x66\x66\x65\x63t\x18\x04 \x01(\x0b\x32\x18.loyalty.rules.v1.Effect\x12\x14\n\x0creceipt_text\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"\xf5\x01\n\x08\x43\x61mpaign\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .loyalty.rules.v1.CampaignStatus\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x05rules\x18\x06 \x03(\x0b\x32\x16.loyalty.rules.v1.Rule\x12\x0f\n\x07version\x18\x07 \x01(\x05\"<\n\x07Subject\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x10\n\x08segments\x18\x03 \x03(\t\"\x84\x01\n\nLineResult\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x16\n\x0e\x64iscount_minor\x18\x02 \x01(\x03\x12\x1a\n\x12\x66inal_amount_minor\x18\x03 \x01(\x03\x12\x0e\n\x06points\x18\x04 \x01(\x03\x12 \n\x18max_points_payment_minor\x18\x05 \x01(\x03\"\xa5\x01\n\x10\x41ppliedPromotion\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x02 \x01(\x05\x12\x0f\n\x07rule_id\x18\x03 \x01(\t\x12\x14\n\x0creceipt_text\x18\x04 \x01(\t\x12\x0e\n\x06points\x18\x05 \x01(\x03\x12\x16\n\x0e\x64iscount_minor\x18\x06 \x01(\x03\x12\x13\n\x0b\x63oupon_code\x18\x07 \x01(\t\"Y\n\x15\x43reateCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08\x63\x61mpaign\x18\x02 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\"F\n\x16\x43reateCampaignResponse\x12,\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\")\n\x12GetCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"C\n\x13GetCampaignResponse\x12,\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\"A\n\x16PublishCampaignRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\"G\n\x17PublishCampaignResponse\x12,\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1a.loyalty.rules.v1.Campaign\"\xa6\x01\n\x16\x45valuateReceiptRequest\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.loyalty.common.v1.Receipt\x12*\n\x07subject\x18\x02 \x01(\x0b\x32\x19.loyalty.rules.v1.Subject\x12\x33\n\x07\x63oupons\x18\x03 \x03(\x0b\x32\".loyalty.common.v1.PresentedCoupon\"\xd7\x01\n\x17\x45valuateReceiptResponse\x12+\n\x05lines\x18\x01 \x03(\x0b\x32\x1c.loyalty.rules.v1.LineResult\x12>\n\x12\x61pplied_promotions\x18\x02 \x03(\x0b\x32\".loyalty.rules.v1.AppliedPromotion\x12\x14\n\x0cpoints_total\x18\x03 \x01(\x03\x12\x1c\n\x14\x64iscount_total_minor\x18\x04 \x01(\x03\x12\x1b\n\x13unused_coupon_codes\x18\x05 \x03(\t*h\n\x0e\x43\x61mpaignStatus\x12\x1f\n\x1b\x43\x41MPAIGN_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41MPAIGN_STATUS_DRAFT\x10\x01\x12\x1a\n\x16\x43\x41MPAIGN_STATUS_ACTIVE\x10\x02\x32\x9f\x03\n\x0cRulesService\x12\x63\n\x0e\x43reateCampaign\x12\'.loyalty.rules.v1.CreateCampaignRequest\x1a(.loyalty.rules.v1.CreateCampaignResponse\x12Z\n\x0bGetCampaign\x12$.loyalty.rules.v1.GetCampaignRequest\x1a%.loyalty.rules.v1.GetCampaignResponse\x12\x66\n\x0fPublishCampaign\x12(.loyalty.rules.v1.PublishCampaignRequest\x1a).loyalty.rules.v1.PublishCampaignResponse\x12\x66\n\x0f\x45valuateReceipt\x12(.loyalty.rules.v1.EvaluateReceiptRequest\x1a).loyalty.rules.v1.EvaluateReceiptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loyalty.rules.v1.rules_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CAMPAIGNSTATUS']._serialized_start=1770
-  _globals['_CAMPAIGNSTATUS']._serialized_end=1874
-  _globals['_EARNPOINTSPERCENT']._serialized_start=124
-  _globals['_EARNPOINTSPERCENT']._serialized_end=165
-  _globals['_EARNFIXEDPOINTS']._serialized_start=167
-  _globals['_EARNFIXEDPOINTS']._serialized_end=200
-  _globals['_EFFECT']._serialized_start=203
-  _globals['_EFFECT']._serialized_end=351
-  _globals['_RULE']._serialized_start=354
-  _globals['_RULE']._serialized_end=492
-  _globals['_CAMPAIGN']._serialized_start=495
-  _globals['_CAMPAIGN']._serialized_end=740
-  _globals['_SUBJECT']._serialized_start=742
-  _globals['_SUBJECT']._serialized_end=802
-  _globals['_LINERESULT']._serialized_start=804
-  _globals['_LINERESULT']._serialized_end=902
-  _globals['_APPLIEDPROMOTION']._serialized_start=905
-  _globals['_APPLIEDPROMOTION']._serialized_end=1049
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=1051
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=1140
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=1142
-  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=1212
-  _globals['_GETCAMPAIGNREQUEST']._serialized_start=1214
-  _globals['_GETCAMPAIGNREQUEST']._serialized_end=1255
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=1257
-  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=1324
-  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_start=1326
-  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_end=1391
-  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_start=1393
-  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_end=1464
-  _globals['_EVALUATERECEIPTREQUEST']._serialized_start=1466
-  _globals['_EVALUATERECEIPTREQUEST']._serialized_end=1579
-  _globals['_EVALUATERECEIPTRESPONSE']._serialized_start=1582
-  _globals['_EVALUATERECEIPTRESPONSE']._serialized_end=1768
-  _globals['_RULESSERVICE']._serialized_start=1877
-  _globals['_RULESSERVICE']._serialized_end=2292
+  _globals['_CAMPAIGNSTATUS']._serialized_start=1941
+  _globals['_CAMPAIGNSTATUS']._serialized_end=2045
+  _globals['_EARNPOINTSPERCENT']._serialized_start=156
+  _globals['_EARNPOINTSPERCENT']._serialized_end=197
+  _globals['_EARNFIXEDPOINTS']._serialized_start=199
+  _globals['_EARNFIXEDPOINTS']._serialized_end=232
+  _globals['_EFFECT']._serialized_start=235
+  _globals['_EFFECT']._serialized_end=383
+  _globals['_RULE']._serialized_start=386
+  _globals['_RULE']._serialized_end=524
+  _globals['_CAMPAIGN']._serialized_start=527
+  _globals['_CAMPAIGN']._serialized_end=772
+  _globals['_SUBJECT']._serialized_start=774
+  _globals['_SUBJECT']._serialized_end=834
+  _globals['_LINERESULT']._serialized_start=837
+  _globals['_LINERESULT']._serialized_end=969
+  _globals['_APPLIEDPROMOTION']._serialized_start=972
+  _globals['_APPLIEDPROMOTION']._serialized_end=1137
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=1139
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=1228
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_start=1230
+  _globals['_CREATECAMPAIGNRESPONSE']._serialized_end=1300
+  _globals['_GETCAMPAIGNREQUEST']._serialized_start=1302
+  _globals['_GETCAMPAIGNREQUEST']._serialized_end=1343
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_start=1345
+  _globals['_GETCAMPAIGNRESPONSE']._serialized_end=1412
+  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_start=1414
+  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_end=1479
+  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_start=1481
+  _globals['_PUBLISHCAMPAIGNRESPONSE']._serialized_end=1552
+  _globals['_EVALUATERECEIPTREQUEST']._serialized_start=1555
+  _globals['_EVALUATERECEIPTREQUEST']._serialized_end=1721
+  _globals['_EVALUATERECEIPTRESPONSE']._serialized_start=1724
+  _globals['_EVALUATERECEIPTRESPONSE']._serialized_end=1939
+  _globals['_RULESSERVICE']._serialized_start=2048
+  _globals['_RULESSERVICE']._serialized_end=2463
 # @@protoc_insertion_point(module_scope)

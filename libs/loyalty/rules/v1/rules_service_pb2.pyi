@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from loyalty.common.v1 import coupon_pb2 as _coupon_pb2
 from loyalty.common.v1 import receipt_pb2 as _receipt_pb2
 import builtins as _builtins
 import sys
@@ -263,6 +264,7 @@ class LineResult(_message.Message):
     DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
     FINAL_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_PAYMENT_MINOR_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """The receipt line position."""
     discount_minor: _builtins.int
@@ -271,6 +273,11 @@ class LineResult(_message.Message):
     """The line amount after discounts."""
     points: _builtins.int
     """Points earned on the line."""
+    max_points_payment_minor: _builtins.int
+    """The most of final_amount_minor the customer may pay with points, in minor
+    units (the redemption cap: a program-wide share, lowered or raised by rules,
+    zero on lines flagged no_promotions).
+    """
     def __init__(
         self,
         *,
@@ -278,10 +285,11 @@ class LineResult(_message.Message):
         discount_minor: _builtins.int = ...,
         final_amount_minor: _builtins.int = ...,
         points: _builtins.int = ...,
+        max_points_payment_minor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_minor", b"discount_minor", "final_amount_minor", b"final_amount_minor", "points", b"points", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_minor", b"discount_minor", "final_amount_minor", b"final_amount_minor", "max_points_payment_minor", b"max_points_payment_minor", "points", b"points", "position", b"position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,6 +307,7 @@ class AppliedPromotion(_message.Message):
     RECEIPT_TEXT_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    COUPON_CODE_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """The campaign."""
     campaign_version: _builtins.int
@@ -311,6 +320,8 @@ class AppliedPromotion(_message.Message):
     """Points the rule gave."""
     discount_minor: _builtins.int
     """Discount the rule gave, in minor units."""
+    coupon_code: _builtins.str
+    """The coupon whose benefit this is; empty for a promotion rule."""
     def __init__(
         self,
         *,
@@ -320,10 +331,11 @@ class AppliedPromotion(_message.Message):
         receipt_text: _builtins.str = ...,
         points: _builtins.int = ...,
         discount_minor: _builtins.int = ...,
+        coupon_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "coupon_code", b"coupon_code", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,6 +497,7 @@ class EvaluateReceiptRequest(_message.Message):
 
     RECEIPT_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
+    COUPONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def receipt(self) -> _receipt_pb2.Receipt:
         """The receipt."""
@@ -493,15 +506,22 @@ class EvaluateReceiptRequest(_message.Message):
     def subject(self) -> Global___Subject:
         """The customer; empty for an anonymous receipt."""
 
+    @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[_coupon_pb2.PresentedCoupon]:
+        """Coupons presented with the receipt and accepted by the rewards service;
+        their benefits are applied after the promotions, on the discounted prices.
+        """
+
     def __init__(
         self,
         *,
         receipt: _receipt_pb2.Receipt | None = ...,
         subject: Global___Subject | None = ...,
+        coupons: _abc.Iterable[_coupon_pb2.PresentedCoupon] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupons", b"coupons", "receipt", b"receipt", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -517,6 +537,7 @@ class EvaluateReceiptResponse(_message.Message):
     APPLIED_PROMOTIONS_FIELD_NUMBER: _builtins.int
     POINTS_TOTAL_FIELD_NUMBER: _builtins.int
     DISCOUNT_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
+    UNUSED_COUPON_CODES_FIELD_NUMBER: _builtins.int
     points_total: _builtins.int
     """Points earned on the whole receipt."""
     discount_total_minor: _builtins.int
@@ -529,6 +550,12 @@ class EvaluateReceiptResponse(_message.Message):
     def applied_promotions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedPromotion]:
         """The rules that applied."""
 
+    @_builtins.property
+    def unused_coupon_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Codes of presented coupons that did not apply to this receipt (out of
+        scope, below the minimum total), so the gateway can release them.
+        """
+
     def __init__(
         self,
         *,
@@ -536,10 +563,11 @@ class EvaluateReceiptResponse(_message.Message):
         applied_promotions: _abc.Iterable[Global___AppliedPromotion] | None = ...,
         points_total: _builtins.int = ...,
         discount_total_minor: _builtins.int = ...,
+        unused_coupon_codes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_promotions", b"applied_promotions", "discount_total_minor", b"discount_total_minor", "lines", b"lines", "points_total", b"points_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_promotions", b"applied_promotions", "discount_total_minor", b"discount_total_minor", "lines", b"lines", "points_total", b"points_total", "unused_coupon_codes", b"unused_coupon_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
