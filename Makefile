@@ -59,7 +59,17 @@ demo-receipt: $(STAMP) ## Calculate and commit a demo receipt against a running 
 cluster: $(STAMP) services ## Start each service as its own process on PostgreSQL and Redis
 	$(BIN)/loyalty cluster
 
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP) services ## Benchmark in cluster mode beside a gRPC echo ceiling (BENCH_ARGS=...; docs/performance.md)
+	$(BIN)/python -m tools.bench run $(BENCH_ARGS)
+
 clean: ## Remove local data (var/) and caches; keeps .venv and node_modules
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install proto lint services test helm-lint run demo-receipt cluster clean
+.PHONY: help install proto lint services test helm-lint run demo-receipt cluster clean bench

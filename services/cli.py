@@ -17,6 +17,8 @@ from loyalty.runtime.server import ServiceHost, create_bus, run_until_signalled
 from loyalty.runtime.settings import Settings
 from loyalty.runtime.telemetry import configure_logging
 from services import cluster, demo, suite
+from services.gateway import auth
+from services.gateway import store as gateway_store
 
 log = logging.getLogger("loyalty")
 
@@ -103,6 +105,29 @@ async def _wait_serving(addresses: dict[str, str], seconds: float) -> None:
         await cluster.wait_serving(addresses)
 
 
+async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
+    """Terminal keys managed straight in the gateway's database, for operators with access to it."""
+    pepper = settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b""
+    engine = db.create_engine(settings.database_url("gateway"))
+    try:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            if args.action == "create":
+                created = await auth.create_api_key(session, args.partner, args.store or [], args.description, pepper)
+                print(f"key {created.api_key.key_id} for partner {args.partner}; secret (shown once):")
+                print(created.secret)
+            elif args.action == "revoke":
+                revoked = await auth.revoke_api_key(session, args.key_id)
+                print(f"key {revoked.key_id} revoked")
+            else:
+                for row in await gateway_store.list_api_keys(session, args.partner or "", None, 500):
+                    state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+                    stores = ",".join(row.store_ids) or "all stores"
+                    print(f"{row.key_id}  {row.partner_id:<16} {stores:<24} {state:<18} {row.description}")
+    finally:
+        await engine.dispose()
+
+
 def _run_cluster(settings: Settings, admin_dsn: str, prefix: str, with_demo: bool) -> None:
     """Creates the databases, starts the six processes, waits for Ctrl-C, stops them."""
     database_urls = asyncio.run(cluster.create_databases(admin_dsn, prefix))
@@ -152,11 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     cluster_run.add_argument("--database-prefix", default="loyalty")
     cluster_run.add_argument("--no-demo", action="store_true", help="do not load the demo program")
     commands.add_parser("seed-demo", help="load the demo program into a running suite (idempotent)")
+    keys_command = commands.add_parser("api-key", help="create, revoke or list terminal API keys (gateway database)")
+    key_actions = keys_command.add_subparsers(dest="action", required=True)
+    create_key = key_actions.add_parser("create", help="a new key; its secret is printed once")
+    create_key.add_argument("--partner", required=True)
+    create_key.add_argument("--store", action="append", help="a store the key may act for; repeat; default all")
+    create_key.add_argument("--description", default="")
+    revoke_key = key_actions.add_parser("revoke")
+    revoke_key.add_argument("key_id")
+    list_keys = key_actions.add_parser("list")
+    list_keys.add_argument("--partner")
     receipt = commands.add_parser("demo-receipt", help="calculate and commit a demo receipt through the gateway")
     who = receipt.add_mutually_exclusive_group(required=True)
     who.add_argument("--card")
     who.add_argument("--phone")
     receipt.add_argument("--gateway", help="gateway address; default from settings")
+    receipt.add_argument("--api-key", help="the terminal's API key; default: the one seed-demo left in the data dir")
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -174,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         _new_revision(settings, args.service, args.message)
     elif args.command == "seed-demo":
         print(demo.instructions(settings, asyncio.run(demo.seed(settings))))
+    elif args.command == "api-key":
+        asyncio.run(_api_keys(settings, args))
     elif args.command == "demo-receipt":
         address = args.gateway or settings.address("gateway")
-        return asyncio.run(demo.print_demo_receipt(address, card=args.card, phone=args.phone))
+        api_key = args.api_key or demo.demo_key_file(settings).read_text().strip()
+        return asyncio.run(demo.print_demo_receipt(address, api_key, card=args.card, phone=args.phone))
     return 0
 
 

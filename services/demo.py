@@ -7,10 +7,12 @@ second start finds the same program, member and card instead of new ones.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import grpc
 
-from loyalty.common.v1 import receipt_pb2
+from loyalty.client.pos import pos_channel
+from loyalty.common.v1 import coupon_pb2, receipt_pb2
 from loyalty.gateway.v1 import pos_service_pb2 as pos
 from loyalty.gateway.v1 import pos_service_pb2_grpc as pos_grpc
 from loyalty.members.v1 import members_service_pb2 as members
@@ -19,10 +21,41 @@ from loyalty.rewards.v1 import rewards_service_pb2 as rewards
 from loyalty.rewards.v1 import rewards_service_pb2_grpc as rewards_grpc
 from loyalty.rules.v1 import rules_service_pb2 as rules
 from loyalty.rules.v1 import rules_service_pb2_grpc as rules_grpc
+from loyalty.runtime import db
 from loyalty.runtime.settings import Settings
+from services.gateway import auth
 
 DEMO_PHONE = "+79990000001"
 DEMO_CARD = "7700000000016"
+DEMO_PARTNER = "demo"
+DEMO_KEY_FILE = "demo-api-key"
+
+
+def demo_key_file(settings: Settings) -> Path:
+    return Path(settings.data_dir) / DEMO_KEY_FILE
+
+
+async def ensure_demo_key(settings: Settings) -> str:
+    """A terminal API key for the demo, kept in the data directory for `demo-receipt` and
+    `buf curl`. Written straight into the gateway's database, as `loyalty api-key` would:
+    the demo must work without an admin token configured."""
+    path = demo_key_file(settings)
+    kept = path.read_text().strip() if path.exists() else ""
+    pepper = settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b""
+    engine = db.create_engine(settings.database_url("gateway"))
+    try:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            # A key left by an earlier run against another database is replaced.
+            if kept and await auth.is_valid_api_key(session, kept, pepper):
+                return kept
+            created = await auth.create_api_key(session, DEMO_PARTNER, [], "demo terminal (loyalty seed-demo)", pepper)
+    finally:
+        await engine.dispose()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(created.secret + "\n")
+    return created.secret
 
 
 def demo_campaign() -> rules.Campaign:
@@ -41,7 +74,8 @@ def demo_campaign() -> rules.Campaign:
 
 
 async def seed(settings: Settings) -> str:
-    """Loads the demo program; returns the demo card number."""
+    """Loads the demo program and a demo terminal key; returns the demo card number."""
+    await ensure_demo_key(settings)
     async with (
         grpc.aio.insecure_channel(settings.address("rules")) as rules_channel,
         grpc.aio.insecure_channel(settings.address("members")) as members_channel,
@@ -68,11 +102,19 @@ async def seed(settings: Settings) -> str:
                 request_id="demo:card:anna", member_id=registered.member.member_id, card_number=DEMO_CARD
             )
         )
-        await rewards_grpc.RewardsServiceStub(rewards_channel).IssueCoupon(
+        rewards_stub = rewards_grpc.RewardsServiceStub(rewards_channel)
+        series = await rewards_stub.CreateCouponSeries(
+            rewards.CreateCouponSeriesRequest(
+                request_id="demo:series:ten-off",
+                name="10% off a receipt",
+                kind=rewards.COUPON_SERIES_KIND_UNIQUE,
+                benefit=coupon_pb2.CouponBenefit(percent_off_basis_points=1000),
+                uses_per_code=1,
+            )
+        )
+        await rewards_stub.IssueCoupon(
             rewards.IssueCouponRequest(
-                request_id="demo:coupon:anna",
-                member_id=registered.member.member_id,
-                discount_basis_points=1000,
+                request_id="demo:coupon:anna", member_id=registered.member.member_id, series_id=series.series.series_id
             )
         )
     return DEMO_CARD
@@ -80,12 +122,14 @@ async def seed(settings: Settings) -> str:
 
 def instructions(settings: Settings, card: str) -> str:
     gateway = settings.address("gateway")
+    key_file = demo_key_file(settings)
     return (
         f"\nDemo program loaded: card {card}, phone {DEMO_PHONE}, a live rule '5% back as points'.\n"
         f"Run a demo receipt (calculate + commit) in another terminal:\n"
         f"  make demo-receipt            # or: .venv/bin/loyalty demo-receipt --card {card} --gateway {gateway}\n"
         f"Or call the gateway with any gRPC client, e.g. buf curl through reflection:\n"
         f"  node_modules/.bin/buf curl --protocol grpc --http2-prior-knowledge "
+        f'-H "x-api-key: $(cat {key_file})" '
         f'-d \'{{"identifier":{{"cardNumber":"{card}"}}}}\' '
         f"http://{gateway}/loyalty.gateway.v1.PosService/Identify\n"
     )
@@ -114,10 +158,10 @@ def _money(minor: int) -> str:
     return f"{minor // 100}.{minor % 100:02d}"
 
 
-async def print_demo_receipt(address: str, card: str | None, phone: str | None) -> int:
+async def print_demo_receipt(address: str, api_key: str, card: str | None, phone: str | None) -> int:
     identifier = pos.CustomerIdentifier(card_number=card) if card else pos.CustomerIdentifier(phone=phone or "")
     receipt = demo_receipt(receipt_number=str(time.time_ns()))
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with pos_channel(address, api_key) as channel:
         stub = pos_grpc.PosServiceStub(channel)
         try:
             calculated = await stub.CalculateCheque(

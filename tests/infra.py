@@ -12,9 +12,14 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
+import grpc
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from loyalty.client.pos import pos_channel
+from loyalty.gateway.v1 import api_key_service_pb2 as keys_pb
+from loyalty.gateway.v1 import api_key_service_pb2_grpc as keys_grpc
 from loyalty.runtime import db
 from loyalty.runtime.server import ServiceHost, create_bus
 from loyalty.runtime.settings import ServiceConfig, Settings
@@ -22,6 +27,8 @@ from services import suite
 
 POSTGRES_ADMIN_DSN = os.environ.get("LOYALTY_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LOYALTY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ADMIN_TOKEN = "test-admin-token"
+PARTNER = "partner-1"
 
 
 # Test servers take ports below the kernel's ephemeral range (32768-60999 here), so an
@@ -100,7 +107,12 @@ async def flush_redis_prefix(prefix: str) -> None:
 def suite_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings for a whole suite on free loopback ports, metrics ports included."""
     groups = {name: ServiceConfig(port=free_port(), metrics_port=free_port()) for name in suite.START_ORDER}
-    fast = {"log_format": "text", "outbox_poll_seconds": 0.1, "gauge_refresh_seconds": 0.2}
+    fast = {
+        "log_format": "text",
+        "outbox_poll_seconds": 0.1,
+        "gauge_refresh_seconds": 0.2,
+        "admin_token": SecretStr(ADMIN_TOKEN),
+    }
     return Settings.model_validate({"data_dir": data_dir, **fast, **groups, **overrides})
 
 
@@ -122,6 +134,26 @@ async def running_suite(
         for host in reversed(list(hosts.values())):
             await host.stop()
         await bus.close()
+
+
+async def create_api_key(settings: Settings, partner_id: str = PARTNER, store_ids: tuple[str, ...] = ()) -> str:
+    """A terminal API key made through the gateway's admin API; returns its secret."""
+    async with grpc.aio.insecure_channel(settings.address("gateway")) as channel:
+        created = await keys_grpc.ApiKeyServiceStub(channel).CreateApiKey(
+            keys_pb.CreateApiKeyRequest(request_id=str(uuid.uuid4()), partner_id=partner_id, store_ids=store_ids),
+            metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),),
+        )
+    return created.secret
+
+
+@asynccontextmanager
+async def gateway_channel(
+    settings: Settings, partner_id: str = PARTNER, store_ids: tuple[str, ...] = ()
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the gateway as a terminal of ``partner_id`` with a fresh API key."""
+    secret = await create_api_key(settings, partner_id, store_ids)
+    async with pos_channel(settings.address("gateway"), secret) as channel:
+        yield channel
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str, seconds: float = 10.0) -> None:

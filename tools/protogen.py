@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import shutil
 import sys
 import tempfile
 from importlib import resources
@@ -72,9 +73,22 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if the committed stubs drift")
     if parser.parse_args().check:
         return check()
-    for stale in generated_files(OUT_DIR):
-        (OUT_DIR / stale).unlink()
-    generate(OUT_DIR)
+    # Generate aside first: a proto that does not compile leaves the stubs as they were,
+    # and the ones that change are replaced file by file rather than deleted then rewritten.
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Path(scratch)
+        generate(fresh)
+        expected = generated_files(fresh)
+        for stale in generated_files(OUT_DIR) - expected:
+            (OUT_DIR / stale).unlink()
+        for path in sorted(expected):
+            target = OUT_DIR / path
+            if target.exists() and filecmp.cmp(fresh / path, target, shallow=False):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (target.parent / "__init__.py").touch()
+            shutil.copyfile(fresh / path, target.with_suffix(target.suffix + ".tmp"))
+            target.with_suffix(target.suffix + ".tmp").replace(target)
     return 0
 
 

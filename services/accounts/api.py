@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -18,17 +19,29 @@ from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from services.accounts import service, store
 from services.accounts.domain import (
     MAX_HOLD_SECONDS,
+    MAX_HOLDER_ID_LENGTH,
+    MAX_LIFETIME_DAYS,
     Accrual,
     AccrualSource,
+    Adjustment,
     Balance,
+    CurrencyRegistry,
     EntryKind,
+    ExpiryRounding,
     Hold,
     HoldStatus,
+    LotRestriction,
+    MoneyRounding,
+    PointCurrency,
+    SpendContext,
     check_accrual,
+    check_adjustment,
     check_currency,
     check_holder,
     check_points,
     check_references,
+    check_transfer_parties,
+    expiry_of,
 )
 from services.accounts.metrics import LedgerMetrics
 
@@ -45,6 +58,8 @@ _ENTRY_KINDS = {
     EntryKind.REDEMPTION: pb.ENTRY_KIND_REDEMPTION,
     EntryKind.EXPIRY: pb.ENTRY_KIND_EXPIRY,
     EntryKind.REVERSAL: pb.ENTRY_KIND_REVERSAL,
+    EntryKind.ADJUSTMENT: pb.ENTRY_KIND_ADJUSTMENT,
+    EntryKind.TRANSFER: pb.ENTRY_KIND_TRANSFER,
 }
 
 
@@ -69,6 +84,32 @@ def entry_to_proto(entry: store.EntryRow, currency: str) -> pb.Entry:
         source_ref=entry.source_ref,
         reason=entry.reason,
         create_time=to_timestamp(entry.created_at),
+    )
+
+
+_EXPIRY_ROUNDING = {
+    pb.EXPIRY_ROUNDING_NONE: ExpiryRounding.NONE,
+    pb.EXPIRY_ROUNDING_MONTH_END: ExpiryRounding.MONTH_END,
+    pb.EXPIRY_ROUNDING_YEAR_END: ExpiryRounding.YEAR_END,
+}
+_MONEY_ROUNDING = {
+    MoneyRounding.FLOOR: pb.MONEY_ROUNDING_FLOOR,
+    MoneyRounding.HALF_UP: pb.MONEY_ROUNDING_HALF_UP,
+    MoneyRounding.CEILING: pb.MONEY_ROUNDING_CEILING,
+}
+
+
+def currency_to_proto(currency: PointCurrency) -> pb.PointCurrency:
+    return pb.PointCurrency(
+        code=currency.code,
+        name=currency.name,
+        scale=currency.scale,
+        money_per_unit_numerator=currency.money_numerator,
+        money_per_unit_denominator=currency.money_denominator,
+        lifetime_days=currency.lifetime_days or 0,
+        expiry_rounding={v: k for k, v in _EXPIRY_ROUNDING.items()}[currency.expiry_rounding],
+        money_rounding=_MONEY_ROUNDING[currency.rounding],
+        activation_delay_days=currency.activation_delay_days,
     )
 
 
@@ -97,6 +138,19 @@ def _require_hold_id(hold_id: str, violations: Violations) -> None:
     violations.check_length(hold_id, "hold_id", 36)
 
 
+def _period(
+    request: pb.GetStatementRequest | pb.GetPartnerSettlementRequest, violations: Violations
+) -> tuple[datetime | None, datetime | None]:
+    """A required [start_time, end_time) period of a report request."""
+    start = timestamp_field(request, "start_time", violations)
+    end = timestamp_field(request, "end_time", violations)
+    violations.check(request.HasField("start_time"), "start_time", "required")
+    violations.check(request.HasField("end_time"), "end_time", "required")
+    if start is not None and end is not None:
+        violations.check(end > start, "end_time", "must be after start_time")
+    return start, end
+
+
 class AccountsApi(pb_grpc.AccountsServiceServicer):
     def __init__(
         self,
@@ -104,7 +158,9 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         relay: OutboxRelay,
         default_currency: str,
         metrics: LedgerMetrics,
+        currencies: CurrencyRegistry | None = None,
     ) -> None:
+        self._currencies = currencies or CurrencyRegistry({})
         self._metrics = metrics
         self._sessions = sessions
         self._idempotent = IdempotentCalls(sessions, store.idempotency_keys, relay.notify)
@@ -121,24 +177,47 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         violations = Violations()
         source = _SOURCES.get(request.source)
         violations.check(source is not None, "source", "required: RECEIPT, CAMPAIGN, STAFF or MASS_JOB")
-        activate_at = timestamp_field(request, "activate_time", violations) or utcnow()
+        currency = request.currency or self._default_currency
+        activate_at = timestamp_field(request, "activate_time", violations) or self._currencies.get(
+            currency
+        ).activation(utcnow())
+        violations.check(
+            0 <= request.lifetime_days <= MAX_LIFETIME_DAYS, "lifetime_days", f"between 0 and {MAX_LIFETIME_DAYS}"
+        )
+        violations.check(
+            request.expiry_rounding == pb.EXPIRY_ROUNDING_UNSPECIFIED or request.expiry_rounding in _EXPIRY_ROUNDING,
+            "expiry_rounding",
+            "NONE, MONTH_END or YEAR_END",
+        )
+        expire_at = expiry_of(
+            activate_at,
+            self._currencies.get(currency),
+            fixed=timestamp_field(request, "expire_time", violations),
+            lifetime_days=min(max(request.lifetime_days, 0), MAX_LIFETIME_DAYS),
+            rounding=_EXPIRY_ROUNDING.get(request.expiry_rounding),
+        )
         accrual = Accrual(
             holder_id=request.holder_id,
-            currency=request.currency or self._default_currency,
+            currency=currency,
             amount=request.amount,
             source=source or AccrualSource.RECEIPT,
             source_ref=request.source_ref,
             reason=request.reason,
             activate_at=activate_at,
-            expire_at=timestamp_field(request, "expire_time", violations),
+            expire_at=expire_at,
+            member_id=request.member_id,
+            restriction=LotRestriction(frozenset(request.store_ids), request.max_receipt_share_bp),
+            partner_id=request.partner_id,
         )
         check_accrual(accrual, violations)
         violations.raise_if_any()
 
         async def work(session: AsyncSession) -> pb.AccruePointsResponse:
-            result = await service.accrue_points(session, accrual)
+            result = await service.accrue_points(session, accrual, self._currencies.get(accrual.currency).limits)
             return pb.AccruePointsResponse(
-                entry=entry_to_proto(result.entry, accrual.currency), balance=balance_to_proto(result.balance)
+                entry=entry_to_proto(result.entry, accrual.currency),
+                balance=balance_to_proto(result.balance),
+                capped=result.capped,
             )
 
         return await self._idempotent.run(
@@ -181,6 +260,7 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         check_currency(currency, violations)
         check_points(request.amount, violations)
         check_references(request.source_ref, "", violations)
+        self._check_receipt(request, violations)
         violations.check(
             0 <= request.ttl_seconds <= MAX_HOLD_SECONDS, "ttl_seconds", f"between 0 and {MAX_HOLD_SECONDS}"
         )
@@ -189,7 +269,16 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
 
         async def work(session: AsyncSession) -> pb.PlaceHoldResponse:
             placed = await service.place_hold(
-                session, request.holder_id, currency, request.amount, ttl, request.source_ref
+                session,
+                request.holder_id,
+                currency,
+                request.amount,
+                ttl,
+                request.source_ref,
+                request.member_id,
+                SpendContext(
+                    self._currencies.get(currency), request.store_id, request.receipt_amount, request.partner_id
+                ),
             )
             return pb.PlaceHoldResponse(
                 hold=hold_to_proto(placed.hold, placed.balance), balance=balance_to_proto(placed.balance)
@@ -204,7 +293,7 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         violations.raise_if_any()
 
         async def work(session: AsyncSession) -> pb.CaptureHoldResponse:
-            spent = await service.capture_hold(session, request.hold_id, request.amount)
+            spent = await service.capture_hold(session, request.hold_id, request.amount, self._currencies)
             return pb.CaptureHoldResponse(
                 entry=entry_to_proto(spent.entry, spent.balance.currency), balance=balance_to_proto(spent.balance)
             )
@@ -233,11 +322,21 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         check_currency(currency, violations)
         check_points(request.amount, violations)
         check_references(request.source_ref, request.reason, violations)
+        self._check_receipt(request, violations)
         violations.raise_if_any()
 
         async def work(session: AsyncSession) -> pb.RedeemPointsResponse:
             spent = await service.redeem_points(
-                session, request.holder_id, currency, request.amount, request.source_ref, request.reason
+                session,
+                request.holder_id,
+                currency,
+                request.amount,
+                request.source_ref,
+                request.reason,
+                request.member_id,
+                SpendContext(
+                    self._currencies.get(currency), request.store_id, request.receipt_amount, request.partner_id
+                ),
             )
             return pb.RedeemPointsResponse(
                 entry=entry_to_proto(spent.entry, currency), balance=balance_to_proto(spent.balance)
@@ -246,6 +345,13 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
         return await self._idempotent.run(
             "RedeemPoints", request, pb.RedeemPointsResponse, work, committed=self._count_redemption
         )
+
+    @staticmethod
+    def _check_receipt(request: pb.PlaceHoldRequest | pb.RedeemPointsRequest, violations: Violations) -> None:
+        violations.check_length(request.member_id, "member_id", MAX_HOLDER_ID_LENGTH)
+        violations.check_length(request.store_id, "store_id", MAX_HOLDER_ID_LENGTH)
+        violations.check_length(request.partner_id, "partner_id", MAX_HOLDER_ID_LENGTH)
+        violations.check(request.receipt_amount >= 0, "receipt_amount", "must not be negative")
 
     def _count_redemption(self, response: pb.CaptureHoldResponse | pb.RedeemPointsResponse) -> None:
         self._metrics.points_redeemed.labels(response.entry.currency).inc(-response.entry.amount)
@@ -267,3 +373,136 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
             )
 
         return await self._idempotent.run("ReverseOperation", request, pb.ReverseOperationResponse, work)
+
+    async def AdjustPoints(self, request: pb.AdjustPointsRequest, context: Context) -> pb.AdjustPointsResponse:
+        violations = Violations()
+        now = utcnow()
+        currency = request.currency or self._default_currency
+        adjustment = Adjustment(
+            holder_id=request.holder_id,
+            currency=currency,
+            amount=request.amount,
+            actor=request.actor,
+            reason=request.reason,
+            member_id=request.member_id,
+            source_ref=request.source_ref,
+            expire_at=timestamp_field(request, "expire_time", violations),
+        )
+        check_adjustment(adjustment, now, violations)
+        violations.raise_if_any()
+        if adjustment.amount > 0 and adjustment.expire_at is None:
+            adjustment = replace(adjustment, expire_at=expiry_of(now, self._currencies.get(currency)))
+
+        async def work(session: AsyncSession) -> pb.AdjustPointsResponse:
+            adjusted = await service.adjust_points(session, adjustment)
+            return pb.AdjustPointsResponse(
+                entry=entry_to_proto(adjusted.entry, adjustment.currency), balance=balance_to_proto(adjusted.balance)
+            )
+
+        return await self._idempotent.run("AdjustPoints", request, pb.AdjustPointsResponse, work)
+
+    async def ListPointCurrencies(
+        self, request: pb.ListPointCurrenciesRequest, context: Context
+    ) -> pb.ListPointCurrenciesResponse:
+        codes = sorted({*self._currencies.currencies, self._default_currency})
+        return pb.ListPointCurrenciesResponse(
+            currencies=[currency_to_proto(self._currencies.get(code)) for code in codes]
+        )
+
+    async def TransferPoints(self, request: pb.TransferPointsRequest, context: Context) -> pb.TransferPointsResponse:
+        violations = Violations()
+        currency = request.currency or self._default_currency
+        check_transfer_parties(request.from_holder_id, request.to_holder_id, violations)
+        check_currency(currency, violations)
+        check_points(request.amount, violations)
+        check_references("", request.reason, violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.TransferPointsResponse:
+            moved = await service.transfer_points(
+                session, request.from_holder_id, request.to_holder_id, currency, request.amount, request.reason
+            )
+            return pb.TransferPointsResponse(
+                debit_entry=entry_to_proto(moved.debit, currency) if moved.debit else None,
+                credit_entries=[entry_to_proto(entry, currency) for entry in moved.credits],
+                from_balance=balance_to_proto(moved.from_balance),
+                to_balance=balance_to_proto(moved.to_balance),
+            )
+
+        return await self._idempotent.run("TransferPoints", request, pb.TransferPointsResponse, work)
+
+    async def MergeAccounts(self, request: pb.MergeAccountsRequest, context: Context) -> pb.MergeAccountsResponse:
+        violations = Violations()
+        check_transfer_parties(request.from_holder_id, request.to_holder_id, violations)
+        check_references("", request.reason, violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.MergeAccountsResponse:
+            merged = await service.merge_accounts(session, request.from_holder_id, request.to_holder_id, request.reason)
+            return pb.MergeAccountsResponse(balances=[balance_to_proto(result.to_balance) for result in merged])
+
+        return await self._idempotent.run("MergeAccounts", request, pb.MergeAccountsResponse, work)
+
+    async def GetStatement(self, request: pb.GetStatementRequest, context: Context) -> pb.GetStatementResponse:
+        currency = self._currency(request.currency)
+        violations = Violations()
+        violations.check(bool(request.holder_id), "holder_id", "required")
+        start, end = _period(request, violations)
+        size = page_size(request.page_size, violations)
+        violations.raise_if_any()
+        assert start is not None and end is not None
+        scope = service.statement_scope(request.holder_id, currency, start, end)
+        after = Cursor.decode(request.page_token, scope=scope, violations=violations)
+        violations.raise_if_any()
+        async with self._sessions() as session:
+            statement = await service.get_statement(session, request.holder_id, currency, start, end, size, after)
+        return pb.GetStatementResponse(
+            opening_balance=statement.opening,
+            credits=statement.credits,
+            debits=statement.debits,
+            closing_balance=statement.closing,
+            entries=[entry_to_proto(entry, currency) for entry in statement.entries],
+            next_page_token=statement.next_cursor.encode() if statement.next_cursor else "",
+        )
+
+    async def GetLiabilityReport(
+        self, request: pb.GetLiabilityReportRequest, context: Context
+    ) -> pb.GetLiabilityReportResponse:
+        async with self._sessions() as session:
+            as_of, lines = await service.liability_report(session)
+        return pb.GetLiabilityReportResponse(
+            as_of_time=to_timestamp(as_of),
+            currencies=[
+                pb.CurrencyLiability(
+                    currency=line.currency,
+                    active=line.active,
+                    pending=line.pending,
+                    negative=line.negative,
+                    expiring_30_days=line.expiring_30_days,
+                    expiring_90_days=line.expiring_90_days,
+                )
+                for line in lines
+            ],
+        )
+
+    async def GetPartnerSettlement(
+        self, request: pb.GetPartnerSettlementRequest, context: Context
+    ) -> pb.GetPartnerSettlementResponse:
+        violations = Violations()
+        start, end = _period(request, violations)
+        violations.raise_if_any()
+        assert start is not None and end is not None
+        async with self._sessions() as session:
+            settlements = await service.partner_settlements(session, start, end)
+        return pb.GetPartnerSettlementResponse(
+            lines=[
+                pb.PartnerSettlementLine(
+                    issuer_partner_id=line.issuer_partner_id,
+                    spender_partner_id=line.spender_partner_id,
+                    currency=line.currency,
+                    points=line.points,
+                    money_amount=self._currencies.get(line.currency).to_money(line.points),
+                )
+                for line in settlements
+            ]
+        )

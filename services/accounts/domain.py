@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from loyalty.runtime.errors import FailedPrecondition, NotFound, Violations
@@ -13,6 +13,8 @@ MAX_POINTS_PER_OPERATION = 10**12
 MAX_HOLDER_ID_LENGTH = 64
 MAX_SOURCE_REF_LENGTH = 200
 MAX_REASON_LENGTH = 500
+MAX_ACTOR_LENGTH = 64
+MAX_LIFETIME_DAYS = 100 * 366
 _CURRENCY = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
 
 
@@ -21,6 +23,8 @@ class EntryKind(StrEnum):
     REDEMPTION = "redemption"
     EXPIRY = "expiry"
     REVERSAL = "reversal"
+    ADJUSTMENT = "adjustment"
+    TRANSFER = "transfer"
 
 
 class AccrualSource(StrEnum):
@@ -28,6 +32,41 @@ class AccrualSource(StrEnum):
     CAMPAIGN = "campaign"
     STAFF = "staff"
     MASS_JOB = "mass_job"
+    # Points moved in from another holder's account (TransferPoints, MergeAccounts).
+    TRANSFER = "transfer"
+
+
+MAX_RESTRICTED_STORES = 100
+BASIS_POINTS = 10_000
+
+
+@dataclass(frozen=True)
+class LotRestriction:
+    """Where and how far promo points may be spent: only in the given stores (none: any),
+    and at most `max_receipt_share_bp` basis points of a receipt's amount (0: no cap).
+    The share cap is per lot: two lots capped at 30% may together pay 60% of a receipt."""
+
+    store_ids: frozenset[str] = frozenset()
+    max_receipt_share_bp: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.store_ids or self.max_receipt_share_bp)
+
+
+def check_restriction(restriction: LotRestriction, violations: Violations) -> None:
+    violations.check(
+        len(restriction.store_ids) <= MAX_RESTRICTED_STORES, "store_ids", f"at most {MAX_RESTRICTED_STORES} stores"
+    )
+    violations.check(
+        all(0 < len(store) <= MAX_HOLDER_ID_LENGTH for store in restriction.store_ids),
+        "store_ids",
+        f"each 1..{MAX_HOLDER_ID_LENGTH} characters",
+    )
+    violations.check(
+        0 <= restriction.max_receipt_share_bp <= BASIS_POINTS,
+        "max_receipt_share_bp",
+        f"between 0 and {BASIS_POINTS} basis points",
+    )
 
 
 @dataclass(frozen=True)
@@ -38,6 +77,8 @@ class Lot:
     remaining: int
     activate_at: datetime
     expire_at: datetime | None
+    restriction: LotRestriction | None = None
+    partner_id: str = ""
 
     def is_active(self, now: datetime) -> bool:
         return self.activate_at <= now and (self.expire_at is None or now < self.expire_at)
@@ -83,6 +124,12 @@ class Accrual:
     reason: str
     activate_at: datetime
     expire_at: datetime | None
+    # The member whose purchase or action earned the points, when known (for a household
+    # account, one of its members); events carry it so notifications reach that member.
+    member_id: str = ""
+    restriction: LotRestriction = LotRestriction()
+    # The coalition partner that issued the points (its store, its campaign); empty: the program.
+    partner_id: str = ""
 
 
 def check_currency(currency: str, violations: Violations, field: str = "currency") -> None:
@@ -110,10 +157,180 @@ def check_accrual(accrual: Accrual, violations: Violations) -> None:
     check_currency(accrual.currency, violations)
     check_points(accrual.amount, violations)
     check_references(accrual.source_ref, accrual.reason, violations)
+    violations.check_length(accrual.member_id, "member_id", MAX_HOLDER_ID_LENGTH)
+    check_restriction(accrual.restriction, violations)
+    violations.check_length(accrual.partner_id, "partner_id", MAX_HOLDER_ID_LENGTH)
     if accrual.expire_at is not None:
         violations.check(accrual.expire_at > accrual.activate_at, "expire_time", "must be after activation")
     if accrual.source is AccrualSource.STAFF:
         violations.check(bool(accrual.reason.strip()), "reason", "a staff accrual needs a reason")
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """Points credited (positive amount, as a new lot) or debited (negative, soonest-expiring
+    first) by a member of staff: who did it and why are required and kept for audit."""
+
+    holder_id: str
+    currency: str
+    amount: int
+    actor: str
+    reason: str
+    member_id: str = ""
+    source_ref: str = ""
+    expire_at: datetime | None = None
+
+
+def check_adjustment(adjustment: Adjustment, now: datetime, violations: Violations) -> None:
+    """Adds a violation for each way the adjustment is not acceptable."""
+    check_holder(adjustment.holder_id, violations)
+    check_currency(adjustment.currency, violations)
+    violations.check(adjustment.amount != 0, "amount", "positive to credit, negative to debit; not zero")
+    violations.check(
+        abs(adjustment.amount) <= MAX_POINTS_PER_OPERATION, "amount", f"at most {MAX_POINTS_PER_OPERATION} either way"
+    )
+    violations.check(bool(adjustment.actor.strip()), "actor", "required: who makes the adjustment")
+    violations.check_length(adjustment.actor, "actor", MAX_ACTOR_LENGTH)
+    violations.check(bool(adjustment.reason.strip()), "reason", "required: why the points are adjusted")
+    violations.check_length(adjustment.member_id, "member_id", MAX_HOLDER_ID_LENGTH)
+    check_references(adjustment.source_ref, adjustment.reason, violations)
+    if adjustment.expire_at is not None:
+        violations.check(adjustment.amount > 0, "expire_time", "only a credit has an expiry")
+        violations.check(adjustment.expire_at > now, "expire_time", "must be in the future")
+
+
+class ExpiryRounding(StrEnum):
+    """Where an expiry computed from a lifetime is moved: to the end of its month or year."""
+
+    NONE = "none"
+    MONTH_END = "month_end"
+    YEAR_END = "year_end"
+
+
+class MoneyRounding(StrEnum):
+    FLOOR = "floor"
+    HALF_UP = "half_up"
+    CEILING = "ceiling"
+
+
+class LimitPolicy(StrEnum):
+    REFUSE = "refuse"
+    CLIP = "clip"
+
+
+# Staff adjustments and mass jobs are deliberate acts of the program, not what fraud
+# looks like; only what receipts and campaigns earn is limited.
+LIMITED_SOURCES = frozenset({AccrualSource.RECEIPT, AccrualSource.CAMPAIGN})
+
+
+@dataclass(frozen=True)
+class AccrualLimits:
+    """Limits against fraud: the most one receipt may earn, and the most receipts and
+    campaigns together may credit one account in a UTC day; over a limit an accrual is
+    refused, or (CLIP) credited up to it with the excess recorded."""
+
+    per_receipt: int | None = None
+    per_day: int | None = None
+    policy: LimitPolicy = LimitPolicy.REFUSE
+
+    def allowed(self, amount: int, source: AccrualSource, accrued_today: int) -> int:
+        """How much of `amount` may be credited; refuses with ACCRUAL_LIMIT_REACHED when the
+        policy says so or nothing at all may be."""
+        if source not in LIMITED_SOURCES:
+            return amount
+        allowance = amount
+        if self.per_receipt is not None and source is AccrualSource.RECEIPT:
+            allowance = min(allowance, self.per_receipt)
+        if self.per_day is not None:
+            allowance = min(allowance, max(self.per_day - accrued_today, 0))
+        if allowance < amount and (self.policy is LimitPolicy.REFUSE or allowance == 0):
+            raise FailedPrecondition(
+                "ACCRUAL_LIMIT_REACHED", f"{amount} requested, at most {allowance} may be credited now"
+            )
+        return allowance
+
+
+@dataclass(frozen=True)
+class PointCurrency:
+    """A point currency: how its units convert to money (a rational number of minor money
+    units per point unit, so no float ever touches a value) and how long its points live."""
+
+    code: str
+    name: str
+    scale: int = 0
+    money_numerator: int = 1
+    money_denominator: int = 1
+    lifetime_days: int | None = None
+    expiry_rounding: ExpiryRounding = ExpiryRounding.NONE
+    rounding: MoneyRounding = MoneyRounding.FLOOR
+    # The return window: an accrual without its own activation time is pending this long.
+    activation_delay_days: int = 0
+    limits: AccrualLimits = AccrualLimits()
+
+    def activation(self, now: datetime) -> datetime:
+        return now + timedelta(days=self.activation_delay_days)
+
+    def to_money(self, points: int) -> int:
+        """What `points` units are worth in minor money units, rounded by the currency's mode
+        (symmetrically for a negative amount)."""
+        whole, fraction = divmod(abs(points) * self.money_numerator, self.money_denominator)
+        if (self.rounding is MoneyRounding.CEILING and fraction) or (
+            self.rounding is MoneyRounding.HALF_UP and 2 * fraction >= self.money_denominator
+        ):
+            whole += 1
+        return whole if points >= 0 else -whole
+
+    def points_worth_at_most(self, money: int) -> int:
+        """The most point units worth no more than `money` minor units (exactly, no rounding)."""
+        if self.money_numerator == 0:
+            return MAX_POINTS_PER_OPERATION
+        return money * self.money_denominator // self.money_numerator
+
+
+@dataclass(frozen=True)
+class CurrencyRegistry:
+    """The configured point currencies; one not configured converts 1:1 and never expires."""
+
+    currencies: dict[str, PointCurrency]
+
+    def get(self, code: str) -> PointCurrency:
+        return self.currencies.get(code) or PointCurrency(code=code, name=code)
+
+
+def end_of_period(moment: datetime, rounding: ExpiryRounding) -> datetime:
+    """The first instant (UTC) after the month or year `moment` falls in: points that expire
+    "at the end of March" are spendable through 31 March and gone at 1 April 00:00. A moment
+    already on such a boundary stays."""
+    if rounding is ExpiryRounding.NONE:
+        return moment
+    utc = moment.astimezone(UTC)
+    if rounding is ExpiryRounding.MONTH_END:
+        start = utc.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        following = (
+            start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        )
+    else:
+        start = utc.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+        following = start.replace(year=start.year + 1)
+    return utc if utc == start else following
+
+
+def expiry_of(
+    activate_at: datetime,
+    currency: PointCurrency,
+    fixed: datetime | None = None,
+    lifetime_days: int = 0,
+    rounding: ExpiryRounding | None = None,
+) -> datetime | None:
+    """When an accrual's points expire: a fixed date as given; else a lifetime (the request's,
+    else the currency's) counted from activation, moved to the end of the month or year by
+    the request's rounding, else the currency's; None when neither gives a lifetime."""
+    if fixed is not None:
+        return fixed
+    days = lifetime_days or currency.lifetime_days
+    if not days:
+        return None
+    return end_of_period(activate_at + timedelta(days=days), rounding or currency.expiry_rounding)
 
 
 class HoldStatus(StrEnum):
@@ -134,6 +351,13 @@ class Hold:
     status: HoldStatus
     expires_at: datetime
     captured: int
+    # The member the receipt is for, when known; carried to points.redeemed on capture.
+    member_id: str = ""
+    # The receipt's store and amount, so the capture honours promo lots' restrictions.
+    store_id: str = ""
+    receipt_amount: int = 0
+    # The coalition partner the points are spent at.
+    partner_id: str = ""
 
     def is_live(self, now: datetime) -> bool:
         """Counts against the available balance: placed, not settled, not expired."""
@@ -170,9 +394,46 @@ class Allocation:
     amount: int
 
 
-def allocate(lots: list[Lot], amount: int, now: datetime) -> list[Allocation]:
+@dataclass(frozen=True)
+class SpendContext:
+    """The receipt points are spent on, for restricted lots: its store and its amount in minor
+    money units (0 when not given), and the currency that says what a point is worth."""
+
+    currency: PointCurrency
+    store_id: str = ""
+    receipt_amount: int = 0
+    # The coalition partner the points are spent at (recorded for settlements).
+    partner_id: str = ""
+
+    def lot_cap(self, lot: Lot) -> int:
+        """How many of the lot's points this receipt may take. A restriction the request
+        cannot be checked against (no store, no receipt amount) keeps the lot closed."""
+        restriction = lot.restriction
+        if not restriction:
+            return lot.remaining
+        if restriction.store_ids and self.store_id not in restriction.store_ids:
+            return 0
+        if restriction.max_receipt_share_bp:
+            money = self.receipt_amount * restriction.max_receipt_share_bp // BASIS_POINTS
+            return min(lot.remaining, self.currency.points_worth_at_most(money))
+        return lot.remaining
+
+
+def spendable_on(lots: list[Lot], now: datetime, context: SpendContext | None) -> int:
+    """Points the active lots may pay on this receipt, restrictions honoured (before holds)."""
+    return sum(_cap(lot, context) for lot in lots if lot.is_active(now))
+
+
+def _cap(lot: Lot, context: SpendContext | None) -> int:
+    if context is None:
+        return 0 if lot.restriction else lot.remaining
+    return context.lot_cap(lot)
+
+
+def allocate(lots: list[Lot], amount: int, now: datetime, context: SpendContext | None = None) -> list[Allocation]:
     """Takes `amount` from the active lots, soonest-expiring first (lots that never expire
-    last, older activation first among equals). The caller has checked availability."""
+    last, older activation first among equals), each lot no more than the receipt may take
+    of it. The caller has checked availability."""
     never = datetime.max.replace(tzinfo=now.tzinfo)
     spendable = sorted(
         (lot for lot in lots if lot.is_active(now) and lot.remaining > 0),
@@ -183,7 +444,9 @@ def allocate(lots: list[Lot], amount: int, now: datetime) -> list[Allocation]:
     for lot in spendable:
         if left == 0:
             break
-        taken = min(lot.remaining, left)
+        taken = min(_cap(lot, context), left)
+        if taken == 0:
+            continue
         allocations.append(Allocation(lot.lot_id, taken))
         left -= taken
     if left:
@@ -233,6 +496,36 @@ def restore(paid: list[Allocation], restored: dict[str, int], amount: int) -> li
     if left:
         raise FailedPrecondition("REVERSAL_EXCEEDS_OPERATION", f"{left} more than the redemption took")
     return back
+
+
+@dataclass(frozen=True)
+class Move:
+    """Points leaving one lot of the source account for a new lot of the destination with
+    the same activation, expiry and restriction: a transfer never extends a point's life."""
+
+    lot: Lot
+    amount: int
+
+
+def moves_for_transfer(lots: list[Lot], amount: int, now: datetime) -> list[Move]:
+    """What a transfer takes: soonest-expiring active, unrestricted points first (promo
+    points stay with the holder they were given to)."""
+    by_id = {lot.lot_id: lot for lot in lots}
+    return [Move(by_id[allocation.lot_id], allocation.amount) for allocation in allocate(lots, amount, now)]
+
+
+def moves_for_merge(lots: list[Lot], now: datetime) -> list[Move]:
+    """What a merge takes: every point not expired, pending and restricted ones included."""
+    never = datetime.max.replace(tzinfo=now.tzinfo)
+    open_lots = [lot for lot in lots if lot.remaining > 0 and (lot.expire_at is None or now < lot.expire_at)]
+    return [Move(lot, lot.remaining) for lot in sorted(open_lots, key=lambda lot: (lot.expire_at or never, lot.lot_id))]
+
+
+def check_transfer_parties(from_holder_id: str, to_holder_id: str, violations: Violations) -> None:
+    for holder, field in ((from_holder_id, "from_holder_id"), (to_holder_id, "to_holder_id")):
+        violations.check(bool(holder), field, "required")
+        violations.check_length(holder, field, MAX_HOLDER_ID_LENGTH)
+    violations.check(from_holder_id != to_holder_id, "to_holder_id", "must differ from from_holder_id")
 
 
 def repayment(owed: int, accrued: int) -> int:

@@ -9,10 +9,41 @@ import grpc
 
 from loyalty.accounts.v1 import accounts_service_pb2, accounts_service_pb2_grpc
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
+from loyalty.runtime.settings import PointCurrencyConfig
 from services.accounts import store
 from services.accounts.api import AccountsApi
+from services.accounts.domain import (
+    AccrualLimits,
+    CurrencyRegistry,
+    ExpiryRounding,
+    LimitPolicy,
+    MoneyRounding,
+    PointCurrency,
+)
 from services.accounts.jobs import observe_outstanding_points, run_expiry
 from services.accounts.metrics import LedgerMetrics
+
+
+def currency_registry(configured: dict[str, PointCurrencyConfig]) -> CurrencyRegistry:
+    return CurrencyRegistry(
+        {
+            code: PointCurrency(
+                code=code,
+                name=config.name or code,
+                scale=config.scale,
+                money_numerator=config.money_per_unit_numerator,
+                money_denominator=config.money_per_unit_denominator,
+                lifetime_days=config.lifetime_days,
+                expiry_rounding=ExpiryRounding(config.expiry_rounding),
+                rounding=MoneyRounding(config.rounding),
+                activation_delay_days=config.activation_delay_days,
+                limits=AccrualLimits(
+                    config.max_accrual_per_receipt, config.max_accrual_per_day, LimitPolicy(config.accrual_limit_policy)
+                ),
+            )
+            for code, config in configured.items()
+        }
+    )
 
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
@@ -35,7 +66,13 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
         ),
         "expire-lots",
     )
-    api = AccountsApi(context.sessions, relay, context.settings.default_point_currency, metrics)
+    api = AccountsApi(
+        context.sessions,
+        relay,
+        context.settings.default_point_currency,
+        metrics,
+        currency_registry(context.settings.point_currencies),
+    )
     accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(api, server)
 
 

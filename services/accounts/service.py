@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,51 +13,86 @@ from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import utcnow
 from services.accounts import store
 from services.accounts.domain import (
+    LIMITED_SOURCES,
     Accrual,
+    AccrualLimits,
+    AccrualSource,
+    Adjustment,
+    Allocation,
     Balance,
+    CurrencyRegistry,
     EntryKind,
     Hold,
     HoldStatus,
+    Lot,
+    LotRestriction,
+    Move,
+    SpendContext,
     allocate,
-    balance_at,
     check_hold,
     ensure_available,
-    held_total,
+    moves_for_merge,
+    moves_for_transfer,
     repayment,
     restore,
     reversible_amount,
+    spendable_on,
     take_back,
 )
+
+
+def _with_member(payload: dict[str, object], member_id: str) -> dict[str, object]:
+    """An event payload that names the member when the request did: for a household
+    account the holder is the household, and the member is who should hear about it."""
+    return {**payload, "member_id": member_id} if member_id else payload
 
 
 @dataclass(frozen=True)
 class AccrualResult:
     entry: store.EntryRow
     balance: Balance
+    # Points not credited because an accrual limit clipped the accrual.
+    capped: int = 0
 
 
-async def accrue_points(session: AsyncSession, accrual: Accrual) -> AccrualResult:
-    """Credits a new lot and its entry, and emits points.accrued in the same transaction."""
+async def accrue_points(session: AsyncSession, accrual: Accrual, limits: AccrualLimits | None = None) -> AccrualResult:
+    """Credits a new lot and its entry, and emits points.accrued in the same transaction.
+    Over a fraud limit the accrual is refused, or clipped with the excess recorded in the
+    entry's reason, the event and the result."""
     now = utcnow()
     await store.open_account(session, accrual.holder_id, accrual.currency, now)
     account = await _locked_account(session, accrual.holder_id, accrual.currency)
+    requested = accrual.amount
+    if limits is not None and (limits.per_receipt is not None or limits.per_day is not None):
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        sources = frozenset(source.value for source in LIMITED_SOURCES)
+        today = await store.accrued_since(session, account.account_id, day_start, sources)
+        allowed = limits.allowed(requested, accrual.source, today)
+        if allowed < requested:
+            note = f"{requested - allowed} of {requested} points over the accrual limit not credited"
+            accrual = replace(accrual, amount=allowed, reason=f"{accrual.reason}; {note}" if accrual.reason else note)
     entry = await store.add_accrual(session, account, accrual, now, repayment(account.debt, accrual.amount))
     await add_event(
         session,
         store.outbox,
         "points.accrued",
         key=accrual.holder_id,
-        payload={
-            "holder_id": accrual.holder_id,
-            "currency": accrual.currency,
-            "amount": accrual.amount,
-            "entry_id": entry.entry_id,
-            "source": accrual.source.value,
-            "source_ref": accrual.source_ref,
-            "activate_at": accrual.activate_at.isoformat(),
-        },
+        payload=_with_member(
+            {
+                "holder_id": accrual.holder_id,
+                "currency": accrual.currency,
+                "amount": accrual.amount,
+                "entry_id": entry.entry_id,
+                "source": accrual.source.value,
+                "source_ref": accrual.source_ref,
+                "activate_at": accrual.activate_at.isoformat(),
+                **({"capped": requested - accrual.amount} if requested > accrual.amount else {}),
+            },
+            accrual.member_id,
+        ),
     )
-    return AccrualResult(entry, await get_balance(session, accrual.holder_id, accrual.currency))
+    balance = await get_balance(session, accrual.holder_id, accrual.currency)
+    return AccrualResult(entry, balance, requested - accrual.amount)
 
 
 async def get_balance(session: AsyncSession, holder_id: str, currency: str) -> Balance:
@@ -68,9 +103,8 @@ async def get_balance(session: AsyncSession, holder_id: str, currency: str) -> B
 
 
 async def _balance_of(session: AsyncSession, account: store.AccountRow, now: datetime) -> Balance:
-    lots = await store.open_lots(session, account.account_id, now)
-    holds = await store.live_holds(session, account.account_id, now)
-    return balance_at(account.holder_id, account.currency, lots, held_total(holds, now), now, account.debt)
+    figures = await store.balance_figures(session, account.account_id, now)
+    return Balance(account.holder_id, account.currency, figures.active, figures.pending, figures.held, account.debt)
 
 
 async def _locked_account(session: AsyncSession, holder_id: str, currency: str) -> store.AccountRow:
@@ -87,15 +121,52 @@ class HoldResult:
 
 
 async def place_hold(
-    session: AsyncSession, holder_id: str, currency: str, amount: int, ttl: timedelta, source_ref: str
+    session: AsyncSession,
+    holder_id: str,
+    currency: str,
+    amount: int,
+    ttl: timedelta,
+    source_ref: str,
+    member_id: str = "",
+    context: SpendContext | None = None,
 ) -> HoldResult:
     """Reserves points for a calculated receipt; they count against the available balance
-    at once, and come back by themselves when the hold expires."""
+    at once, and come back by themselves when the hold expires. Restricted promo lots count
+    only as far as the receipt (`context`) may spend them."""
     now = utcnow()
     account = await _locked_account(session, holder_id, currency)
     ensure_available(await _balance_of(session, account, now), amount)
-    hold = await store.add_hold(session, account, amount, now + ttl, source_ref, now)
+    allocate(await _lots_to_spend(session, account, amount, now, context), amount, now, context)
+    hold = await store.add_hold(
+        session,
+        account,
+        amount,
+        now + ttl,
+        source_ref,
+        now,
+        member_id,
+        context.store_id if context else "",
+        context.receipt_amount if context else 0,
+        context.partner_id if context else "",
+    )
     return HoldResult(hold, await _balance_of(session, account, now))
+
+
+SPENDING_BATCH = 50
+
+
+async def _lots_to_spend(
+    session: AsyncSession, account: store.AccountRow, amount: int, now: datetime, context: SpendContext | None
+) -> list[Lot]:
+    """The account's active lots, locked in spending order, batch by batch until they can pay
+    `amount` (or there are no more): the expiry job and another spend never take the same
+    points, and an account with thousands of lots is not read whole for a small payment."""
+    lots: list[Lot] = []
+    while True:
+        batch = await store.active_lots_in_spending_order(session, account.account_id, now, SPENDING_BATCH, len(lots))
+        lots.extend(batch)
+        if len(batch) < SPENDING_BATCH or spendable_on(lots, now, context) >= amount:
+            return lots
 
 
 @dataclass(frozen=True)
@@ -105,22 +176,35 @@ class RedemptionResult:
 
 
 async def _redeem(
-    session: AsyncSession, account: store.AccountRow, amount: int, source_ref: str, reason: str, now: datetime
+    session: AsyncSession,
+    account: store.AccountRow,
+    amount: int,
+    source_ref: str,
+    reason: str,
+    now: datetime,
+    member_id: str = "",
+    context: SpendContext | None = None,
 ) -> RedemptionResult:
-    lots = await store.open_lots(session, account.account_id, now, for_update=True)
-    entry = await store.add_redemption(session, account, allocate(lots, amount, now), source_ref, reason, now)
+    allocations = allocate(await _lots_to_spend(session, account, amount, now, context), amount, now, context)
+    partner_id = context.partner_id if context else ""
+    entry = await store.add_redemption(
+        session, account, allocations, source_ref, reason, now, EntryKind.REDEMPTION, partner_id
+    )
     await add_event(
         session,
         store.outbox,
         "points.redeemed",
         key=account.holder_id,
-        payload={
-            "holder_id": account.holder_id,
-            "currency": account.currency,
-            "amount": amount,
-            "entry_id": entry.entry_id,
-            "source_ref": source_ref,
-        },
+        payload=_with_member(
+            {
+                "holder_id": account.holder_id,
+                "currency": account.currency,
+                "amount": amount,
+                "entry_id": entry.entry_id,
+                "source_ref": source_ref,
+            },
+            member_id,
+        ),
     )
     return RedemptionResult(entry, await _balance_of(session, account, now))
 
@@ -136,15 +220,22 @@ async def _locked_hold(session: AsyncSession, hold_id: str, now: datetime) -> tu
     return check_hold(settled[0] if settled else None, now), account
 
 
-async def capture_hold(session: AsyncSession, hold_id: str, amount: int) -> RedemptionResult:
-    """Spends a hold's points, all of them or part (amount 0 means all); the rest is freed."""
+async def capture_hold(
+    session: AsyncSession, hold_id: str, amount: int, currencies: CurrencyRegistry | None = None
+) -> RedemptionResult:
+    """Spends a hold's points, all of them or part (amount 0 means all); the rest is freed.
+    Restricted promo lots pay as far as the hold's receipt (store, amount) allows."""
     now = utcnow()
     hold, account = await _locked_hold(session, hold_id, now)
+    registry = currencies or CurrencyRegistry({})
+    context = SpendContext(registry.get(account.currency), hold.store_id, hold.receipt_amount, hold.partner_id)
     spend = amount or hold.amount
     if spend > hold.amount:
         raise FailedPrecondition("CAPTURE_EXCEEDS_HOLD", f"{spend} requested, the hold is {hold.amount}")
     await store.settle_hold(session, hold_id, HoldStatus.CAPTURED, spend, now)
-    return await _redeem(session, account, spend, f"hold:{hold_id}", "points paid on a receipt", now)
+    return await _redeem(
+        session, account, spend, f"hold:{hold_id}", "points paid on a receipt", now, hold.member_id, context
+    )
 
 
 async def release_hold(session: AsyncSession, hold_id: str) -> HoldResult:
@@ -155,13 +246,21 @@ async def release_hold(session: AsyncSession, hold_id: str) -> HoldResult:
 
 
 async def redeem_points(
-    session: AsyncSession, holder_id: str, currency: str, amount: int, source_ref: str, reason: str
+    session: AsyncSession,
+    holder_id: str,
+    currency: str,
+    amount: int,
+    source_ref: str,
+    reason: str,
+    member_id: str = "",
+    context: SpendContext | None = None,
 ) -> RedemptionResult:
-    """Spends points at once, without a hold."""
+    """Spends points at once, without a hold; restricted promo lots only as far as the
+    receipt (`context`) may spend them."""
     now = utcnow()
     account = await _locked_account(session, holder_id, currency)
     ensure_available(await _balance_of(session, account, now), amount)
-    return await _redeem(session, account, amount, source_ref, reason, now)
+    return await _redeem(session, account, amount, source_ref, reason, now, member_id, context)
 
 
 @dataclass(frozen=True)
@@ -230,3 +329,240 @@ async def reverse_entry(session: AsyncSession, entry_id: str, amount: int, sourc
         },
     )
     return RedemptionResult(entry, await _balance_of(session, account, now))
+
+
+async def adjust_points(session: AsyncSession, adjustment: Adjustment) -> RedemptionResult:
+    """Credits (a new lot, repaying a negative balance first) or debits (soonest-expiring lots
+    first, never beyond what is available) points by hand; the audit trail records who and
+    why in the same transaction, and points.adjusted tells the member."""
+    now = utcnow()
+    source_ref = adjustment.source_ref or f"staff:{adjustment.actor}"
+    if adjustment.amount > 0:
+        await store.open_account(session, adjustment.holder_id, adjustment.currency, now)
+        account = await _locked_account(session, adjustment.holder_id, adjustment.currency)
+        credit = Accrual(
+            holder_id=adjustment.holder_id,
+            currency=adjustment.currency,
+            amount=adjustment.amount,
+            source=AccrualSource.STAFF,
+            source_ref=source_ref,
+            reason=adjustment.reason,
+            activate_at=now,
+            expire_at=adjustment.expire_at,
+        )
+        repaid = repayment(account.debt, adjustment.amount)
+        entry = await store.add_accrual(session, account, credit, now, repaid, EntryKind.ADJUSTMENT)
+    else:
+        account = await _locked_account(session, adjustment.holder_id, adjustment.currency)
+        debit = -adjustment.amount
+        ensure_available(await _balance_of(session, account, now), debit)
+        lots = await _lots_to_spend(session, account, debit, now, None)
+        entry = await store.add_redemption(
+            session, account, allocate(lots, debit, now), source_ref, adjustment.reason, now, EntryKind.ADJUSTMENT
+        )
+    await store.add_adjustment_record(session, entry, adjustment.actor, adjustment.reason, adjustment.member_id, now)
+    await add_event(
+        session,
+        store.outbox,
+        "points.adjusted",
+        key=adjustment.holder_id,
+        payload=_with_member(
+            {
+                "holder_id": adjustment.holder_id,
+                "currency": adjustment.currency,
+                "amount": adjustment.amount,
+                "entry_id": entry.entry_id,
+                "reason": adjustment.reason,
+                "actor": adjustment.actor,
+            },
+            adjustment.member_id,
+        ),
+    )
+    return RedemptionResult(entry, await _balance_of(session, account, now))
+
+
+async def _lock_pair(
+    session: AsyncSession, from_holder_id: str, to_holder_id: str, currency: str, now: datetime
+) -> tuple[store.AccountRow | None, store.AccountRow]:
+    """Both accounts locked, always in holder order, so two moves between the same pair in
+    opposite directions cannot deadlock; the destination is opened when it is new."""
+    await store.open_account(session, to_holder_id, currency, now)
+    locked: dict[str, store.AccountRow | None] = {}
+    for holder_id in sorted((from_holder_id, to_holder_id)):
+        locked[holder_id] = await store.lock_account(session, holder_id, currency)
+    destination = locked[to_holder_id]
+    assert destination is not None
+    return locked[from_holder_id], destination
+
+
+async def _move(
+    session: AsyncSession,
+    source: store.AccountRow,
+    destination: store.AccountRow,
+    moves: list[Move],
+    source_ref: str,
+    reason: str,
+    now: datetime,
+) -> tuple[store.EntryRow | None, list[store.EntryRow]]:
+    """Debits the source lots in one entry and credits a lot of the same dates and
+    restriction per move to the destination, repaying its negative balance first."""
+    if not moves:
+        return None, []
+    allocations = [Allocation(move.lot.lot_id, move.amount) for move in moves]
+    debit = await store.add_redemption(session, source, allocations, source_ref, reason, now, EntryKind.TRANSFER)
+    credits = []
+    for move in moves:
+        credit = Accrual(
+            holder_id=destination.holder_id,
+            currency=destination.currency,
+            amount=move.amount,
+            source=AccrualSource.TRANSFER,
+            source_ref=source_ref,
+            reason=reason,
+            activate_at=move.lot.activate_at,
+            expire_at=move.lot.expire_at,
+            restriction=move.lot.restriction or LotRestriction(),
+            partner_id=move.lot.partner_id,
+        )
+        repaid = repayment(destination.debt, move.amount)
+        credits.append(await store.add_accrual(session, destination, credit, now, repaid, EntryKind.TRANSFER))
+    return debit, credits
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    debit: store.EntryRow | None
+    credits: list[store.EntryRow]
+    from_balance: Balance
+    to_balance: Balance
+
+
+async def transfer_points(
+    session: AsyncSession, from_holder_id: str, to_holder_id: str, currency: str, amount: int, reason: str
+) -> TransferResult:
+    """Moves available points to another holder (e.g. into the family pool), soonest-expiring
+    first, each keeping its activation and expiry; promo points stay where they are."""
+    now = utcnow()
+    source, destination = await _lock_pair(session, from_holder_id, to_holder_id, currency, now)
+    if source is None:
+        raise FailedPrecondition("INSUFFICIENT_POINTS", "the holder has no points in this currency")
+    ensure_available(await _balance_of(session, source, now), amount)
+    moves = moves_for_transfer(await _lots_to_spend(session, source, amount, now, None), amount, now)
+    source_ref = f"transfer:{from_holder_id}:{to_holder_id}"
+    debit, credits = await _move(session, source, destination, moves, source_ref, reason, now)
+    await add_event(
+        session,
+        store.outbox,
+        "points.transferred",
+        key=from_holder_id,
+        payload={
+            "from_holder_id": from_holder_id,
+            "to_holder_id": to_holder_id,
+            "currency": currency,
+            "amount": amount,
+            "entry_id": debit.entry_id if debit else "",
+            "reason": reason,
+        },
+    )
+    return TransferResult(
+        debit, credits, await _balance_of(session, source, now), await _balance_of(session, destination, now)
+    )
+
+
+async def merge_accounts(
+    session: AsyncSession, from_holder_id: str, to_holder_id: str, reason: str
+) -> list[TransferResult]:
+    """Moves everything one holder has into another's accounts, currency by currency (a
+    member merged into another, a card joined to a household): every unexpired point, pending
+    and promo ones included, with their dates, and any negative balance. Refused with
+    ACCOUNT_HAS_LIVE_HOLDS while a calculated receipt still holds points of the source."""
+    now = utcnow()
+    source_ref = f"merge:{from_holder_id}:{to_holder_id}"
+    results = []
+    for currency in sorted(account.currency for account in await store.accounts_of(session, from_holder_id)):
+        source, destination = await _lock_pair(session, from_holder_id, to_holder_id, currency, now)
+        assert source is not None
+        if await store.live_holds(session, source.account_id, now):
+            raise FailedPrecondition("ACCOUNT_HAS_LIVE_HOLDS", f"{currency} points of the holder are held; retry later")
+        if source.debt:
+            # The debt travels as a pair of entries, so each account's entries still sum to its balance.
+            owed, source.debt = source.debt, 0
+            destination.debt += owed
+            await store.add_entry(session, source, EntryKind.TRANSFER, owed, source_ref, reason, now)
+            await store.add_entry(session, destination, EntryKind.TRANSFER, -owed, source_ref, reason, now)
+        moves = moves_for_merge(await store.open_lots(session, source.account_id, now, for_update=True), now)
+        debit, credits = await _move(session, source, destination, moves, source_ref, reason, now)
+        results.append(
+            TransferResult(
+                debit, credits, await _balance_of(session, source, now), await _balance_of(session, destination, now)
+            )
+        )
+    await add_event(
+        session,
+        store.outbox,
+        "accounts.merged",
+        key=to_holder_id,
+        payload={
+            "from_holder_id": from_holder_id,
+            "to_holder_id": to_holder_id,
+            "currencies": [result.to_balance.currency for result in results],
+            "reason": reason,
+        },
+    )
+    return results
+
+
+@dataclass(frozen=True)
+class Statement:
+    """An account's movements in [start, end): the book balance (entries summed: active plus
+    pending minus owed, expired points out once their expiry entry is written) before and
+    after, the totals, and one page of the entries, oldest first."""
+
+    opening: int
+    credits: int
+    debits: int
+    entries: list[store.EntryRow]
+    next_cursor: Cursor | None
+
+    @property
+    def closing(self) -> int:
+        return self.opening + self.credits + self.debits
+
+
+async def get_statement(
+    session: AsyncSession,
+    holder_id: str,
+    currency: str,
+    start: datetime,
+    end: datetime,
+    page_size: int,
+    after: Cursor | None,
+) -> Statement:
+    account = await store.find_account(session, holder_id, currency)
+    if account is None:
+        return Statement(0, 0, 0, [], None)
+    totals = await store.period_totals(session, account.account_id, start, end)
+    rows = await store.entries_in_period(session, account.account_id, start, end, page_size + 1, after)
+    page, more = rows[:page_size], len(rows) > page_size
+    cursor = Cursor(statement_scope(holder_id, currency, start, end), page[-1].created_at, page[-1].entry_id)
+    return Statement(totals.opening, totals.credits, totals.debits, page, cursor if more else None)
+
+
+def statement_scope(holder_id: str, currency: str, start: datetime, end: datetime) -> str:
+    return f"statement/{holder_id}/{currency}/{start.isoformat()}/{end.isoformat()}"
+
+
+LIABILITY_HORIZONS = (timedelta(days=30), timedelta(days=90))
+
+
+async def liability_report(session: AsyncSession) -> tuple[datetime, list[store.Liability]]:
+    """The program's outstanding points by currency as of now, and what expires within 30
+    and 90 days."""
+    now = utcnow()
+    soon, later = (now + horizon for horizon in LIABILITY_HORIZONS)
+    return now, await store.liability(session, now, soon, later)
+
+
+async def partner_settlements(session: AsyncSession, start: datetime, end: datetime) -> list[store.Settlement]:
+    """What partners owe each other for a period: points one issued that were spent at another."""
+    return await store.partner_settlements(session, start, end)

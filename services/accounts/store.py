@@ -6,7 +6,21 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String, UniqueConstraint, func, or_, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    and_,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -17,6 +31,7 @@ from loyalty.runtime.outbox import define_outbox_table
 from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import UtcDateTime
 from services.accounts.domain import (
+    MAX_ACTOR_LENGTH,
     MAX_HOLDER_ID_LENGTH,
     MAX_REASON_LENGTH,
     MAX_SOURCE_REF_LENGTH,
@@ -26,6 +41,7 @@ from services.accounts.domain import (
     Hold,
     HoldStatus,
     Lot,
+    LotRestriction,
 )
 
 
@@ -68,6 +84,17 @@ class LotRow(Base):
     expired_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     # When points.expiring was announced for this lot.
     expiry_warned_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Promo restrictions: the only stores the points may be spent in (null: any), and the
+    # largest share of a receipt, in basis points, they may pay (null: no cap).
+    store_ids: Mapped[list[str] | None] = mapped_column(JSON)
+    max_receipt_share_bp: Mapped[int | None] = mapped_column(Integer)
+    # The coalition partner that issued the points; null: the program itself.
+    partner_id: Mapped[str | None] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
+
+    def restriction(self) -> LotRestriction | None:
+        if not self.store_ids and not self.max_receipt_share_bp:
+            return None
+        return LotRestriction(frozenset(self.store_ids or ()), self.max_receipt_share_bp or 0)
 
 
 class EntryRow(Base):
@@ -86,6 +113,8 @@ class EntryRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     # For a reversal: the operation it reverses.
     reverses_entry_id: Mapped[str | None] = mapped_column(ForeignKey("entries.entry_id"), index=True)
+    # For a redemption (and its reversals): the coalition partner the points were spent at.
+    partner_id: Mapped[str | None] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
 
 
 class HoldRow(Base):
@@ -101,9 +130,23 @@ class HoldRow(Base):
     source_ref: Mapped[str] = mapped_column(String(MAX_SOURCE_REF_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     settled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    member_id: Mapped[str | None] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
+    store_id: Mapped[str | None] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
+    receipt_amount: Mapped[int | None] = mapped_column(BigInteger)
+    partner_id: Mapped[str | None] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
 
     def to_domain(self) -> Hold:
-        return Hold(self.hold_id, self.amount, HoldStatus(self.status), self.expires_at, self.captured)
+        return Hold(
+            self.hold_id,
+            self.amount,
+            HoldStatus(self.status),
+            self.expires_at,
+            self.captured,
+            self.member_id or "",
+            self.store_id or "",
+            self.receipt_amount or 0,
+            self.partner_id or "",
+        )
 
 
 class AllocationRow(Base):
@@ -114,6 +157,21 @@ class AllocationRow(Base):
     entry_id: Mapped[str] = mapped_column(ForeignKey("entries.entry_id"), primary_key=True)
     lot_id: Mapped[str] = mapped_column(ForeignKey("lots.lot_id"), primary_key=True)
     amount: Mapped[int] = mapped_column(BigInteger)
+
+
+class AdjustmentRow(Base):
+    """The audit trail of manual adjustments: who credited or debited points by hand, and why."""
+
+    __tablename__ = "adjustments"
+    __table_args__ = (Index("ix_adjustments_account_created", "account_id", "created_at"),)
+
+    entry_id: Mapped[str] = mapped_column(ForeignKey("entries.entry_id", name="fk_adjustments_entry"), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id", name="fk_adjustments_account"))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(MAX_ACTOR_LENGTH))
+    reason: Mapped[str] = mapped_column(String(MAX_REASON_LENGTH))
+    member_id: Mapped[str | None] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 outbox = define_outbox_table(Base.metadata)
@@ -144,10 +202,15 @@ async def open_account(session: AsyncSession, holder_id: str, currency: str, now
 
 
 async def add_accrual(
-    session: AsyncSession, account: AccountRow, accrual: Accrual, now: datetime, repaid: int = 0
+    session: AsyncSession,
+    account: AccountRow,
+    accrual: Accrual,
+    now: datetime,
+    repaid: int = 0,
+    kind: EntryKind = EntryKind.ACCRUAL,
 ) -> EntryRow:
-    """A new lot and its entry; `repaid` of the points go to the account's negative balance
-    instead of the lot (the account must be locked)."""
+    """A new lot and its entry (an accrual, or a credit adjustment); `repaid` of the points
+    go to the account's negative balance instead of the lot (the account must be locked)."""
     account.debt -= repaid
     lot = LotRow(
         lot_id=str(uuid.uuid4()),
@@ -159,11 +222,14 @@ async def add_accrual(
         source=accrual.source.value,
         source_ref=accrual.source_ref,
         created_at=now,
+        store_ids=sorted(accrual.restriction.store_ids) or None,
+        max_receipt_share_bp=accrual.restriction.max_receipt_share_bp or None,
+        partner_id=accrual.partner_id or None,
     )
     entry = EntryRow(
         entry_id=str(uuid.uuid4()),
         account_id=account.account_id,
-        kind=EntryKind.ACCRUAL.value,
+        kind=kind.value,
         amount=accrual.amount,
         lot_id=lot.lot_id,
         source_ref=accrual.source_ref,
@@ -175,6 +241,16 @@ async def add_accrual(
     session.add(entry)
     await session.flush()
     return entry
+
+
+async def accrued_since(session: AsyncSession, account_id: str, since: datetime, sources: frozenset[str]) -> int:
+    """Points credited to the account since `since` by accruals of the given sources."""
+    total = await session.scalar(
+        select(func.coalesce(func.sum(LotRow.amount), 0)).where(
+            LotRow.account_id == account_id, LotRow.created_at >= since, LotRow.source.in_(sources)
+        )
+    )
+    return int(total or 0)
 
 
 async def open_lots(session: AsyncSession, account_id: str, now: datetime, for_update: bool = False) -> list[Lot]:
@@ -190,7 +266,36 @@ async def open_lots(session: AsyncSession, account_id: str, now: datetime, for_u
         .execution_options(populate_existing=True)
     )
     rows = await session.scalars(query.with_for_update() if for_update else query)
-    return [Lot(row.lot_id, row.remaining, row.activate_at, row.expire_at) for row in rows]
+    return [
+        Lot(row.lot_id, row.remaining, row.activate_at, row.expire_at, row.restriction(), row.partner_id or "")
+        for row in rows
+    ]
+
+
+async def active_lots_in_spending_order(
+    session: AsyncSession, account_id: str, now: datetime, limit: int, offset: int
+) -> list[Lot]:
+    """A batch of the active lots with points left, locked, in the order they are spent
+    (soonest expiry first, lots that never expire last): a redemption reads only as many
+    batches as it needs, however many lots the account has."""
+    rows = await session.scalars(
+        select(LotRow)
+        .where(
+            LotRow.account_id == account_id,
+            LotRow.remaining > 0,
+            LotRow.activate_at <= now,
+            or_(LotRow.expire_at.is_(None), LotRow.expire_at > now),
+        )
+        .order_by(LotRow.expire_at.is_(None), LotRow.expire_at, LotRow.activate_at, LotRow.lot_id)
+        .limit(limit)
+        .offset(offset)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return [
+        Lot(row.lot_id, row.remaining, row.activate_at, row.expire_at, row.restriction(), row.partner_id or "")
+        for row in rows
+    ]
 
 
 async def list_entries(session: AsyncSession, account_id: str, limit: int, after: Cursor | None) -> list[EntryRow]:
@@ -220,6 +325,38 @@ async def lock_account(session: AsyncSession, holder_id: str, currency: str) -> 
     return await _locked_account(session, AccountRow.holder_id == holder_id, AccountRow.currency == currency)
 
 
+@dataclass(frozen=True)
+class BalanceFigures:
+    active: int
+    pending: int
+    held: int
+
+
+async def balance_figures(session: AsyncSession, account_id: str, now: datetime) -> BalanceFigures:
+    """domain.balance_at computed by the database in one round trip, so a balance costs the
+    same for an account with thousands of lots as for one with a single lot."""
+    unexpired = or_(LotRow.expire_at.is_(None), LotRow.expire_at > now)
+    lots = (
+        select(
+            func.coalesce(func.sum(case((LotRow.activate_at <= now, LotRow.remaining), else_=0)), 0).label("active"),
+            func.coalesce(func.sum(case((LotRow.activate_at > now, LotRow.remaining), else_=0)), 0).label("pending"),
+        )
+        .where(LotRow.account_id == account_id, LotRow.remaining > 0, unexpired)
+        .subquery()
+    )
+    held = (
+        select(func.coalesce(func.sum(HoldRow.amount), 0))
+        .where(
+            HoldRow.account_id == account_id,
+            HoldRow.status == HoldStatus.ACTIVE.value,
+            HoldRow.expires_at > now,
+        )
+        .scalar_subquery()
+    )
+    row = (await session.execute(select(lots.c.active, lots.c.pending, held))).one()
+    return BalanceFigures(int(row[0]), int(row[1]), int(row[2]))
+
+
 async def live_holds(session: AsyncSession, account_id: str, now: datetime) -> list[Hold]:
     rows = await session.scalars(
         select(HoldRow).where(
@@ -232,7 +369,16 @@ async def live_holds(session: AsyncSession, account_id: str, now: datetime) -> l
 
 
 async def add_hold(
-    session: AsyncSession, account: AccountRow, amount: int, expires_at: datetime, source_ref: str, now: datetime
+    session: AsyncSession,
+    account: AccountRow,
+    amount: int,
+    expires_at: datetime,
+    source_ref: str,
+    now: datetime,
+    member_id: str = "",
+    store_id: str = "",
+    receipt_amount: int = 0,
+    partner_id: str = "",
 ) -> Hold:
     row = HoldRow(
         hold_id=str(uuid.uuid4()),
@@ -244,6 +390,10 @@ async def add_hold(
         source_ref=source_ref,
         created_at=now,
         settled_at=None,
+        member_id=member_id or None,
+        store_id=store_id or None,
+        receipt_amount=receipt_amount or None,
+        partner_id=partner_id or None,
     )
     session.add(row)
     await session.flush()
@@ -274,12 +424,16 @@ async def add_redemption(
     source_ref: str,
     reason: str,
     now: datetime,
+    kind: EntryKind = EntryKind.REDEMPTION,
+    partner_id: str = "",
 ) -> EntryRow:
-    """Debits the allocated lots and writes one redemption entry that remembers them."""
+    """Debits the allocated lots and writes one entry (a redemption, or a debit adjustment)
+    that remembers them."""
     entry = EntryRow(
         entry_id=str(uuid.uuid4()),
         account_id=account.account_id,
-        kind=EntryKind.REDEMPTION.value,
+        partner_id=partner_id or None,
+        kind=kind.value,
         amount=-sum(allocation.amount for allocation in allocations),
         lot_id=None,
         source_ref=source_ref,
@@ -299,6 +453,52 @@ async def add_redemption(
         session.add(AllocationRow(entry_id=entry.entry_id, lot_id=allocation.lot_id, amount=allocation.amount))
     await session.flush()
     return entry
+
+
+async def add_entry(
+    session: AsyncSession,
+    account: AccountRow,
+    kind: EntryKind,
+    amount: int,
+    source_ref: str,
+    reason: str,
+    now: datetime,
+) -> EntryRow:
+    """An entry that touches no lot: a negative balance moving between accounts."""
+    entry = EntryRow(
+        entry_id=str(uuid.uuid4()),
+        account_id=account.account_id,
+        kind=kind.value,
+        amount=amount,
+        lot_id=None,
+        source_ref=source_ref,
+        reason=reason,
+        created_at=now,
+    )
+    session.add(entry)
+    await session.flush()
+    return entry
+
+
+async def accounts_of(session: AsyncSession, holder_id: str) -> list[AccountRow]:
+    return list(await session.scalars(select(AccountRow).where(AccountRow.holder_id == holder_id)))
+
+
+async def add_adjustment_record(
+    session: AsyncSession, entry: EntryRow, actor: str, reason: str, member_id: str, now: datetime
+) -> None:
+    session.add(
+        AdjustmentRow(
+            entry_id=entry.entry_id,
+            account_id=entry.account_id,
+            amount=entry.amount,
+            actor=actor,
+            reason=reason,
+            member_id=member_id or None,
+            created_at=now,
+        )
+    )
+    await session.flush()
 
 
 async def outstanding_by_currency(session: AsyncSession, now: datetime) -> dict[str, int]:
@@ -447,6 +647,7 @@ async def add_reversal(
         reason=f"reverses {original.kind} {original.entry_id}",
         created_at=now,
         reverses_entry_id=original.entry_id,
+        partner_id=original.partner_id,
     )
     session.add(entry)
     await session.flush()
@@ -478,3 +679,123 @@ async def lock_account_by_id(session: AsyncSession, account_id: str) -> AccountR
     if account is None:
         raise LookupError(f"account {account_id} is gone")
     return account
+
+
+@dataclass(frozen=True)
+class PeriodTotals:
+    opening: int
+    credits: int
+    debits: int
+
+
+async def period_totals(session: AsyncSession, account_id: str, start: datetime, end: datetime) -> PeriodTotals:
+    """The sum of the entries before `start`, and the credits and debits in [start, end)."""
+    in_period = and_(EntryRow.created_at >= start, EntryRow.created_at < end)
+    row = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(case((EntryRow.created_at < start, EntryRow.amount), else_=0)), 0),
+                func.coalesce(func.sum(case((and_(in_period, EntryRow.amount > 0), EntryRow.amount), else_=0)), 0),
+                func.coalesce(func.sum(case((and_(in_period, EntryRow.amount < 0), EntryRow.amount), else_=0)), 0),
+            ).where(EntryRow.account_id == account_id, EntryRow.created_at < end)
+        )
+    ).one()
+    return PeriodTotals(int(row[0]), int(row[1]), int(row[2]))
+
+
+async def entries_in_period(
+    session: AsyncSession, account_id: str, start: datetime, end: datetime, limit: int, after: Cursor | None
+) -> list[EntryRow]:
+    """Entries in [start, end), oldest first, starting after the (created_at, entry_id) of the previous page."""
+    query = select(EntryRow).where(
+        EntryRow.account_id == account_id, EntryRow.created_at >= start, EntryRow.created_at < end
+    )
+    if after is not None:
+        query = query.where(
+            or_(
+                EntryRow.created_at > after.time,
+                (EntryRow.created_at == after.time) & (EntryRow.entry_id > after.item_id),
+            )
+        )
+    return list(await session.scalars(query.order_by(EntryRow.created_at, EntryRow.entry_id).limit(limit)))
+
+
+@dataclass(frozen=True)
+class Liability:
+    currency: str
+    active: int
+    pending: int
+    negative: int
+    expiring_30_days: int
+    expiring_90_days: int
+
+
+async def liability(session: AsyncSession, now: datetime, soon: datetime, later: datetime) -> list[Liability]:
+    """Per currency: points not expired (active, pending), what expires by `soon` and by
+    `later`, and the negative balances owed to the program."""
+    unexpired = or_(LotRow.expire_at.is_(None), LotRow.expire_at > now)
+
+    def total(condition: ColumnElement[bool]) -> ColumnElement[int]:
+        return func.coalesce(func.sum(case((condition, LotRow.remaining), else_=0)), 0)
+
+    lots = await session.execute(
+        select(
+            AccountRow.currency,
+            total(and_(unexpired, LotRow.activate_at <= now)),
+            total(and_(unexpired, LotRow.activate_at > now)),
+            total(and_(unexpired, LotRow.expire_at <= soon)),
+            total(and_(unexpired, LotRow.expire_at <= later)),
+        )
+        .join(LotRow, LotRow.account_id == AccountRow.account_id)
+        .where(LotRow.remaining > 0)
+        .group_by(AccountRow.currency)
+    )
+    owed = await session.execute(
+        select(AccountRow.currency, func.sum(AccountRow.debt)).where(AccountRow.debt > 0).group_by(AccountRow.currency)
+    )
+    debts = {currency: int(total) for currency, total in owed.tuples()}
+    figures = {row[0]: row for row in lots.tuples()}
+    return [
+        Liability(
+            currency,
+            int(figures[currency][1]) if currency in figures else 0,
+            int(figures[currency][2]) if currency in figures else 0,
+            int(debts.get(currency) or 0),
+            int(figures[currency][3]) if currency in figures else 0,
+            int(figures[currency][4]) if currency in figures else 0,
+        )
+        for currency in sorted({*figures, *debts})
+    ]
+
+
+@dataclass(frozen=True)
+class Settlement:
+    issuer_partner_id: str
+    spender_partner_id: str
+    currency: str
+    points: int
+
+
+async def partner_settlements(session: AsyncSession, start: datetime, end: datetime) -> list[Settlement]:
+    """Per (issuing partner, spending partner, currency): points issued by one and spent at
+    another in [start, end), net of the redemptions reversed in the period. The program
+    itself is the partner ''."""
+    issuer = func.coalesce(LotRow.partner_id, "")
+    spender = func.coalesce(EntryRow.partner_id, "")
+    signed = case((EntryRow.kind == EntryKind.REDEMPTION.value, AllocationRow.amount), else_=-AllocationRow.amount)
+    rows = await session.execute(
+        select(issuer, spender, AccountRow.currency, func.sum(signed))
+        .select_from(AllocationRow)
+        .join(EntryRow, EntryRow.entry_id == AllocationRow.entry_id)
+        .join(LotRow, LotRow.lot_id == AllocationRow.lot_id)
+        .join(AccountRow, AccountRow.account_id == EntryRow.account_id)
+        .where(
+            EntryRow.kind.in_([EntryKind.REDEMPTION.value, EntryKind.REVERSAL.value]),
+            EntryRow.created_at >= start,
+            EntryRow.created_at < end,
+            issuer != spender,
+        )
+        .group_by(issuer, spender, AccountRow.currency)
+        .order_by(issuer, spender, AccountRow.currency)
+    )
+    return [Settlement(a, b, currency, int(points)) for a, b, currency, points in rows.tuples() if points]

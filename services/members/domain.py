@@ -1,16 +1,27 @@
-"""Members' rules: identifiers and their normal forms. No I/O here."""
+"""Members' rules: identifiers and their normal forms, profiles, cards, QR tokens and tier
+qualification. No I/O here."""
 
 from __future__ import annotations
 
+import base64
+import calendar
+import hashlib
+import hmac
 import re
 import secrets
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from enum import StrEnum
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 CARD_NUMBER_LENGTH = 13
 CARD_NUMBER_PREFIX = "77"
 DEFAULT_TIER = "basic"
+DEFAULT_CARD_TYPE = "standard"
+MAX_CARD_NUMBER_LENGTH = 19
+CONSENT_CHANNELS = ("sms", "email", "push", "viber", "telegram")
 
 _PHONE_NOISE = re.compile(r"[\s\-().]")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -24,12 +35,29 @@ class MemberStatus(StrEnum):
 class CardStatus(StrEnum):
     ACTIVE = "active"
     BLOCKED = "blocked"
+    REPLACED = "replaced"
+    EXPIRED = "expired"
+    UNISSUED = "unissued"
+
+
+class Participation(StrEnum):
+    PERSONAL = "personal"
+    FAMILY = "family"
+    ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Consent:
+    channel: str
+    granted: bool
+    updated_at: datetime
+    source: str
 
 
 @dataclass(frozen=True)
 class Member:
     member_id: str
-    phone: str
+    phone: str | None
     email: str | None
     first_name: str
     last_name: str
@@ -37,18 +65,73 @@ class Member:
     tier: str
     registration_channel: int
     created_at: datetime
+    time_zone: str = ""
+    locale: str = ""
+    birth_date: str = ""
+    push_token: str = ""
+    telegram_chat_id: str = ""
+    household_id: str | None = None
+    block_reason: str = ""
+    erased_at: datetime | None = None
+    tier_expires_at: datetime | None = None
+    consents: tuple[Consent, ...] = field(default_factory=tuple)
 
     @property
     def account_holder_id(self) -> str:
-        return self.member_id
+        """Points are kept under the household while the member is in one (a pooled account)."""
+        return self.household_id or self.member_id
+
+    @property
+    def participation(self) -> Participation:
+        if self.phone is None:
+            return Participation.ANONYMOUS
+        return Participation.FAMILY if self.household_id else Participation.PERSONAL
+
+
+def member_payload(member: Member) -> dict[str, Any]:
+    """The payload of member.registered and member.updated, as the notifications service reads it."""
+    granted = {consent.channel: consent.granted for consent in member.consents}
+    return {
+        "member_id": member.member_id,
+        "phone": member.phone or "",
+        "email": member.email or "",
+        "first_name": member.first_name,
+        "last_name": member.last_name,
+        "locale": member.locale,
+        "time_zone": member.time_zone,
+        "birth_date": member.birth_date,
+        "push_token": member.push_token,
+        "telegram_chat_id": member.telegram_chat_id,
+        "status": member.status.value,
+        "tier": member.tier,
+        "consents": {channel: granted.get(channel, False) for channel in CONSENT_CHANNELS},
+    }
+
+
+def merge_consents(current: Sequence[Consent], changes: Sequence[Consent]) -> tuple[Consent, ...]:
+    """The consents after `changes`: a channel given is replaced, the others are kept."""
+    by_channel = {consent.channel: consent for consent in current}
+    by_channel.update({consent.channel: consent for consent in changes})
+    return tuple(by_channel[channel] for channel in CONSENT_CHANNELS if channel in by_channel)
 
 
 @dataclass(frozen=True)
 class Card:
     card_number: str
-    member_id: str
+    member_id: str | None
     status: CardStatus
     issued_at: datetime
+    card_type: str = DEFAULT_CARD_TYPE
+    expires_at: datetime | None = None
+    block_reason: str = ""
+    replaced_by: str = ""
+
+
+@dataclass(frozen=True)
+class CardType:
+    code: str
+    name: str
+    validity_days: int
 
 
 class InvalidIdentifier(ValueError):
@@ -97,3 +180,182 @@ def new_card_number() -> str:
     body_length = CARD_NUMBER_LENGTH - len(CARD_NUMBER_PREFIX) - 1
     payload = CARD_NUMBER_PREFIX + "".join(secrets.choice("0123456789") for _ in range(body_length))
     return payload + luhn_check_digit(payload)
+
+
+_LOCALE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+_CODE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def is_valid_code(code: str) -> bool:
+    """Codes of tiers, card types and segments: lower case, digits, '_' and '-', up to 32."""
+    return bool(_CODE.fullmatch(code))
+
+
+def is_valid_time_zone(name: str) -> bool:
+    if not name or name.startswith("/") or ".." in name:
+        return False
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def is_valid_locale(tag: str) -> bool:
+    return len(tag) <= 35 and bool(_LOCALE.fullmatch(tag))
+
+
+def parse_birth_date(text: str, today: date) -> date:
+    """A birth date as YYYY-MM-DD, not in the future and not before 1900."""
+    try:
+        born = date.fromisoformat(text)
+    except ValueError:
+        raise InvalidIdentifier("a date as YYYY-MM-DD") from None
+    if len(text) != 10 or not date(1900, 1, 1) <= born <= today:
+        raise InvalidIdentifier("a date as YYYY-MM-DD between 1900-01-01 and today")
+    return born
+
+
+# Card batches ----------------------------------------------------------------
+
+
+def batch_card_number(prefix: str, sequence: int, sequence_digits: int) -> str:
+    payload = f"{prefix}{sequence:0{sequence_digits}d}"
+    return payload + luhn_check_digit(payload)
+
+
+def batch_card_numbers(prefix: str, first: int, count: int, sequence_digits: int) -> Iterator[str]:
+    """The numbers of a range in order; unique because the payload (prefix + sequence) is."""
+    for sequence in range(first, first + count):
+        yield batch_card_number(prefix, sequence, sequence_digits)
+
+
+def ranges_overlap(first_a: int, count_a: int, first_b: int, count_b: int) -> bool:
+    return first_a < first_b + count_b and first_b < first_a + count_a
+
+
+# QR tokens --------------------------------------------------------------------
+
+
+class InvalidToken(ValueError):
+    """A QR token that is malformed or not signed by this program."""
+
+
+class ExpiredToken(ValueError):
+    """A genuine QR token past its lifetime."""
+
+
+def _token_signature(secret: bytes, body: str) -> str:
+    digest = hmac.new(secret, body.encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def sign_qr_token(secret: bytes, member_id: str, expires_at: datetime) -> str:
+    """`<member id>.<expiry, unix seconds>.<HMAC-SHA256, 128 bits, base64url>`: short enough for
+    a small QR code, and verifiable by any replica holding the secret without a lookup."""
+    body = f"{member_id}.{int(expires_at.timestamp())}"
+    return f"{body}.{_token_signature(secret, body)}"
+
+
+def verify_qr_token(secret: bytes, token: str, now: datetime) -> str:
+    """The member id a token was issued for; raises InvalidToken or ExpiredToken."""
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        raise InvalidToken("not a QR token")
+    member_id, expiry, signature = parts
+    if not hmac.compare_digest(signature, _token_signature(secret, f"{member_id}.{expiry}")):
+        raise InvalidToken("not a QR token of this program")
+    if int(expiry) <= now.timestamp():
+        raise ExpiredToken("the QR token has expired")
+    return member_id
+
+
+# Tiers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TierDefinition:
+    code: str
+    name: str
+    rank: int
+    spend_threshold_minor: int
+    window_months: int
+    duration_days: int
+    downgrade_after_inactive_days: int
+
+
+BASIC_TIER = TierDefinition(DEFAULT_TIER, "Basic", 0, 0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class TierDecision:
+    """What evaluation changes: the tier (with the reason of a change) or only its end."""
+
+    tier: str
+    expires_at: datetime | None
+    reason: str | None
+    """None when the tier stays and only its end moves (requalified)."""
+
+
+def months_before(moment: datetime, months: int) -> datetime:
+    """The same day and time `months` calendar months earlier (the month's last day when shorter)."""
+    month_index = moment.year * 12 + moment.month - 1 - months
+    year, month = divmod(month_index, 12)
+    day = min(moment.day, calendar.monthrange(year, month + 1)[1])
+    return moment.replace(year=year, month=month + 1, day=day)
+
+
+def window_start(definition: TierDefinition, now: datetime) -> datetime | None:
+    """Where a tier's qualifying spend starts counting; None for all time."""
+    return months_before(now, definition.window_months) if definition.window_months else None
+
+
+def _inactive(definition: TierDefinition, last_purchase: datetime | None, now: datetime) -> bool:
+    if not definition.downgrade_after_inactive_days:
+        return False
+    return last_purchase is None or now - last_purchase > timedelta(days=definition.downgrade_after_inactive_days)
+
+
+def _lasts_until(definition: TierDefinition, now: datetime) -> datetime | None:
+    return now + timedelta(days=definition.duration_days) if definition.duration_days else None
+
+
+def evaluate_tier(
+    current: str,
+    current_expires_at: datetime | None,
+    definitions: Sequence[TierDefinition],
+    spend_by_tier: Mapping[str, int],
+    last_purchase: datetime | None,
+    now: datetime,
+) -> TierDecision | None:
+    """Decides a member's tier from the spend each definition counts (over its own window).
+
+    The best tier the member qualifies for wins at once. A tier with a duration lasts that
+    long after the member last qualified (requalifying moves its end); a tier without one
+    lasts while the member qualifies. A lower tier replaces the current one only when the
+    current has lapsed, or at once when the member has been inactive longer than the
+    current tier allows. Returns None when nothing changes.
+    """
+    by_code = {definition.code: definition for definition in definitions}
+    qualifying = [
+        definition
+        for definition in definitions
+        if spend_by_tier.get(definition.code, 0) >= definition.spend_threshold_minor
+        and not _inactive(definition, last_purchase, now)
+    ]
+    best = max(qualifying, key=lambda definition: definition.rank, default=BASIC_TIER)
+    held = by_code.get(current, BASIC_TIER)
+    if best.code == held.code:
+        renewed = _lasts_until(held, now)
+        if renewed is not None and (current_expires_at is None or renewed > current_expires_at):
+            return TierDecision(held.code, renewed, None)
+        return None
+    if best.rank > held.rank:
+        return TierDecision(best.code, _lasts_until(best, now), "qualified")
+    if _inactive(held, last_purchase, now):
+        return TierDecision(best.code, _lasts_until(best, now), "inactive")
+    if held.duration_days == 0 or current not in by_code or current_expires_at is None:
+        return TierDecision(best.code, _lasts_until(best, now), "not_qualified")
+    if current_expires_at is not None and current_expires_at <= now:
+        return TierDecision(best.code, _lasts_until(best, now), "expired")
+    return None

@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import grpc
 
 from loyalty.members.v1 import members_service_pb2, members_service_pb2_grpc
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
-from services.members import store
+from services.members import jobs, store
 from services.members.api import MembersApi
+from services.members.cache import TtlCache
+from services.members.events import GATEWAY_STREAM, gateway_handler
 
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
+    settings = context.settings
     relay = context.start_outbox_relay(store.outbox)
-    members_service_pb2_grpc.add_MembersServiceServicer_to_server(MembersApi(context.sessions, relay), server)
+    identities: TtlCache[members_service_pb2.MemberContext] = TtlCache(settings.identify_cache_seconds)
+
+    def tiers_reviewed() -> None:
+        relay.notify()
+        identities.clear()
+
+    context.subscribe(GATEWAY_STREAM, gateway_handler(context.sessions, relay, identities))
+    context.run_in_background(
+        jobs.run_periodically(
+            "emit_cards",
+            lambda: jobs.emit_card_batches(context.sessions),
+            context.metrics.job_runs,
+            relay.notify,
+            settings.card_emission_interval_seconds,
+        ),
+        "emit-cards",
+    )
+    context.run_in_background(
+        jobs.run_periodically(
+            "review_tiers",
+            lambda: jobs.review_tiers(context.sessions),
+            context.metrics.job_runs,
+            tiers_reviewed,
+            settings.tier_job_interval_seconds,
+        ),
+        "review-tiers",
+    )
+    # Without a configured key, tokens are signed with a key of this process alone: enough
+    # for the embedded run, where one replica both issues and verifies them.
+    configured = settings.qr_token_secret
+    secret = configured.get_secret_value().encode() if configured else secrets.token_bytes(32)
+    api = MembersApi(context.sessions, relay, secret, settings.qr_token_ttl_seconds, identities)
+    members_service_pb2_grpc.add_MembersServiceServicer_to_server(api, server)
 
 
 DEFINITION = ServiceDefinition(

@@ -2,31 +2,93 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loyalty.runtime.errors import FailedPrecondition, NotFound, Violations
+from loyalty.runtime.bus import Event
+from loyalty.runtime.errors import AlreadyExists, FailedPrecondition, NotFound, Violations
+from loyalty.runtime.inbox import first_delivery
 from loyalty.runtime.outbox import add_event
 from loyalty.runtime.timeutil import utcnow
 from services.members import store
 from services.members.domain import (
+    CONSENT_CHANNELS,
+    DEFAULT_CARD_TYPE,
     DEFAULT_TIER,
+    MAX_CARD_NUMBER_LENGTH,
     Card,
     CardStatus,
+    CardType,
+    Consent,
+    ExpiredToken,
     InvalidIdentifier,
+    InvalidToken,
     Member,
     MemberStatus,
+    TierDefinition,
+    batch_card_numbers,
+    evaluate_tier,
     is_valid_card_number,
+    is_valid_code,
+    is_valid_locale,
+    is_valid_time_zone,
+    member_payload,
+    merge_consents,
     new_card_number,
     normalize_email,
     normalize_phone,
+    parse_birth_date,
+    ranges_overlap,
+    sign_qr_token,
+    verify_qr_token,
+    window_start,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 100
 MAX_REFERRAL_CODE_LENGTH = 64
+MAX_REASON_LENGTH = 200
+MAX_SOURCE_LENGTH = 32
+MAX_PUSH_TOKEN_LENGTH = 512
+MAX_CHAT_ID_LENGTH = 64
+MAX_ID_LENGTH = 64
+MAX_SEGMENT_BATCH = 10_000
+MAX_BATCH_COUNT = 10_000_000
 CARD_NUMBER_ATTEMPTS = 5
+GATEWAY_CONSUMER = "members.gateway"
+SALE, RETURN = "sale", "return"
+BATCH_PENDING, BATCH_DONE = "pending", "done"
+UPDATABLE_FIELDS = frozenset(
+    {
+        "phone",
+        "email",
+        "first_name",
+        "last_name",
+        "time_zone",
+        "locale",
+        "birth_date",
+        "push_token",
+        "telegram_chat_id",
+        "consents",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ConsentInput:
+    """A consent as a client sends it; channel is "" when the client gave none."""
+
+    channel: str
+    granted: bool
+    source: str
 
 
 @dataclass(frozen=True)
@@ -37,10 +99,60 @@ class Registration:
     last_name: str
     channel: int
     referral_code: str | None
+    consents: tuple[ConsentInput, ...] = ()
+    time_zone: str = ""
+    locale: str = ""
+    birth_date: str = ""
+    card_number: str = ""
+
+
+def _check_consents(consents: Sequence[ConsentInput], violations: Violations, field: str = "consents") -> None:
+    seen: set[str] = set()
+    for index, consent in enumerate(consents):
+        where = f"{field}[{index}]"
+        violations.check(consent.channel in CONSENT_CHANNELS, f"{where}.channel", "a contact channel")
+        violations.check(consent.channel not in seen, f"{where}.channel", "given twice")
+        seen.add(consent.channel)
+        violations.check_length(consent.source, f"{where}.source", MAX_SOURCE_LENGTH)
+
+
+def _check_profile_text(values: dict[str, str], violations: Violations, prefix: str = "") -> dict[str, str]:
+    """Checks the optional profile fields present in `values`; returns their stored forms."""
+    checked: dict[str, str] = {}
+    for name, value in values.items():
+        where = f"{prefix}{name}"
+        if name == "time_zone":
+            violations.check(not value or is_valid_time_zone(value), where, "an IANA time zone such as Europe/Moscow")
+        elif name == "locale":
+            violations.check(not value or is_valid_locale(value), where, "a BCP 47 locale such as ru-RU")
+        elif name == "birth_date" and value:
+            try:
+                parse_birth_date(value, utcnow().date())
+            except InvalidIdentifier as error:
+                violations.add(where, str(error))
+        elif name in ("first_name", "last_name"):
+            violations.check_length(value, where, MAX_NAME_LENGTH)
+            value = value.strip()
+        elif name == "push_token":
+            violations.check_length(value, where, MAX_PUSH_TOKEN_LENGTH)
+        elif name == "telegram_chat_id":
+            violations.check_length(value, where, MAX_CHAT_ID_LENGTH)
+        checked[name] = value
+    return checked
 
 
 def parse_registration(
-    phone: str, email: str, first_name: str, last_name: str, channel: int, referral_code: str
+    phone: str,
+    email: str,
+    first_name: str,
+    last_name: str,
+    channel: int,
+    referral_code: str,
+    consents: Sequence[ConsentInput] = (),
+    time_zone: str = "",
+    locale: str = "",
+    birth_date: str = "",
+    card_number: str = "",
 ) -> Registration:
     violations = Violations()
     normal_phone = normal_email = None
@@ -53,13 +165,34 @@ def parse_registration(
             normal_email = normalize_email(email)
         except InvalidIdentifier as error:
             violations.add("email", str(error))
-    violations.check(len(first_name) <= MAX_NAME_LENGTH, "first_name", f"at most {MAX_NAME_LENGTH} characters")
-    violations.check(len(last_name) <= MAX_NAME_LENGTH, "last_name", f"at most {MAX_NAME_LENGTH} characters")
+    profile = _check_profile_text(
+        {
+            "first_name": first_name,
+            "last_name": last_name,
+            "time_zone": time_zone,
+            "locale": locale,
+            "birth_date": birth_date,
+        },
+        violations,
+    )
     violations.check_length(referral_code, "referral_code", MAX_REFERRAL_CODE_LENGTH)
+    _check_consents(consents, violations)
+    if card_number:
+        violations.check(is_valid_card_number(card_number), "card_number", "digits with a valid check digit")
     violations.raise_if_any()
     assert normal_phone is not None
     return Registration(
-        normal_phone, normal_email, first_name.strip(), last_name.strip(), channel, referral_code or None
+        normal_phone,
+        normal_email,
+        profile["first_name"],
+        profile["last_name"],
+        channel,
+        referral_code or None,
+        tuple(consents),
+        time_zone,
+        locale,
+        birth_date,
+        card_number,
     )
 
 
@@ -73,11 +206,25 @@ def parse_phone(phone: str, field: str = "phone") -> str:
         raise
 
 
+def _consents(inputs: Sequence[ConsentInput], now: datetime) -> tuple[Consent, ...]:
+    return tuple(Consent(item.channel, item.granted, now, item.source) for item in inputs)
+
+
+async def _announce_member(session: AsyncSession, event_type: str, member: Member, **extra: Any) -> None:
+    await add_event(session, store.outbox, event_type, key=member.member_id, payload=member_payload(member) | extra)
+
+
 async def register_member(session: AsyncSession, registration: Registration) -> tuple[Member, bool]:
-    """Returns the member and whether it was created; an existing phone or e-mail wins."""
+    """Returns the member and whether it was created; an existing phone or e-mail wins.
+
+    With a card number, the anonymous member holding that card becomes this person: the
+    member id (and so the card's points and history) stays."""
     existing = await store.find_member_by_phone(session, registration.phone)
     if existing is None and registration.email:
         existing = await store.find_member_by_email(session, registration.email)
+    now = utcnow()
+    if registration.card_number:
+        return await _claim_anonymous_card(session, registration, existing, now), True
     if existing is not None:
         return existing, False
     member = Member(
@@ -89,48 +236,209 @@ async def register_member(session: AsyncSession, registration: Registration) -> 
         status=MemberStatus.ACTIVE,
         tier=DEFAULT_TIER,
         registration_channel=registration.channel,
-        created_at=utcnow(),
+        created_at=now,
+        time_zone=registration.time_zone,
+        locale=registration.locale,
+        birth_date=registration.birth_date,
+        consents=merge_consents((), _consents(registration.consents, now)),
     )
     await store.add_member(session, member, registration.referral_code)
-    await add_event(
+    await _announce_member(
         session,
-        store.outbox,
         "member.registered",
-        key=member.member_id,
-        payload={
-            "member_id": member.member_id,
-            "first_name": member.first_name,
-            "channel": member.registration_channel,
-            "referral_code": registration.referral_code,
-        },
+        member,
+        channel=member.registration_channel,
+        referral_code=registration.referral_code,
     )
     return member, True
 
 
-async def get_member(session: AsyncSession, member_id: str) -> Member:
-    member = await store.find_member(session, member_id)
+async def _claim_anonymous_card(
+    session: AsyncSession, registration: Registration, existing: Member | None, now: datetime
+) -> Member:
+    card = await store.find_card(session, registration.card_number)
+    if card is None or card.member_id is None:
+        raise NotFound("CARD_NOT_FOUND", "no issued card with this number")
+    holder = await get_member(session, card.member_id, for_update=True)
+    if holder.phone is not None or holder.erased_at is not None:
+        raise FailedPrecondition("CARD_NOT_ANONYMOUS", "the card already belongs to a registered member")
+    if existing is not None:
+        raise AlreadyExists(
+            "MEMBER_ALREADY_EXISTS",
+            "the phone or e-mail belongs to another member; merge them instead",
+            {"member_id": existing.member_id},
+        )
+    member = dataclasses.replace(
+        holder,
+        phone=registration.phone,
+        email=registration.email,
+        first_name=registration.first_name,
+        last_name=registration.last_name,
+        time_zone=registration.time_zone,
+        locale=registration.locale,
+        birth_date=registration.birth_date,
+        consents=merge_consents(holder.consents, _consents(registration.consents, now)),
+    )
+    await store.save_member(session, member)
+    await _announce_member(
+        session,
+        "member.registered",
+        member,
+        channel=registration.channel,
+        referral_code=registration.referral_code,
+    )
+    return member
+
+
+async def get_member(session: AsyncSession, member_id: str, for_update: bool = False) -> Member:
+    member = await store.find_member(session, member_id, for_update)
     if member is None:
         raise NotFound("MEMBER_NOT_FOUND", f"no member {member_id!r}")
     return member
 
 
-async def issue_card(session: AsyncSession, member_id: str, card_number: str) -> Card:
-    member = await get_member(session, member_id)
-    if member.status is not MemberStatus.ACTIVE:
-        raise FailedPrecondition("MEMBER_BLOCKED", "cards are not issued to a blocked member")
-    if card_number:
-        if await store.find_card(session, card_number) is not None:
-            raise FailedPrecondition("CARD_NUMBER_TAKEN", f"card {card_number} already belongs to a member")
-    else:
-        for _attempt in range(CARD_NUMBER_ATTEMPTS):
-            card_number = new_card_number()
-            if await store.find_card(session, card_number) is None:
-                break
-        else:
-            raise FailedPrecondition("CARD_NUMBERS_EXHAUSTED", "could not find a free card number")
-    card = Card(card_number, member.member_id, CardStatus.ACTIVE, utcnow())
-    await store.add_card(session, card)
-    return card
+async def _live_member(session: AsyncSession, member_id: str) -> Member:
+    """The member, locked for a change; an erased member can no longer be changed."""
+    member = await get_member(session, member_id, for_update=True)
+    if member.erased_at is not None:
+        raise FailedPrecondition("MEMBER_ERASED", "the member's data was erased")
+    return member
+
+
+# Profile ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileChange:
+    """The checked new values of the fields an update mask names."""
+
+    values: dict[str, str | None]
+    consents: tuple[ConsentInput, ...]
+    paths: frozenset[str]
+
+
+def parse_profile_change(
+    paths: Sequence[str], values: dict[str, str], consents: Sequence[ConsentInput]
+) -> ProfileChange:
+    """Checks an update: `values` holds the new value of every scalar field (as sent)."""
+    violations = Violations()
+    if not paths:
+        violations.add("update_mask", "name at least one field")
+    for path in paths:
+        violations.check(path in UPDATABLE_FIELDS, "update_mask", f"{path!r} cannot be updated")
+    violations.raise_if_any()
+    named = {path: values.get(path, "") for path in paths if path != "consents"}
+    checked: dict[str, str | None] = dict(_check_profile_text(named, violations, "member."))
+    if "phone" in named:
+        try:
+            checked["phone"] = normalize_phone(named["phone"])
+        except InvalidIdentifier as error:
+            violations.add("member.phone", str(error) if named["phone"] else "required: a member keeps a phone")
+    if "email" in named:
+        try:
+            checked["email"] = normalize_email(named["email"]) if named["email"] else None
+        except InvalidIdentifier as error:
+            violations.add("member.email", str(error))
+    if "consents" in paths:
+        _check_consents(consents, violations, "member.consents")
+    violations.raise_if_any()
+    return ProfileChange(checked, tuple(consents), frozenset(paths))
+
+
+async def update_member(session: AsyncSession, member_id: str, change: ProfileChange) -> Member:
+    member = await _live_member(session, member_id)
+    if member.phone is None:
+        raise FailedPrecondition("MEMBER_ANONYMOUS", "register the card holder (RegisterMember with the card) first")
+    phone, email = change.values.get("phone"), change.values.get("email")
+    if phone is not None and phone != member.phone:
+        other = await store.find_member_by_phone(session, phone)
+        if other is not None:
+            raise AlreadyExists("PHONE_TAKEN", "the phone belongs to another member", {"member_id": other.member_id})
+    if email is not None and email != member.email:
+        other = await store.find_member_by_email(session, email)
+        if other is not None:
+            raise AlreadyExists("EMAIL_TAKEN", "the e-mail belongs to another member", {"member_id": other.member_id})
+    consents = member.consents
+    if "consents" in change.paths:
+        consents = merge_consents(member.consents, _consents(change.consents, utcnow()))
+    updated = dataclasses.replace(member, **change.values, consents=consents)  # type: ignore[arg-type]
+    if updated == member:
+        return member
+    await store.save_member(session, updated)
+    await _announce_member(session, "member.updated", updated)
+    return updated
+
+
+def check_reason(reason: str, field: str = "reason") -> None:
+    violations = Violations()
+    violations.check(bool(reason.strip()), field, "required")
+    violations.check_length(reason, field, MAX_REASON_LENGTH)
+    violations.raise_if_any()
+
+
+async def block_member(session: AsyncSession, member_id: str, reason: str) -> Member:
+    member = await _live_member(session, member_id)
+    if member.status is MemberStatus.BLOCKED:
+        return member
+    blocked = dataclasses.replace(member, status=MemberStatus.BLOCKED, block_reason=reason)
+    await store.save_member(session, blocked)
+    await _announce_member(session, "member.updated", blocked)
+    return blocked
+
+
+async def unblock_member(session: AsyncSession, member_id: str) -> Member:
+    member = await _live_member(session, member_id)
+    if member.status is MemberStatus.ACTIVE:
+        return member
+    active = dataclasses.replace(member, status=MemberStatus.ACTIVE, block_reason="")
+    await store.save_member(session, active)
+    await _announce_member(session, "member.updated", active)
+    return active
+
+
+ERASED_REASON = "erased"
+
+
+async def erase_member(session: AsyncSession, member_id: str) -> Member:
+    """Removes the member's personal data; the id, tier, purchases and ledger stay, anonymous.
+
+    The member is blocked and their cards too (a card would identify the person again);
+    they leave their household and segments; profile events still in the outbox lose their
+    personal payload."""
+    member = await get_member(session, member_id, for_update=True)
+    if member.erased_at is not None:
+        return member
+    if member.household_id:
+        member = await _leave(session, member)
+    erased = dataclasses.replace(
+        member,
+        phone=None,
+        email=None,
+        first_name="",
+        last_name="",
+        time_zone="",
+        locale="",
+        birth_date="",
+        push_token="",
+        telegram_chat_id="",
+        consents=(),
+        status=MemberStatus.BLOCKED,
+        block_reason=ERASED_REASON,
+        erased_at=utcnow(),
+    )
+    await store.save_member(session, erased)
+    for card in await store.member_cards(session, member_id):
+        if card.status is CardStatus.ACTIVE:
+            await store.save_card(
+                session, dataclasses.replace(card, status=CardStatus.BLOCKED, block_reason=ERASED_REASON)
+            )
+    await store.drop_segment_memberships(session, member_id)
+    await store.scrub_member_events(session, member_id)
+    await add_event(session, store.outbox, "member.erased", key=member_id, payload={"member_id": member_id})
+    return erased
+
+
+# Cards -----------------------------------------------------------------------------
 
 
 def check_card_number(card_number: str, field: str = "card_number") -> None:
@@ -139,23 +447,598 @@ def check_card_number(card_number: str, field: str = "card_number") -> None:
     violations.raise_if_any()
 
 
+def check_code(code: str, field: str) -> None:
+    violations = Violations()
+    violations.check(is_valid_code(code), field, "lower case letters, digits, '_' or '-', up to 32")
+    violations.raise_if_any()
+
+
+async def _card_type(session: AsyncSession, code: str) -> CardType:
+    card_type = await store.find_card_type(session, code or DEFAULT_CARD_TYPE)
+    if card_type is not None:
+        return card_type
+    if not code or code == DEFAULT_CARD_TYPE:
+        return CardType(DEFAULT_CARD_TYPE, "Standard", 0)
+    raise NotFound("CARD_TYPE_NOT_FOUND", f"no card type {code!r}")
+
+
+async def _new_card(session: AsyncSession, member_id: str, card_number: str, card_type_code: str) -> Card:
+    """Issues a pre-printed, emitted or generated number to the member."""
+    card_type = await _card_type(session, card_type_code)
+    now = utcnow()
+    expires_at = now + timedelta(days=card_type.validity_days) if card_type.validity_days else None
+    if card_number:
+        existing = await store.find_card(session, card_number, for_update=True)
+        if existing is not None:
+            if existing.status is not CardStatus.UNISSUED:
+                raise FailedPrecondition("CARD_NUMBER_TAKEN", f"card {card_number} already belongs to a member")
+            # An emitted card keeps the type it was printed as.
+            stock_type = await _card_type(session, existing.card_type)
+            issued = Card(
+                card_number,
+                member_id,
+                CardStatus.ACTIVE,
+                now,
+                stock_type.code,
+                now + timedelta(days=stock_type.validity_days) if stock_type.validity_days else None,
+            )
+            await store.save_card(session, issued)
+            return issued
+    else:
+        for _attempt in range(CARD_NUMBER_ATTEMPTS):
+            card_number = new_card_number()
+            if await store.find_card(session, card_number) is None:
+                break
+        else:
+            raise FailedPrecondition("CARD_NUMBERS_EXHAUSTED", "could not find a free card number")
+    card = Card(card_number, member_id, CardStatus.ACTIVE, now, card_type.code, expires_at)
+    await store.add_card(session, card)
+    return card
+
+
+async def issue_card(session: AsyncSession, member_id: str, card_number: str, card_type: str = "") -> Card:
+    member = await get_member(session, member_id)
+    if member.status is not MemberStatus.ACTIVE:
+        raise FailedPrecondition("MEMBER_BLOCKED", "cards are not issued to a blocked member")
+    return await _new_card(session, member.member_id, card_number, card_type)
+
+
+async def issue_anonymous_card(session: AsyncSession, card_number: str, card_type: str) -> Card:
+    """A card without a profile: its holder is a new anonymous member, so points and history
+    accrue from the first receipt and stay when the person registers with the card."""
+    holder = Member(
+        member_id=str(uuid.uuid4()),
+        phone=None,
+        email=None,
+        first_name="",
+        last_name="",
+        status=MemberStatus.ACTIVE,
+        tier=DEFAULT_TIER,
+        registration_channel=0,
+        created_at=utcnow(),
+    )
+    await store.add_member(session, holder, None)
+    return await _new_card(session, holder.member_id, card_number, card_type)
+
+
+async def _issued_card(session: AsyncSession, card_number: str) -> Card:
+    card = await store.find_card(session, card_number, for_update=True)
+    if card is None or card.member_id is None:
+        raise NotFound("CARD_NOT_FOUND", "no issued card with this number")
+    return card
+
+
+async def block_card(session: AsyncSession, card_number: str, reason: str) -> Card:
+    card = await _issued_card(session, card_number)
+    if card.status is CardStatus.BLOCKED:
+        return card
+    if card.status is not CardStatus.ACTIVE:
+        raise FailedPrecondition(f"CARD_{card.status.value.upper()}", f"the card is {card.status.value}")
+    blocked = dataclasses.replace(card, status=CardStatus.BLOCKED, block_reason=reason)
+    await store.save_card(session, blocked)
+    await add_event(
+        session,
+        store.outbox,
+        "card.blocked",
+        key=card.member_id or card_number,
+        payload={"member_id": card.member_id, "card_number": card_number, "reason": reason},
+    )
+    return blocked
+
+
+async def unblock_card(session: AsyncSession, card_number: str) -> Card:
+    card = await _issued_card(session, card_number)
+    if card.status is CardStatus.ACTIVE:
+        return card
+    if card.block_reason == ERASED_REASON:
+        raise FailedPrecondition("MEMBER_ERASED", "the card's member was erased")
+    if card.status is not CardStatus.BLOCKED:
+        raise FailedPrecondition("CARD_NOT_BLOCKED", f"a {card.status.value} card cannot be unblocked")
+    active = dataclasses.replace(card, status=CardStatus.ACTIVE, block_reason="")
+    await store.save_card(session, active)
+    return active
+
+
+async def replace_card(session: AsyncSession, card_number: str, new_number: str, reason: str) -> tuple[Card, Card]:
+    """The new card identifies the same member (so balance and history stay with them); the
+    old one is marked replaced and points to its successor."""
+    old = await _issued_card(session, card_number)
+    if old.status is CardStatus.REPLACED:
+        raise FailedPrecondition("CARD_REPLACED", f"the card was already replaced by {old.replaced_by}")
+    assert old.member_id is not None
+    member = await _live_member(session, old.member_id)
+    new = await _new_card(session, member.member_id, new_number, old.card_type)
+    replaced = dataclasses.replace(old, status=CardStatus.REPLACED, block_reason=reason, replaced_by=new.card_number)
+    await store.save_card(session, replaced)
+    await add_event(
+        session,
+        store.outbox,
+        "card.replaced",
+        key=member.member_id,
+        payload={"member_id": member.member_id, "old_card_number": old.card_number, "new_card_number": new.card_number},
+    )
+    return replaced, new
+
+
+async def list_member_cards(session: AsyncSession, member_id: str) -> list[Card]:
+    await get_member(session, member_id)
+    return await store.member_cards(session, member_id)
+
+
+def parse_card_type(code: str, name: str, validity_days: int) -> CardType:
+    violations = Violations()
+    violations.check(is_valid_code(code), "card_type.code", "lower case letters, digits, '_' or '-', up to 32")
+    violations.check(bool(name.strip()), "card_type.name", "required")
+    violations.check_length(name, "card_type.name", MAX_NAME_LENGTH)
+    violations.check(validity_days >= 0, "card_type.validity_days", "must not be negative")
+    violations.raise_if_any()
+    return CardType(code, name.strip(), validity_days)
+
+
+async def set_card_type(session: AsyncSession, card_type: CardType) -> CardType:
+    await store.put_card_type(session, card_type)
+    return card_type
+
+
+# Card batches --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchOrder:
+    card_type: str
+    prefix: str
+    first_sequence: int
+    count: int
+    sequence_digits: int
+
+
+def parse_batch_order(card_type: str, prefix: str, first: int, count: int, digits: int) -> BatchOrder:
+    violations = Violations()
+    violations.check(prefix.isdigit() and 1 <= len(prefix) <= 8, "prefix", "1 to 8 digits")
+    violations.check(1 <= count <= MAX_BATCH_COUNT, "count", f"1 to {MAX_BATCH_COUNT:,}")
+    violations.check(first >= 0, "first_sequence", "must not be negative")
+    violations.check(
+        digits >= 1 and len(prefix) + digits + 1 <= MAX_CARD_NUMBER_LENGTH,
+        "sequence_digits",
+        f"positive, with the prefix and check digit at most {MAX_CARD_NUMBER_LENGTH} digits",
+    )
+    if 1 <= digits <= MAX_CARD_NUMBER_LENGTH:
+        violations.check(first + count <= 10**digits, "count", f"the range must fit in {digits} digits")
+    if card_type:
+        violations.check(is_valid_code(card_type), "card_type", "lower case letters, digits, '_' or '-', up to 32")
+    violations.raise_if_any()
+    return BatchOrder(card_type or DEFAULT_CARD_TYPE, prefix, first, count, digits)
+
+
+async def order_card_batch(session: AsyncSession, order: BatchOrder) -> store.CardBatch:
+    """Records a batch for the emission job; ranges of one prefix never overlap."""
+    await _card_type(session, order.card_type)
+    for other in await store.batches_of_prefix(session, order.prefix, order.sequence_digits):
+        if ranges_overlap(order.first_sequence, order.count, other.first_sequence, other.count):
+            raise FailedPrecondition(
+                "CARD_RANGE_OVERLAPS", f"the range overlaps batch {other.batch_id}", {"batch_id": other.batch_id}
+            )
+    batch = store.CardBatch(
+        batch_id=str(uuid.uuid4()),
+        card_type=order.card_type,
+        prefix=order.prefix,
+        first_sequence=order.first_sequence,
+        count=order.count,
+        sequence_digits=order.sequence_digits,
+        emitted=0,
+        skipped=0,
+        status=BATCH_PENDING,
+        created_at=utcnow(),
+    )
+    await store.add_batch(session, batch)
+    return batch
+
+
+async def get_card_batch(session: AsyncSession, batch_id: str) -> store.CardBatch:
+    batch = await store.find_batch(session, batch_id)
+    if batch is None:
+        raise NotFound("CARD_BATCH_NOT_FOUND", f"no card batch {batch_id!r}")
+    return batch
+
+
+async def emit_next_chunk(session: AsyncSession, chunk: int) -> tuple[store.CardBatch, int] | None:
+    """Writes the next `chunk` numbers of the oldest unfinished batch and its progress in
+    the same transaction, so a crash resumes where the last commit ended. Returns the batch
+    and how many numbers this chunk handled; None when no batch is waiting."""
+    batch = await store.claim_pending_batch(session, BATCH_PENDING)
+    if batch is None:
+        return None
+    done = batch.emitted + batch.skipped
+    size = min(chunk, batch.count - done)
+    numbers = list(batch_card_numbers(batch.prefix, batch.first_sequence + done, size, batch.sequence_digits))
+    written = await store.insert_stock_cards(session, numbers, batch.card_type, batch.batch_id, utcnow())
+    emitted, skipped = batch.emitted + written, batch.skipped + size - written
+    status = BATCH_DONE if emitted + skipped == batch.count else BATCH_PENDING
+    await store.record_batch_progress(session, batch.batch_id, emitted, skipped, status)
+    return dataclasses.replace(batch, emitted=emitted, skipped=skipped, status=status), size
+
+
+# Identification --------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Identification:
     member: Member
     card_number: str
+    card_type: str
+    segments: tuple[str, ...]
+
+
+def _identified(identity: store.Identity) -> Identification:
+    if identity.member.status is MemberStatus.BLOCKED:
+        raise FailedPrecondition("MEMBER_BLOCKED", "the member is blocked")
+    card = identity.card
+    return Identification(
+        identity.member, card.card_number if card else "", card.card_type if card else "", identity.segments
+    )
 
 
 async def identify_by_card(session: AsyncSession, card_number: str) -> Identification:
-    card = await store.find_card(session, card_number)
-    if card is None:
+    found = await store.identity_by_card(session, card_number)
+    if found is None:
         raise NotFound("CARD_NOT_FOUND", "no card with this number")
+    if isinstance(found, Card):
+        raise FailedPrecondition("CARD_NOT_ISSUED", "the card was never issued")
+    card = found.card
+    assert card is not None
     if card.status is not CardStatus.ACTIVE:
-        raise FailedPrecondition("CARD_BLOCKED", "the card is blocked")
-    return Identification(await get_member(session, card.member_id), card.card_number)
+        raise FailedPrecondition(f"CARD_{card.status.value.upper()}", f"the card is {card.status.value}")
+    if card.expires_at is not None and card.expires_at <= utcnow():
+        raise FailedPrecondition("CARD_EXPIRED", "the card is expired")
+    return _identified(found)
 
 
 async def identify_by_phone(session: AsyncSession, phone: str) -> Identification:
-    member = await store.find_member_by_phone(session, phone)
-    if member is None:
+    found = await store.identity_by_phone(session, phone)
+    if found is None:
         raise NotFound("MEMBER_NOT_FOUND", "no member with this phone")
-    return Identification(member, "")
+    return _identified(found)
+
+
+def check_qr_token(token: str, secret: bytes) -> str:
+    """The member id a genuine, unexpired token names."""
+    try:
+        return verify_qr_token(secret, token, utcnow())
+    except InvalidToken as error:
+        violations = Violations()
+        violations.add("qr_token", str(error))
+        violations.raise_if_any()
+        raise
+    except ExpiredToken as error:
+        raise FailedPrecondition("QR_TOKEN_EXPIRED", str(error)) from None
+
+
+async def identify_by_member_id(session: AsyncSession, member_id: str) -> Identification:
+    found = await store.identity_by_id(session, member_id)
+    if found is None:
+        raise NotFound("MEMBER_NOT_FOUND", f"no member {member_id!r}")
+    return _identified(found)
+
+
+async def issue_qr_token(session: AsyncSession, member_id: str, secret: bytes, ttl: timedelta) -> tuple[str, datetime]:
+    member = await get_member(session, member_id)
+    if member.status is MemberStatus.BLOCKED:
+        raise FailedPrecondition("MEMBER_BLOCKED", "the member is blocked")
+    expires_at = utcnow() + ttl
+    return sign_qr_token(secret, member.member_id, expires_at), expires_at
+
+
+# Tiers and purchases ---------------------------------------------------------------
+
+
+def parse_tier_definition(definition: TierDefinition) -> TierDefinition:
+    violations = Violations()
+    violations.check(is_valid_code(definition.code), "tier.code", "lower case letters, digits, '_' or '-', up to 32")
+    violations.check(definition.code != DEFAULT_TIER, "tier.code", f"{DEFAULT_TIER!r} is the built-in lowest tier")
+    violations.check(bool(definition.name.strip()), "tier.name", "required")
+    violations.check_length(definition.name, "tier.name", MAX_NAME_LENGTH)
+    violations.check(definition.rank > 0, "tier.rank", "must be positive (0 is the basic tier)")
+    violations.check(definition.spend_threshold_minor >= 0, "tier.spend_threshold_minor", "must not be negative")
+    violations.check(0 <= definition.window_months <= 120, "tier.window_months", "0 (all time) to 120")
+    violations.check(definition.duration_days >= 0, "tier.duration_days", "must not be negative")
+    violations.check(
+        definition.downgrade_after_inactive_days >= 0, "tier.downgrade_after_inactive_days", "must not be negative"
+    )
+    violations.raise_if_any()
+    return dataclasses.replace(definition, name=definition.name.strip())
+
+
+async def set_tier_definition(session: AsyncSession, definition: TierDefinition) -> TierDefinition:
+    for other in await store.list_tier_definitions(session):
+        if other.rank == definition.rank and other.code != definition.code:
+            raise FailedPrecondition("TIER_RANK_TAKEN", f"tier {other.code!r} has rank {other.rank}")
+    await store.put_tier_definition(session, definition)
+    return definition
+
+
+async def evaluate_member_tier(session: AsyncSession, member_id: str, now: datetime) -> Member:
+    """Re-decides the member's tier from their purchases as of `now`; a change is written
+    to the tier history with a tier.changed event."""
+    member = await get_member(session, member_id, for_update=True)
+    definitions = await store.list_tier_definitions(session)
+    spend = {
+        definition.code: await store.spend_since(session, member_id, window_start(definition, now))
+        for definition in definitions
+    }
+    last_purchase = (await store.purchase_counts(session, member_id, SALE)).last_at
+    decision = evaluate_tier(member.tier, member.tier_expires_at, definitions, spend, last_purchase, now)
+    if decision is None:
+        return member
+    changed = dataclasses.replace(member, tier=decision.tier, tier_expires_at=decision.expires_at)
+    await store.save_member(session, changed)
+    if decision.reason is not None:
+        await store.add_tier_change(session, member_id, member.tier, decision.tier, decision.reason, now)
+        await add_event(
+            session,
+            store.outbox,
+            "tier.changed",
+            key=member_id,
+            payload={
+                "member_id": member_id,
+                "old_tier": member.tier,
+                "new_tier": decision.tier,
+                "reason": decision.reason,
+            },
+        )
+    return changed
+
+
+async def tier_history(session: AsyncSession, member_id: str) -> list[store.TierChange]:
+    await get_member(session, member_id)
+    return await store.tier_history(session, member_id)
+
+
+def _event_time(payload: dict[str, Any], field: str, fallback: datetime) -> datetime:
+    raw = payload.get(field)
+    if not raw:
+        return fallback
+    moment = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=fallback.tzinfo)
+
+
+async def handle_gateway_event(session: AsyncSession, event: Event, now: datetime) -> str | None:
+    """Records a receipt or return of the gateway's stream once and re-evaluates the
+    member's tier; returns the member counted, None when the event was a redelivery, of
+    another type, or of no known member."""
+    if not await first_delivery(session, store.inbox, GATEWAY_CONSUMER, event.event_id):
+        return None
+    payload = event.payload
+    member_id = str(payload.get("member_id") or "")
+    if event.event_type == "cheque.committed":
+        key = f"{payload['terminal_id']}/{payload['receipt_number']}"
+        kind, amount = SALE, int(payload["paid_minor"])
+        occurred_at = _event_time(payload, "receipt_time", event.occurred_at)
+    elif event.event_type == "cheque.returned":
+        key = f"{payload['terminal_id']}/{payload['receipt_number']}/{payload['return_id']}"
+        kind, amount = RETURN, -int(payload["returned_minor"])
+        occurred_at = _event_time(payload, "return_time", event.occurred_at)
+    else:
+        return None
+    if not member_id or await store.find_member(session, member_id) is None:
+        # A receipt without a customer, or of a member this service does not know.
+        log.info("gateway event %s has no known member; not counted", event.event_id)
+        return None
+    if not await store.add_purchase(session, key, member_id, kind, amount, occurred_at):
+        return None
+    await evaluate_member_tier(session, member_id, now)
+    return member_id
+
+
+@dataclass(frozen=True)
+class Statistics:
+    purchase_count: int
+    total_spend_minor: int
+    spend_last_30_days_minor: int
+    spend_last_365_days_minor: int
+    first_purchase_at: datetime | None
+    last_purchase_at: datetime | None
+
+
+async def statistics(session: AsyncSession, member_id: str, now: datetime) -> Statistics:
+    await get_member(session, member_id)
+    counts = await store.purchase_counts(session, member_id, SALE)
+    return Statistics(
+        purchase_count=counts.count,
+        total_spend_minor=await store.spend_since(session, member_id, None),
+        spend_last_30_days_minor=await store.spend_since(session, member_id, now - timedelta(days=30)),
+        spend_last_365_days_minor=await store.spend_since(session, member_id, now - timedelta(days=365)),
+        first_purchase_at=counts.first_at,
+        last_purchase_at=counts.last_at,
+    )
+
+
+# Households ------------------------------------------------------------------------
+
+
+async def _household(session: AsyncSession, household_id: str, for_update: bool = False) -> store.Household:
+    household = await store.find_household(session, household_id, for_update)
+    if household is None:
+        raise NotFound("HOUSEHOLD_NOT_FOUND", f"no household {household_id!r}")
+    return household
+
+
+async def _join(session: AsyncSession, member: Member, household_id: str) -> None:
+    if member.household_id:
+        raise FailedPrecondition(
+            "ALREADY_IN_HOUSEHOLD", "the member is in a household already", {"household_id": member.household_id}
+        )
+    if member.status is MemberStatus.BLOCKED:
+        raise FailedPrecondition("MEMBER_BLOCKED", "the member is blocked")
+    await store.save_member(session, dataclasses.replace(member, household_id=household_id))
+    await add_event(
+        session,
+        store.outbox,
+        "household.joined",
+        key=member.member_id,
+        payload={"household_id": household_id, "member_id": member.member_id},
+    )
+
+
+async def create_household(session: AsyncSession, owner_member_id: str, name: str) -> store.Household:
+    owner = await _live_member(session, owner_member_id)
+    household_id = str(uuid.uuid4())
+    await store.add_household(session, household_id, name.strip(), owner.member_id, utcnow())
+    await _join(session, owner, household_id)
+    return await _household(session, household_id)
+
+
+async def join_household(session: AsyncSession, household_id: str, member_id: str) -> store.Household:
+    await _household(session, household_id, for_update=True)
+    await _join(session, await _live_member(session, member_id), household_id)
+    return await _household(session, household_id)
+
+
+async def _leave(session: AsyncSession, member: Member) -> Member:
+    """The pooled points stay with the household (they were earned together and the others
+    keep spending them); the member's own account, keyed by their id, is theirs again."""
+    household_id = member.household_id
+    left = dataclasses.replace(member, household_id=None)
+    await store.save_member(session, left)
+    await add_event(
+        session,
+        store.outbox,
+        "household.left",
+        key=member.member_id,
+        payload={"household_id": household_id, "member_id": member.member_id},
+    )
+    return left
+
+
+async def leave_household(session: AsyncSession, member_id: str) -> Member:
+    member = await _live_member(session, member_id)
+    if not member.household_id:
+        raise FailedPrecondition("NOT_IN_HOUSEHOLD", "the member is in no household")
+    return await _leave(session, member)
+
+
+async def get_household(session: AsyncSession, household_id: str) -> store.Household:
+    return await _household(session, household_id)
+
+
+# Segments ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    code: str
+    name: str
+    size: int
+
+
+async def _segment(session: AsyncSession, code: str) -> Segment:
+    name = await store.find_segment_name(session, code)
+    if name is None:
+        raise NotFound("SEGMENT_NOT_FOUND", f"no segment {code!r}")
+    return Segment(code, name, await store.segment_size(session, code))
+
+
+async def create_segment(session: AsyncSession, code: str, name: str) -> Segment:
+    if await store.find_segment_name(session, code) is not None:
+        raise AlreadyExists("SEGMENT_EXISTS", f"segment {code!r} exists")
+    await store.add_segment(session, code, name.strip(), utcnow())
+    return Segment(code, name.strip(), 0)
+
+
+def check_segment_members(member_ids: Sequence[str], phones: Sequence[str]) -> list[str]:
+    """The normalised phones; every id and phone is checked."""
+    violations = Violations()
+    violations.check(
+        len(member_ids) + len(phones) <= MAX_SEGMENT_BATCH, "member_ids", f"at most {MAX_SEGMENT_BATCH} per call"
+    )
+    for index, member_id in enumerate(member_ids):
+        violations.check(0 < len(member_id) <= MAX_ID_LENGTH, f"member_ids[{index}]", "a member id")
+    normal: list[str] = []
+    for index, phone in enumerate(phones):
+        try:
+            normal.append(normalize_phone(phone))
+        except InvalidIdentifier as error:
+            violations.add(f"phones[{index}]", str(error))
+    violations.raise_if_any()
+    return normal
+
+
+async def add_segment_members(
+    session: AsyncSession, code: str, member_ids: Sequence[str], phones: Sequence[str]
+) -> tuple[Segment, int, int]:
+    """Adds members by id and by phone; returns the segment, how many were added and how
+    many ids and phones matched no member."""
+    await _segment(session, code)
+    known = await store.existing_member_ids(session, set(member_ids))
+    by_phone = await store.member_ids_by_phones(session, set(phones))
+    unknown = len(set(member_ids) - known) + len(set(phones)) - len(by_phone)
+    added = await store.add_segment_members(session, code, known | by_phone)
+    return await _segment(session, code), added, unknown
+
+
+async def remove_segment_members(session: AsyncSession, code: str, member_ids: Sequence[str]) -> Segment:
+    await _segment(session, code)
+    await store.remove_segment_members(session, code, member_ids)
+    return await _segment(session, code)
+
+
+async def get_segment(session: AsyncSession, code: str) -> Segment:
+    return await _segment(session, code)
+
+
+# Partners ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Partner:
+    partner_id: str
+    name: str
+    store_ids: tuple[str, ...]
+
+
+def parse_partner(partner_id: str, name: str, store_ids: Sequence[str]) -> Partner:
+    violations = Violations()
+    violations.check(0 < len(partner_id) <= MAX_ID_LENGTH, "partner.partner_id", f"1 to {MAX_ID_LENGTH} characters")
+    violations.check(bool(name.strip()), "partner.name", "required")
+    violations.check_length(name, "partner.name", MAX_NAME_LENGTH)
+    for index, store_id in enumerate(store_ids):
+        violations.check(0 < len(store_id) <= MAX_ID_LENGTH, f"partner.store_ids[{index}]", "a store id")
+    violations.check(len(set(store_ids)) == len(store_ids), "partner.store_ids", "a store is listed twice")
+    violations.raise_if_any()
+    return Partner(partner_id, name.strip(), tuple(sorted(store_ids)))
+
+
+async def set_partner(session: AsyncSession, partner: Partner) -> Partner:
+    for store_id, owner in (await store.store_owners(session, partner.store_ids)).items():
+        if owner != partner.partner_id:
+            raise FailedPrecondition(
+                "STORE_OWNED_BY_OTHER_PARTNER", f"store {store_id!r} belongs to {owner!r}", {"partner_id": owner}
+            )
+    await store.put_partner(session, partner.partner_id, partner.name, partner.store_ids)
+    return partner
+
+
+async def get_partner(session: AsyncSession, partner_id: str) -> Partner:
+    found = await store.find_partner(session, partner_id)
+    if found is None:
+        raise NotFound("PARTNER_NOT_FOUND", f"no partner {partner_id!r}")
+    return Partner(partner_id, found[0], tuple(found[1]))

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Integer, String, select
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, delete, func, select, text, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.selectable import ScalarSelect
 
 from loyalty.runtime.idempotency import define_idempotency_table
+from loyalty.runtime.inbox import define_inbox_table
 from loyalty.runtime.outbox import define_outbox_table
 from loyalty.runtime.timeutil import UtcDateTime
-from services.members.domain import Card, CardStatus, Member, MemberStatus
+from services.members.domain import (
+    DEFAULT_CARD_TYPE,
+    Card,
+    CardStatus,
+    CardType,
+    Consent,
+    Member,
+    MemberStatus,
+    TierDefinition,
+    merge_consents,
+)
 
 
 class Base(DeclarativeBase):
@@ -22,17 +37,27 @@ class MemberRow(Base):
     __tablename__ = "members"
 
     member_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    phone: Mapped[str] = mapped_column(String(16), unique=True)
+    # NULL for an anonymous card holder and after erasure.
+    phone: Mapped[str | None] = mapped_column(String(16), unique=True)
     email: Mapped[str | None] = mapped_column(String(254), unique=True)
     first_name: Mapped[str] = mapped_column(String(100))
     last_name: Mapped[str] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(16))
-    tier: Mapped[str] = mapped_column(String(32))
+    tier: Mapped[str] = mapped_column(String(32), index=True)
     registration_channel: Mapped[int] = mapped_column(Integer)
     referral_code: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    time_zone: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    locale: Mapped[str] = mapped_column(String(35), default="", server_default="")
+    birth_date: Mapped[str] = mapped_column(String(10), default="", server_default="")
+    push_token: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    telegram_chat_id: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    household_id: Mapped[str | None] = mapped_column(String(36), index=True)
+    block_reason: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    erased_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    tier_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
-    def to_domain(self) -> Member:
+    def to_domain(self, consents: Sequence[Consent] = ()) -> Member:
         return Member(
             member_id=self.member_id,
             phone=self.phone,
@@ -43,60 +68,341 @@ class MemberRow(Base):
             tier=self.tier,
             registration_channel=self.registration_channel,
             created_at=self.created_at,
+            time_zone=self.time_zone,
+            locale=self.locale,
+            birth_date=self.birth_date,
+            push_token=self.push_token,
+            telegram_chat_id=self.telegram_chat_id,
+            household_id=self.household_id,
+            block_reason=self.block_reason,
+            erased_at=self.erased_at,
+            tier_expires_at=self.tier_expires_at,
+            consents=tuple(consents),
         )
+
+
+class ConsentRow(Base):
+    __tablename__ = "consents"
+
+    member_id: Mapped[str] = mapped_column(ForeignKey("members.member_id", name="fk_consents_member"), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16), primary_key=True)
+    granted: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    source: Mapped[str] = mapped_column(String(32))
 
 
 class CardRow(Base):
     __tablename__ = "cards"
 
     card_number: Mapped[str] = mapped_column(String(19), primary_key=True)
-    member_id: Mapped[str] = mapped_column(ForeignKey("members.member_id"), index=True)
+    # NULL while the card is unissued stock of an emitted batch.
+    member_id: Mapped[str | None] = mapped_column(ForeignKey("members.member_id"), index=True)
     status: Mapped[str] = mapped_column(String(16))
     issued_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    card_type: Mapped[str] = mapped_column(String(32), default=DEFAULT_CARD_TYPE, server_default=DEFAULT_CARD_TYPE)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    block_reason: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    replaced_by: Mapped[str] = mapped_column(String(19), default="", server_default="")
+    batch_id: Mapped[str | None] = mapped_column(String(36))
 
     def to_domain(self) -> Card:
-        return Card(self.card_number, self.member_id, CardStatus(self.status), self.issued_at)
+        return Card(
+            card_number=self.card_number,
+            member_id=self.member_id,
+            status=CardStatus(self.status),
+            issued_at=self.issued_at,
+            card_type=self.card_type,
+            expires_at=self.expires_at,
+            block_reason=self.block_reason,
+            replaced_by=self.replaced_by,
+        )
+
+
+class CardTypeRow(Base):
+    __tablename__ = "card_types"
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    validity_days: Mapped[int] = mapped_column(Integer)
+
+
+class CardBatchRow(Base):
+    __tablename__ = "card_batches"
+
+    batch_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    card_type: Mapped[str] = mapped_column(String(32))
+    prefix: Mapped[str] = mapped_column(String(8))
+    first_sequence: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(BigInteger)
+    sequence_digits: Mapped[int] = mapped_column(Integer)
+    emitted: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class PurchaseRow(Base):
+    """One receipt (positive) or return (negative) of a member, from the gateway's events."""
+
+    __tablename__ = "purchases"
+    __table_args__ = (Index("ix_purchases_member_time", "member_id", "occurred_at"),)
+
+    # terminal/receipt for a sale, terminal/receipt/return id for a return: a redelivered
+    # event finds its row and changes nothing.
+    purchase_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(36))
+    kind: Mapped[str] = mapped_column(String(8))
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class TierDefinitionRow(Base):
+    __tablename__ = "tier_definitions"
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    rank: Mapped[int] = mapped_column(Integer)
+    spend_threshold_minor: Mapped[int] = mapped_column(BigInteger)
+    window_months: Mapped[int] = mapped_column(Integer)
+    duration_days: Mapped[int] = mapped_column(Integer)
+    downgrade_after_inactive_days: Mapped[int] = mapped_column(Integer)
+
+    def to_domain(self) -> TierDefinition:
+        return TierDefinition(
+            self.code,
+            self.name,
+            self.rank,
+            self.spend_threshold_minor,
+            self.window_months,
+            self.duration_days,
+            self.downgrade_after_inactive_days,
+        )
+
+
+class TierChangeRow(Base):
+    __tablename__ = "tier_changes"
+    __table_args__ = (Index("ix_tier_changes_member_time", "member_id", "changed_at"),)
+
+    change_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    member_id: Mapped[str] = mapped_column(String(36))
+    old_tier: Mapped[str] = mapped_column(String(32))
+    new_tier: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(32))
+    changed_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class HouseholdRow(Base):
+    __tablename__ = "households"
+
+    household_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    owner_member_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class SegmentRow(Base):
+    __tablename__ = "segments"
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class SegmentMemberRow(Base):
+    __tablename__ = "segment_members"
+
+    segment_code: Mapped[str] = mapped_column(
+        ForeignKey("segments.code", name="fk_segment_members_segment"), primary_key=True
+    )
+    member_id: Mapped[str] = mapped_column(
+        ForeignKey("members.member_id", name="fk_segment_members_member"), primary_key=True, index=True
+    )
+
+
+class PartnerRow(Base):
+    __tablename__ = "partners"
+
+    partner_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+
+
+class PartnerStoreRow(Base):
+    __tablename__ = "partner_stores"
+
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    partner_id: Mapped[str] = mapped_column(
+        ForeignKey("partners.partner_id", name="fk_partner_stores_partner"), index=True
+    )
 
 
 outbox = define_outbox_table(Base.metadata)
 idempotency_keys = define_idempotency_table(Base.metadata)
+inbox = define_inbox_table(Base.metadata)
+
+# Members -------------------------------------------------------------------------
 
 
-async def find_member(session: AsyncSession, member_id: str) -> Member | None:
-    row = await session.get(MemberRow, member_id)
-    return row.to_domain() if row else None
+async def _consents(session: AsyncSession, member_id: str) -> list[Consent]:
+    rows = await session.scalars(select(ConsentRow).where(ConsentRow.member_id == member_id))
+    return list(merge_consents((), [Consent(row.channel, row.granted, row.updated_at, row.source) for row in rows]))
+
+
+async def _with_consents(session: AsyncSession, row: MemberRow | None) -> Member | None:
+    return row.to_domain(await _consents(session, row.member_id)) if row else None
+
+
+async def find_member(session: AsyncSession, member_id: str, for_update: bool = False) -> Member | None:
+    query = select(MemberRow).where(MemberRow.member_id == member_id)
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return await _with_consents(session, await session.scalar(query))
 
 
 async def find_member_by_phone(session: AsyncSession, phone: str) -> Member | None:
-    row = await session.scalar(select(MemberRow).where(MemberRow.phone == phone))
-    return row.to_domain() if row else None
+    return await _with_consents(session, await session.scalar(select(MemberRow).where(MemberRow.phone == phone)))
 
 
 async def find_member_by_email(session: AsyncSession, email: str) -> Member | None:
-    row = await session.scalar(select(MemberRow).where(MemberRow.email == email))
-    return row.to_domain() if row else None
+    return await _with_consents(session, await session.scalar(select(MemberRow).where(MemberRow.email == email)))
+
+
+def _segments_of_member() -> ScalarSelect[str | None]:
+    return (
+        select(func.aggregate_strings(SegmentMemberRow.segment_code, ","))
+        .where(SegmentMemberRow.member_id == MemberRow.member_id)
+        .scalar_subquery()
+    )
+
+
+def _split_segments(joined: str | None) -> tuple[str, ...]:
+    return tuple(sorted(joined.split(","))) if joined else ()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What identification needs in one round trip: the member (without consents), the
+    card presented, and the member's segment codes."""
+
+    member: Member
+    card: Card | None
+    segments: tuple[str, ...]
+
+
+async def identity_by_card(session: AsyncSession, card_number: str) -> Card | Identity | None:
+    """The card's holder and segments; the bare card when it is unissued; None when unknown."""
+    row = (
+        await session.execute(
+            select(CardRow, MemberRow, _segments_of_member())
+            .outerjoin(MemberRow, MemberRow.member_id == CardRow.member_id)
+            .where(CardRow.card_number == card_number)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    card_row: CardRow = row[0]
+    member_row: MemberRow | None = row[1]
+    segments: str | None = row[2]
+    if member_row is None:
+        return card_row.to_domain()
+    return Identity(member_row.to_domain(), card_row.to_domain(), _split_segments(segments))
+
+
+async def identity_by_phone(session: AsyncSession, phone: str) -> Identity | None:
+    row = (
+        await session.execute(select(MemberRow, _segments_of_member()).where(MemberRow.phone == phone))
+    ).one_or_none()
+    return Identity(row[0].to_domain(), None, _split_segments(row[1])) if row else None
+
+
+async def identity_by_id(session: AsyncSession, member_id: str) -> Identity | None:
+    row = (
+        await session.execute(select(MemberRow, _segments_of_member()).where(MemberRow.member_id == member_id))
+    ).one_or_none()
+    return Identity(row[0].to_domain(), None, _split_segments(row[1])) if row else None
+
+
+def _member_columns(member: Member) -> dict[str, object]:
+    return {
+        "phone": member.phone,
+        "email": member.email,
+        "first_name": member.first_name,
+        "last_name": member.last_name,
+        "status": member.status.value,
+        "tier": member.tier,
+        "time_zone": member.time_zone,
+        "locale": member.locale,
+        "birth_date": member.birth_date,
+        "push_token": member.push_token,
+        "telegram_chat_id": member.telegram_chat_id,
+        "household_id": member.household_id,
+        "block_reason": member.block_reason,
+        "erased_at": member.erased_at,
+        "tier_expires_at": member.tier_expires_at,
+    }
+
+
+async def _write_consents(session: AsyncSession, member: Member) -> None:
+    await session.execute(delete(ConsentRow).where(ConsentRow.member_id == member.member_id))
+    for consent in member.consents:
+        session.add(
+            ConsentRow(
+                member_id=member.member_id,
+                channel=consent.channel,
+                granted=consent.granted,
+                updated_at=consent.updated_at,
+                source=consent.source,
+            )
+        )
 
 
 async def add_member(session: AsyncSession, member: Member, referral_code: str | None) -> None:
     session.add(
         MemberRow(
             member_id=member.member_id,
-            phone=member.phone,
-            email=member.email,
-            first_name=member.first_name,
-            last_name=member.last_name,
-            status=member.status.value,
-            tier=member.tier,
             registration_channel=member.registration_channel,
             referral_code=referral_code,
             created_at=member.created_at,
+            **_member_columns(member),
         )
     )
     await session.flush()
+    await _write_consents(session, member)
+    await session.flush()
 
 
-async def find_card(session: AsyncSession, card_number: str) -> Card | None:
-    row = await session.get(CardRow, card_number)
+async def save_member(session: AsyncSession, member: Member) -> None:
+    """Writes every mutable field of the member and replaces its consents."""
+    await session.execute(
+        update(MemberRow).where(MemberRow.member_id == member.member_id).values(**_member_columns(member))
+    )
+    await _write_consents(session, member)
+    await session.flush()
+
+
+async def scrub_member_events(session: AsyncSession, member_id: str) -> None:
+    """Replaces the payloads of the member's profile events with the bare id, so the outbox
+    keeps no personal data of an erased member (unpublished ones go out scrubbed)."""
+    await session.execute(
+        update(outbox)
+        .where(outbox.c.key == member_id, outbox.c.event_type.in_(("member.registered", "member.updated")))
+        .values(payload={"member_id": member_id, "erased": True})
+    )
+
+
+async def drop_segment_memberships(session: AsyncSession, member_id: str) -> None:
+    await session.execute(delete(SegmentMemberRow).where(SegmentMemberRow.member_id == member_id))
+
+
+# Cards ---------------------------------------------------------------------------
+
+
+async def find_card(session: AsyncSession, card_number: str, for_update: bool = False) -> Card | None:
+    query = select(CardRow).where(CardRow.card_number == card_number)
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    row = await session.scalar(query)
     return row.to_domain() if row else None
 
 
@@ -107,6 +413,388 @@ async def add_card(session: AsyncSession, card: Card) -> None:
             member_id=card.member_id,
             status=card.status.value,
             issued_at=card.issued_at,
+            card_type=card.card_type,
+            expires_at=card.expires_at,
+            block_reason=card.block_reason,
+            replaced_by=card.replaced_by,
         )
     )
+    await session.flush()
+
+
+async def save_card(session: AsyncSession, card: Card) -> None:
+    await session.execute(
+        update(CardRow)
+        .where(CardRow.card_number == card.card_number)
+        .values(
+            member_id=card.member_id,
+            status=card.status.value,
+            issued_at=card.issued_at,
+            card_type=card.card_type,
+            expires_at=card.expires_at,
+            block_reason=card.block_reason,
+            replaced_by=card.replaced_by,
+        )
+    )
+
+
+async def member_cards(session: AsyncSession, member_id: str) -> list[Card]:
+    rows = await session.scalars(
+        select(CardRow).where(CardRow.member_id == member_id).order_by(CardRow.issued_at, CardRow.card_number)
+    )
+    return [row.to_domain() for row in rows]
+
+
+async def find_card_type(session: AsyncSession, code: str) -> CardType | None:
+    row = await session.get(CardTypeRow, code)
+    return CardType(row.code, row.name, row.validity_days) if row else None
+
+
+async def put_card_type(session: AsyncSession, card_type: CardType) -> None:
+    await session.merge(CardTypeRow(code=card_type.code, name=card_type.name, validity_days=card_type.validity_days))
+    await session.flush()
+
+
+async def list_card_types(session: AsyncSession) -> list[CardType]:
+    rows = await session.scalars(select(CardTypeRow).order_by(CardTypeRow.code))
+    return [CardType(row.code, row.name, row.validity_days) for row in rows]
+
+
+# Card batches --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardBatch:
+    batch_id: str
+    card_type: str
+    prefix: str
+    first_sequence: int
+    count: int
+    sequence_digits: int
+    emitted: int
+    skipped: int
+    status: str
+    created_at: datetime
+
+
+def _batch(row: CardBatchRow) -> CardBatch:
+    return CardBatch(
+        row.batch_id,
+        row.card_type,
+        row.prefix,
+        row.first_sequence,
+        row.count,
+        row.sequence_digits,
+        row.emitted,
+        row.skipped,
+        row.status,
+        row.created_at,
+    )
+
+
+async def add_batch(session: AsyncSession, batch: CardBatch) -> None:
+    session.add(
+        CardBatchRow(
+            batch_id=batch.batch_id,
+            card_type=batch.card_type,
+            prefix=batch.prefix,
+            first_sequence=batch.first_sequence,
+            count=batch.count,
+            sequence_digits=batch.sequence_digits,
+            emitted=batch.emitted,
+            skipped=batch.skipped,
+            status=batch.status,
+            created_at=batch.created_at,
+        )
+    )
+    await session.flush()
+
+
+async def find_batch(session: AsyncSession, batch_id: str) -> CardBatch | None:
+    row = await session.get(CardBatchRow, batch_id)
+    return _batch(row) if row else None
+
+
+async def batches_of_prefix(session: AsyncSession, prefix: str, sequence_digits: int) -> list[CardBatch]:
+    rows = await session.scalars(
+        select(CardBatchRow).where(CardBatchRow.prefix == prefix, CardBatchRow.sequence_digits == sequence_digits)
+    )
+    return [_batch(row) for row in rows]
+
+
+async def claim_pending_batch(session: AsyncSession, pending: str) -> CardBatch | None:
+    """The oldest unfinished batch, locked so that another replica works on another one."""
+    query = select(CardBatchRow).where(CardBatchRow.status == pending).order_by(CardBatchRow.created_at).limit(1)
+    if session.bind.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    row = await session.scalar(query.execution_options(populate_existing=True))
+    return _batch(row) if row else None
+
+
+async def record_batch_progress(session: AsyncSession, batch_id: str, emitted: int, skipped: int, status: str) -> None:
+    await session.execute(
+        update(CardBatchRow)
+        .where(CardBatchRow.batch_id == batch_id)
+        .values(emitted=emitted, skipped=skipped, status=status)
+    )
+
+
+# Rows per INSERT on SQLite: five parameters each stays under its parameter limit.
+SQLITE_STOCK_ROWS = 4000
+# PostgreSQL takes a whole chunk in one statement: the numbers travel as one array.
+_INSERT_STOCK_POSTGRES = text(
+    "INSERT INTO cards (card_number, status, issued_at, card_type, batch_id) "
+    "SELECT number, :status, :issued_at, :card_type, :batch_id FROM unnest(CAST(:numbers AS varchar[])) AS number "
+    "ON CONFLICT (card_number) DO NOTHING"
+)
+
+
+async def insert_stock_cards(
+    session: AsyncSession, numbers: Sequence[str], card_type: str, batch_id: str, now: datetime
+) -> int:
+    """Writes unissued cards; a number that already exists is left as it is. Returns how many
+    were written."""
+    values = {"status": CardStatus.UNISSUED.value, "issued_at": now, "card_type": card_type, "batch_id": batch_id}
+    if session.bind.dialect.name == "postgresql":
+        result = await session.execute(_INSERT_STOCK_POSTGRES, {**values, "numbers": list(numbers)})
+        return int(result.rowcount)  # type: ignore[attr-defined]
+    written = 0
+    for start in range(0, len(numbers), SQLITE_STOCK_ROWS):
+        rows = [{"card_number": number, **values} for number in numbers[start : start + SQLITE_STOCK_ROWS]]
+        result = await session.execute(sqlite.insert(CardRow).values(rows).on_conflict_do_nothing())
+        written += result.rowcount  # type: ignore[attr-defined]
+    return written
+
+
+# Purchases ---------------------------------------------------------------------
+
+
+async def add_purchase(
+    session: AsyncSession, purchase_key: str, member_id: str, kind: str, amount_minor: int, occurred_at: datetime
+) -> bool:
+    """Records a receipt or return once; False when it was already recorded."""
+    if await session.get(PurchaseRow, purchase_key) is not None:
+        return False
+    session.add(
+        PurchaseRow(
+            purchase_key=purchase_key,
+            member_id=member_id,
+            kind=kind,
+            amount_minor=amount_minor,
+            occurred_at=occurred_at,
+        )
+    )
+    await session.flush()
+    return True
+
+
+async def spend_since(session: AsyncSession, member_id: str, since: datetime | None) -> int:
+    """Net spend (receipts less returns) from `since`, or over all time."""
+    query = select(func.coalesce(func.sum(PurchaseRow.amount_minor), 0)).where(PurchaseRow.member_id == member_id)
+    if since is not None:
+        query = query.where(PurchaseRow.occurred_at >= since)
+    return int(await session.scalar(query) or 0)
+
+
+@dataclass(frozen=True)
+class PurchaseCounts:
+    count: int
+    first_at: datetime | None
+    last_at: datetime | None
+
+
+async def purchase_counts(session: AsyncSession, member_id: str, sale: str) -> PurchaseCounts:
+    count, first_at, last_at = (
+        await session.execute(
+            select(
+                func.count(),
+                func.min(PurchaseRow.occurred_at),
+                func.max(PurchaseRow.occurred_at),
+            ).where(PurchaseRow.member_id == member_id, PurchaseRow.kind == sale)
+        )
+    ).one()
+    return PurchaseCounts(int(count), first_at, last_at)
+
+
+# Tiers ---------------------------------------------------------------------------
+
+
+async def list_tier_definitions(session: AsyncSession) -> list[TierDefinition]:
+    rows = await session.scalars(select(TierDefinitionRow).order_by(TierDefinitionRow.rank))
+    return [row.to_domain() for row in rows]
+
+
+async def put_tier_definition(session: AsyncSession, definition: TierDefinition) -> None:
+    await session.merge(
+        TierDefinitionRow(
+            code=definition.code,
+            name=definition.name,
+            rank=definition.rank,
+            spend_threshold_minor=definition.spend_threshold_minor,
+            window_months=definition.window_months,
+            duration_days=definition.duration_days,
+            downgrade_after_inactive_days=definition.downgrade_after_inactive_days,
+        )
+    )
+    await session.flush()
+
+
+async def add_tier_change(
+    session: AsyncSession, member_id: str, old_tier: str, new_tier: str, reason: str, at: datetime
+) -> None:
+    session.add(TierChangeRow(member_id=member_id, old_tier=old_tier, new_tier=new_tier, reason=reason, changed_at=at))
+    await session.flush()
+
+
+@dataclass(frozen=True)
+class TierChange:
+    old_tier: str
+    new_tier: str
+    reason: str
+    changed_at: datetime
+
+
+async def tier_history(session: AsyncSession, member_id: str) -> list[TierChange]:
+    rows = await session.scalars(
+        select(TierChangeRow)
+        .where(TierChangeRow.member_id == member_id)
+        .order_by(TierChangeRow.changed_at.desc(), TierChangeRow.change_id.desc())
+    )
+    return [TierChange(row.old_tier, row.new_tier, row.reason, row.changed_at) for row in rows]
+
+
+async def members_above_tier(session: AsyncSession, default_tier: str, after: str, limit: int) -> list[str]:
+    """Ids of members holding a tier above the default, in id order after `after`: the
+    members whose tier can lapse or drop without a purchase."""
+    rows = await session.scalars(
+        select(MemberRow.member_id)
+        .where(MemberRow.tier != default_tier, MemberRow.member_id > after)
+        .order_by(MemberRow.member_id)
+        .limit(limit)
+    )
+    return list(rows)
+
+
+# Households --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Household:
+    household_id: str
+    name: str
+    owner_member_id: str
+    member_ids: tuple[str, ...]
+
+
+async def add_household(session: AsyncSession, household_id: str, name: str, owner: str, at: datetime) -> None:
+    session.add(HouseholdRow(household_id=household_id, name=name, owner_member_id=owner, created_at=at))
+    await session.flush()
+
+
+async def find_household(session: AsyncSession, household_id: str, for_update: bool = False) -> Household | None:
+    query = select(HouseholdRow).where(HouseholdRow.household_id == household_id)
+    if for_update:
+        query = query.with_for_update()
+    row = await session.scalar(query)
+    if row is None:
+        return None
+    member_ids = await session.scalars(
+        select(MemberRow.member_id).where(MemberRow.household_id == household_id).order_by(MemberRow.member_id)
+    )
+    return Household(row.household_id, row.name, row.owner_member_id, tuple(member_ids))
+
+
+# Segments ------------------------------------------------------------------------
+
+
+async def add_segment(session: AsyncSession, code: str, name: str, at: datetime) -> None:
+    session.add(SegmentRow(code=code, name=name, created_at=at))
+    await session.flush()
+
+
+async def find_segment_name(session: AsyncSession, code: str) -> str | None:
+    row = await session.get(SegmentRow, code)
+    return row.name if row else None
+
+
+async def segment_size(session: AsyncSession, code: str) -> int:
+    count = await session.scalar(
+        select(func.count()).select_from(SegmentMemberRow).where(SegmentMemberRow.segment_code == code)
+    )
+    return int(count or 0)
+
+
+async def existing_member_ids(session: AsyncSession, member_ids: Iterable[str]) -> set[str]:
+    rows = await session.scalars(select(MemberRow.member_id).where(MemberRow.member_id.in_(list(member_ids))))
+    return set(rows)
+
+
+async def member_ids_by_phones(session: AsyncSession, phones: Iterable[str]) -> set[str]:
+    rows = await session.scalars(select(MemberRow.member_id).where(MemberRow.phone.in_(list(phones))))
+    return set(rows)
+
+
+async def add_segment_members(session: AsyncSession, code: str, member_ids: set[str]) -> int:
+    """Adds the members not in the segment yet; returns how many were added."""
+    present = set(
+        await session.scalars(
+            select(SegmentMemberRow.member_id).where(
+                SegmentMemberRow.segment_code == code, SegmentMemberRow.member_id.in_(list(member_ids))
+            )
+        )
+    )
+    for member_id in sorted(member_ids - present):
+        session.add(SegmentMemberRow(segment_code=code, member_id=member_id))
+    await session.flush()
+    return len(member_ids - present)
+
+
+async def remove_segment_members(session: AsyncSession, code: str, member_ids: Iterable[str]) -> None:
+    await session.execute(
+        delete(SegmentMemberRow).where(
+            SegmentMemberRow.segment_code == code, SegmentMemberRow.member_id.in_(list(member_ids))
+        )
+    )
+
+
+async def member_segments(session: AsyncSession, member_id: str) -> list[str]:
+    rows = await session.scalars(
+        select(SegmentMemberRow.segment_code)
+        .where(SegmentMemberRow.member_id == member_id)
+        .order_by(SegmentMemberRow.segment_code)
+    )
+    return list(rows)
+
+
+# Partners ------------------------------------------------------------------------
+
+
+async def find_partner(session: AsyncSession, partner_id: str) -> tuple[str, list[str]] | None:
+    """The partner's name and store ids."""
+    row = await session.get(PartnerRow, partner_id)
+    if row is None:
+        return None
+    stores = await session.scalars(
+        select(PartnerStoreRow.store_id)
+        .where(PartnerStoreRow.partner_id == partner_id)
+        .order_by(PartnerStoreRow.store_id)
+    )
+    return row.name, list(stores)
+
+
+async def store_owners(session: AsyncSession, store_ids: Iterable[str]) -> dict[str, str]:
+    rows = await session.execute(
+        select(PartnerStoreRow.store_id, PartnerStoreRow.partner_id).where(
+            PartnerStoreRow.store_id.in_(list(store_ids))
+        )
+    )
+    return {store_id: partner_id for store_id, partner_id in rows.tuples()}
+
+
+async def put_partner(session: AsyncSession, partner_id: str, name: str, store_ids: Sequence[str]) -> None:
+    await session.merge(PartnerRow(partner_id=partner_id, name=name))
+    await session.flush()
+    await session.execute(delete(PartnerStoreRow).where(PartnerStoreRow.partner_id == partner_id))
+    for store_id in store_ids:
+        session.add(PartnerStoreRow(store_id=store_id, partner_id=partner_id))
     await session.flush()

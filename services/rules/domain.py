@@ -1,13 +1,29 @@
-"""Promotions: campaigns, rules with CEL conditions, and how a receipt is evaluated. No I/O.
+"""Promotions: campaigns, rule groups, rules with CEL conditions, effects, and how a receipt
+is evaluated. No I/O.
 
 Conditions are compiled once per published campaign version (``compile_campaign``)
 and only executed per receipt.
+
+Evaluation, in order (docs/rules.md explains it for marketers):
+1. the rule groups of every live campaign, by (group priority, campaign id, group order);
+   an exclusive group with a rule that holds displaces every other group;
+2. inside a group, rules by (priority, id): mode ``all`` applies each rule that holds,
+   ``first`` the first one, ``best`` the one worth most to the customer;
+3. discounts change the line amounts at once, so the next group discounts the already
+   discounted amounts (or, with base ``original``, computes on the original amounts and is
+   capped by what is left of the line);
+4. presented coupons, on the discounted amounts;
+5. points, on the final amounts; then the redemption cap per line.
+Lines flagged ``no_promotions`` are never discounted, earn nothing and cannot be paid with
+points.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Any
 
@@ -18,26 +34,309 @@ MAX_NAME_LENGTH = 200
 MAX_RECEIPT_TEXT_LENGTH = 500
 MAX_CONDITION_LENGTH = 4000
 BASIS_POINTS_DENOMINATOR = 10_000
+UNIT_MILLI = 1000
 
 
 class CampaignStatus(StrEnum):
     DRAFT = "draft"
     ACTIVE = "active"
+    PAUSED = "paused"
+    ENDED = "ended"
+
+
+# which statuses each status change may start from, and where it leads
+STATUS_CHANGES: dict[str, tuple[frozenset[CampaignStatus], CampaignStatus]] = {
+    "pause": (frozenset({CampaignStatus.ACTIVE}), CampaignStatus.PAUSED),
+    "resume": (frozenset({CampaignStatus.PAUSED}), CampaignStatus.ACTIVE),
+    "end": (frozenset({CampaignStatus.ACTIVE, CampaignStatus.PAUSED}), CampaignStatus.ENDED),
+}
+
+
+class GroupMode(StrEnum):
+    """How the rules of a group combine."""
+
+    ALL = "all"
+    FIRST = "first"
+    BEST = "best"
+    EXCLUSIVE = "exclusive"
+
+
+class DiscountBase(StrEnum):
+    """What a group's percentages and unit prices are computed on."""
+
+    DISCOUNTED = "discounted"
+    ORIGINAL = "original"
+
+
+@dataclass(frozen=True)
+class Product:
+    """What the rules know of a SKU: its category with every ancestor, brand, lists, attributes."""
+
+    sku: str
+    category_ids: tuple[str, ...] = ()
+    brand_id: str = ""
+    own_brand: bool = False
+    list_ids: frozenset[str] = frozenset()
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+Catalogue = Mapping[str, Product]
+NO_CATALOGUE: Catalogue = {}
+MAX_IMPORT_BATCH = 5000
+MAX_CATEGORY_DEPTH = 32
+AttributeValue = str | int | bool
+
+
+@dataclass(frozen=True)
+class Category:
+    category_id: str
+    parent_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Brand:
+    brand_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ProductRecord:
+    """A catalogue product as the retailer maintains it."""
+
+    sku: str
+    name: str
+    price_minor: int
+    category_id: str
+    brand_id: str
+    own_brand: bool
+    attributes: Mapping[str, AttributeValue]
+
+
+@dataclass(frozen=True)
+class ProductList:
+    list_id: str
+    name: str
+    skus: tuple[str, ...]
+
+
+def category_path(category_id: str, parents: Mapping[str, str]) -> tuple[str, ...]:
+    """The category and its ancestors, nearest first; empty for no category."""
+    path: list[str] = []
+    while category_id and category_id not in path and len(path) < MAX_CATEGORY_DEPTH:
+        path.append(category_id)
+        category_id = parents.get(category_id, "")
+    return tuple(path)
+
+
+def creates_cycle(category_id: str, parent_id: str, parents: Mapping[str, str]) -> bool:
+    """Whether hanging `category_id` under `parent_id` would make it its own ancestor."""
+    return category_id in category_path(parent_id, parents)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The lines an effect acts on: a line matches when it is named by SKU, or its category
+    (or an ancestor), brand or product list is named; nothing named means every line."""
+
+    skus: tuple[str, ...] = ()
+    category_ids: tuple[str, ...] = ()
+    brand_ids: tuple[str, ...] = ()
+    product_list_ids: tuple[str, ...] = ()
+
+    @property
+    def everything(self) -> bool:
+        return not (self.skus or self.category_ids or self.brand_ids or self.product_list_ids)
+
+    def matches(self, sku: str, product: Product | None) -> bool:
+        if self.everything or sku in self.skus:
+            return True
+        if product is None:
+            return False
+        return (
+            any(category in self.category_ids for category in product.category_ids)
+            or (bool(product.brand_id) and product.brand_id in self.brand_ids)
+            or any(list_id in product.list_ids for list_id in self.product_list_ids)
+        )
+
+
+EVERYTHING = Scope()
 
 
 @dataclass(frozen=True)
 class EarnPointsPercent:
-    """Points worth a share of the eligible amount; 500 basis points is 5%."""
+    """Points worth a share of the final amount of the lines in scope; 500 basis points is 5%."""
 
     basis_points: int
+    scope: Scope = EVERYTHING
 
 
 @dataclass(frozen=True)
 class EarnFixedPoints:
+    """Points once per receipt, spread over the eligible lines."""
+
     amount: int
 
 
-Effect = EarnPointsPercent | EarnFixedPoints
+@dataclass(frozen=True)
+class DiscountPercent:
+    """A percentage off the lines in scope (the whole receipt when the scope is empty)."""
+
+    basis_points: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class DiscountAmount:
+    """A fixed amount off the lines in scope, spread pro rata, never more than they cost."""
+
+    amount_minor: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class FixedPrice:
+    """The lines in scope are sold at this unit price (never raised)."""
+
+    unit_price_minor: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class BuyMPayN:
+    """Of every `buy` units in scope the customer pays `pay`: the cheapest are free."""
+
+    buy: int
+    pay: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class NthItemDiscount:
+    """Every n-th unit in scope (the cheapest of each n) gets `basis_points` off; 10000 is free."""
+
+    n: int
+    basis_points: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class CheapestItemDiscount:
+    """The cheapest unit in scope gets `basis_points` off once there are `min_units` units."""
+
+    basis_points: int
+    min_units: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class RedemptionCap:
+    """The share of each line payable by points (`basis_points`), or all of the eligible
+    lines but `all_but_minor` (spread pro rata); the first cap that applies wins."""
+
+    basis_points: int | None = None
+    all_but_minor: int | None = None
+
+
+@dataclass(frozen=True)
+class IssueCoupon:
+    """A personal coupon of a rewards series, issued once the receipt is committed (or on the
+    campaign's trigger)."""
+
+    series_id: str
+
+
+@dataclass(frozen=True)
+class AwardBadge:
+    """A rewards badge, awarded once the receipt is committed (or on the campaign's trigger)."""
+
+    badge_id: str
+
+
+PointsEffect = EarnPointsPercent | EarnFixedPoints
+DiscountEffect = DiscountPercent | DiscountAmount | FixedPrice | BuyMPayN | NthItemDiscount | CheapestItemDiscount
+RewardEffect = IssueCoupon | AwardBadge
+Effect = PointsEffect | DiscountEffect | RedemptionCap | RewardEffect
+# The effects an event-triggered campaign may have: nothing to discount or cap without a receipt.
+TRIGGERED_EFFECTS = (EarnFixedPoints, IssueCoupon, AwardBadge)
+
+
+class CampaignTrigger(StrEnum):
+    """What runs a campaign's rules: a receipt being evaluated, or a member registering."""
+
+    RECEIPT = "receipt"
+    MEMBER_REGISTERED = "member_registered"
+
+
+@dataclass(frozen=True)
+class CampaignUsage:
+    """What a campaign's rules have given on committed receipts so far."""
+
+    discount_minor: int = 0
+    points: int = 0
+    receipts: int = 0
+
+
+@dataclass(frozen=True)
+class CampaignLimits:
+    """Budgets and uses per member; zero means no limit."""
+
+    discount_budget_minor: int = 0
+    points_budget: int = 0
+    max_uses_per_member: int = 0
+
+    def refusal(self, usage: CampaignUsage, member_uses: int) -> str | None:
+        """Why the campaign gives nothing more, or None while it may."""
+        if self.discount_budget_minor and usage.discount_minor >= self.discount_budget_minor:
+            return f"the discount budget is spent ({usage.discount_minor} of {self.discount_budget_minor})"
+        if self.points_budget and usage.points >= self.points_budget:
+            return f"the points budget is spent ({usage.points} of {self.points_budget})"
+        if self.max_uses_per_member and member_uses >= self.max_uses_per_member:
+            return f"the member has used the campaign {member_uses} times (at most {self.max_uses_per_member})"
+        return None
+
+
+NO_LIMITS = CampaignLimits()
+
+
+WEEKDAYS = range(1, 8)
+DAYS_OF_MONTH = range(1, 32)
+HOURS = range(24)
+CHANNELS = ("pos", "web", "app", "call_centre")
+
+
+@dataclass(frozen=True)
+class CampaignScope:
+    """Who, where and when a campaign applies: a fast prefilter before any condition runs.
+    Each field left empty means no restriction; a filled one must match (any of its values).
+    Weekdays (1 = Monday), days of month and hours are read in the store's time zone."""
+
+    segments: tuple[str, ...] = ()
+    tiers: tuple[str, ...] = ()
+    store_ids: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    weekdays: tuple[int, ...] = ()
+    days_of_month: tuple[int, ...] = ()
+    hours: tuple[int, ...] = ()
+
+    def refusal(self, receipt: Receipt, subject: Subject, local: datetime) -> str | None:
+        """Why the campaign does not apply to this receipt, or None when it does."""
+        checks = (
+            ("segment", self.segments, any(segment in self.segments for segment in subject.segments)),
+            ("tier", self.tiers, subject.tier in self.tiers),
+            ("store", self.store_ids, receipt.store_id in self.store_ids),
+            ("channel", self.channels, receipt.channel in self.channels),
+            ("weekday", self.weekdays, local.isoweekday() in self.weekdays),
+            ("day of month", self.days_of_month, local.day in self.days_of_month),
+            ("hour", self.hours, local.hour in self.hours),
+        )
+        for name, restriction, matches in checks:
+            if restriction and not matches:
+                return f"out of the campaign's scope: {name}"
+        return None
+
+
+EVERYONE = CampaignScope()
 
 
 @dataclass(frozen=True)
@@ -51,7 +350,20 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class RuleGroup:
+    group_id: str
+    name: str
+    mode: GroupMode
+    priority: int
+    condition: str
+    discount_base: DiscountBase
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
 class Campaign:
+    """A campaign; `rules` form its default group (mode all, priority 0, discounted base)."""
+
     campaign_id: str
     name: str
     status: CampaignStatus
@@ -59,6 +371,10 @@ class Campaign:
     end_at: datetime | None
     version: int
     rules: tuple[Rule, ...]
+    groups: tuple[RuleGroup, ...] = ()
+    scope: CampaignScope = EVERYONE
+    limits: CampaignLimits = NO_LIMITS
+    trigger: CampaignTrigger = CampaignTrigger.RECEIPT
 
     def is_live_at(self, moment: datetime) -> bool:
         return (
@@ -66,6 +382,10 @@ class Campaign:
             and (self.start_at is None or self.start_at <= moment)
             and (self.end_at is None or moment < self.end_at)
         )
+
+    def all_groups(self) -> tuple[RuleGroup, ...]:
+        default = RuleGroup("", "", GroupMode.ALL, 0, "", DiscountBase.DISCOUNTED, self.rules)
+        return ((default,) if self.rules else ()) + self.groups
 
 
 @dataclass(frozen=True)
@@ -92,13 +412,66 @@ class Receipt:
         return sum(line.amount_minor for line in self.lines)
 
 
+SPEND_WINDOWS_DAYS = (7, 30, 90, 180, 365)
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """A committed receipt (or a return, negative) of a member, from the gateway's events."""
+
+    time: datetime
+    amount_minor: int
+    is_return: bool = False
+
+
 @dataclass(frozen=True)
 class Subject:
-    """The customer; member_id is empty for an anonymous receipt, which earns no points."""
+    """The customer; member_id is empty for an anonymous receipt, which earns no points.
+    `purchases` are the member's earlier receipts and returns (only loaded when a live
+    condition reads member.purchases)."""
 
     member_id: str
     tier: str
     segments: tuple[str, ...]
+    purchases: tuple[Purchase, ...] = ()
+
+
+def purchase_facts(purchases: Sequence[Purchase], moment: datetime) -> dict[str, int]:
+    """member.purchases as conditions see it, as of the receipt's time: receipts before it
+    (returns lower the spend, not the count)."""
+    earlier = [purchase for purchase in purchases if purchase.time <= moment]
+    sales = [purchase for purchase in earlier if not purchase.is_return]
+    facts = {
+        "count": len(sales),
+        "total_minor": sum(purchase.amount_minor for purchase in earlier),
+        "days_since_last": (moment - max(p.time for p in sales)).days if sales else -1,
+    }
+    for days in SPEND_WINDOWS_DAYS:
+        facts[f"spend_last_{days}_days_minor"] = sum(
+            purchase.amount_minor for purchase in earlier if (moment - purchase.time).days < days
+        )
+    return facts
+
+
+@dataclass(frozen=True)
+class CouponBenefit:
+    """What an accepted coupon gives; exactly one of the benefit fields is set."""
+
+    percent_off_basis_points: int = 0
+    amount_off_minor: int = 0
+    fixed_price_minor: int | None = None
+    gift_sku: str = ""
+    points: int = 0
+    scope: Scope = EVERYTHING
+    min_receipt_total_minor: int = 0
+
+
+@dataclass(frozen=True)
+class PresentedCoupon:
+    code: str
+    series_id: str
+    campaign_id: str
+    benefit: CouponBenefit
 
 
 class ConditionError(ValueError):
@@ -112,9 +485,26 @@ class CompiledRule:
 
 
 @dataclass(frozen=True)
+class CompiledGroup:
+    group: RuleGroup
+    program: cel.Program | None
+    rules: tuple[CompiledRule, ...]
+
+
+@dataclass(frozen=True)
 class CompiledCampaign:
     campaign: Campaign
-    rules: tuple[CompiledRule, ...]
+    groups: tuple[CompiledGroup, ...]
+    # every condition's text, to tell whether any may read receipt.lines or member.purchases
+    # (a plain mention is enough to say yes)
+    conditions: str = ""
+
+    def mentions(self, word: str) -> bool:
+        return word in self.conditions
+
+    @property
+    def rules(self) -> tuple[CompiledRule, ...]:
+        return tuple(rule for group in self.groups for rule in group.rules)
 
 
 SAMPLE_RECEIPT = Receipt(
@@ -126,11 +516,39 @@ SAMPLE_RECEIPT = Receipt(
     lines=(ReceiptLine(1, "SKU-1", 10000, 1000, 10000, False),),
 )
 SAMPLE_SUBJECT = Subject(member_id="member-1", tier="basic", segments=("new",))
+SAMPLE_COUPONS = (PresentedCoupon("CODE-1", "SERIES-1", "", CouponBenefit(points=1)),)
 
 
-def activation(receipt: Receipt, subject: Subject) -> dict[str, Any]:
-    """The variables a condition sees."""
-    return {
+def activation(
+    receipt: Receipt,
+    subject: Subject,
+    coupons: Sequence[PresentedCoupon] = (),
+    catalogue: Catalogue = NO_CATALOGUE,
+    local: datetime | None = None,
+    with_lines: bool = True,
+) -> dict[str, Any]:
+    """The variables a condition sees (documented in docs/rules.md); times are the store's
+    local time `local` when known. `receipt.lines` (a map per line) is by far the dearest
+    part to hand to CEL, so it is left out when no condition mentions it."""
+    local = local or receipt.time
+    products = [catalogue.get(line.sku) or Product(line.sku) for line in receipt.lines]
+
+    def line_facts(line: ReceiptLine, product: Product) -> dict[str, Any]:
+        return {
+            "position": line.position,
+            "sku": line.sku,
+            "price_minor": line.price_minor,
+            "quantity_milli": line.quantity_milli,
+            "amount_minor": line.amount_minor,
+            "no_promotions": line.no_promotions,
+            "category_ids": list(product.category_ids),
+            "brand_id": product.brand_id,
+            "own_brand": product.own_brand,
+            "list_ids": sorted(product.list_ids),
+            "attributes": dict(product.attributes),
+        }
+
+    facts: dict[str, Any] = {
         "receipt": {
             "total_minor": receipt.total_minor,
             "line_count": len(receipt.lines),
@@ -138,20 +556,32 @@ def activation(receipt: Receipt, subject: Subject) -> dict[str, Any]:
             "terminal_id": receipt.terminal_id,
             "channel": receipt.channel,
             "currency_code": receipt.currency_code,
-            "hour": receipt.time.hour,
-            "weekday": receipt.time.isoweekday(),
+            "hour": local.hour,
+            "weekday": local.isoweekday(),
+            "day_of_month": local.day,
             "skus": [line.sku for line in receipt.lines],
+            "category_ids": sorted({category for product in products for category in product.category_ids}),
+            "brand_ids": sorted({product.brand_id for product in products if product.brand_id}),
+            "list_ids": sorted({list_id for product in products for list_id in product.list_ids}),
+            "coupon_codes": [coupon.code for coupon in coupons],
+            "coupon_series": [coupon.series_id for coupon in coupons],
         },
         "member": {
             "id": subject.member_id,
             "identified": bool(subject.member_id),
             "tier": subject.tier,
             "segments": list(subject.segments),
+            "purchases": purchase_facts(subject.purchases, receipt.time),
         },
     }
+    if with_lines:
+        facts["receipt"]["lines"] = [
+            line_facts(line, product) for line, product in zip(receipt.lines, products, strict=True)
+        ]
+    return facts
 
 
-def _holds(program: cel.Program, variables: dict[str, Any]) -> bool:
+def _holds(program: cel.Program, variables: dict[str, Any] | cel.Context) -> bool:
     try:
         result = program.execute(variables)
     except Exception as error:  # the CEL runtime raises several types for bad expressions
@@ -169,13 +599,29 @@ def compile_condition(condition: str) -> cel.Program | None:
         program = cel.compile(condition)
     except Exception as error:
         raise ConditionError(str(error)) from error
-    _holds(program, activation(SAMPLE_RECEIPT, SAMPLE_SUBJECT))
+    _holds(program, activation(SAMPLE_RECEIPT, SAMPLE_SUBJECT, SAMPLE_COUPONS))
     return program
 
 
+def _by_priority(rules: Sequence[Rule]) -> list[Rule]:
+    return sorted(rules, key=lambda rule: (rule.priority, rule.rule_id))
+
+
 def compile_campaign(campaign: Campaign) -> CompiledCampaign:
-    ordered = sorted(campaign.rules, key=lambda rule: (rule.priority, rule.rule_id))
-    return CompiledCampaign(campaign, tuple(CompiledRule(rule, compile_condition(rule.condition)) for rule in ordered))
+    conditions = [group.condition for group in campaign.all_groups()]
+    conditions += [rule.condition for group in campaign.all_groups() for rule in group.rules]
+    return CompiledCampaign(
+        campaign,
+        tuple(
+            CompiledGroup(
+                group,
+                compile_condition(group.condition),
+                tuple(CompiledRule(rule, compile_condition(rule.condition)) for rule in _by_priority(group.rules)),
+            )
+            for group in campaign.all_groups()
+        ),
+        "\n".join(conditions),
+    )
 
 
 def spread(total: int, weights: list[int]) -> list[int]:
@@ -191,6 +637,26 @@ def spread(total: int, weights: list[int]) -> list[int]:
     return parts
 
 
+def spread_within(total: int, weights: list[int], caps: list[int]) -> list[int]:
+    """Like `spread`, but no part exceeds its cap (a discount never takes a line below zero):
+    what the remainder would push over a cap moves to the nearest earlier line with room.
+    `total` is first cut to the sum of the caps."""
+    total = min(total, sum(caps))
+    parts = [min(part, cap) for part, cap in zip(spread(total, weights), caps, strict=True)]
+    overflow = total - sum(parts)
+    for index in reversed(range(len(parts))):
+        if overflow == 0:
+            break
+        room = min(overflow, caps[index] - parts[index])
+        parts[index] += room
+        overflow -= room
+    return parts
+
+
+def scaled(amount: int, basis_points: int) -> int:
+    return amount * basis_points // BASIS_POINTS_DENOMINATOR
+
+
 @dataclass(frozen=True)
 class Applied:
     campaign_id: str
@@ -199,6 +665,9 @@ class Applied:
     receipt_text: str
     points: int
     discount_minor: int
+    coupon_code: str = ""
+    coupon_series_id: str = ""
+    badge_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -207,6 +676,7 @@ class LineOutcome:
     discount_minor: int
     final_amount_minor: int
     points: int
+    max_points_payment_minor: int = 0
 
 
 @dataclass
@@ -214,6 +684,7 @@ class Evaluation:
     lines: list[LineOutcome]
     applied: list[Applied] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    unused_coupon_codes: list[str] = field(default_factory=list)
 
     @property
     def points_total(self) -> int:
@@ -224,44 +695,483 @@ class Evaluation:
         return sum(line.discount_minor for line in self.lines)
 
 
-def _line_points(effect: Effect, eligible: list[int]) -> list[int]:
+class _Basket:
+    """The receipt as it is being discounted: current amounts, and which lines may take part."""
+
+    def __init__(self, receipt: Receipt, catalogue: Catalogue) -> None:
+        self.lines = receipt.lines
+        self.products = [catalogue.get(line.sku) for line in receipt.lines]
+        self.original = [line.amount_minor for line in receipt.lines]
+        self.current = list(self.original)
+        self._masks: dict[Scope, list[bool]] = {}
+
+    def in_scope(self, scope: Scope) -> list[bool]:
+        """Which lines a scope takes in; many rules share a scope, so it is worked out once."""
+        mask = self._masks.get(scope)
+        if mask is None:
+            mask = [
+                not line.no_promotions and scope.matches(line.sku, product)
+                for line, product in zip(self.lines, self.products, strict=True)
+            ]
+            self._masks[scope] = mask
+        return mask
+
+    def base(self, discount_base: DiscountBase) -> list[int]:
+        return self.original if discount_base is DiscountBase.ORIGINAL else self.current
+
+    def apply(self, discounts: list[int]) -> None:
+        self.current = [amount - discount for amount, discount in zip(self.current, discounts, strict=True)]
+
+
+def _units(basket: _Basket, mask: list[bool], base: list[int]) -> list[tuple[int, int, int]]:
+    """Every whole unit on the lines in `mask` as (unit price, position, line index), dearest
+    first; a line's amount is split over its units with the remainder on its last unit.
+    Lines sold by weight (a fractional quantity) have no units."""
+    units: list[tuple[int, int, int]] = []
+    for index, (line, selected) in enumerate(zip(basket.lines, mask, strict=True)):
+        if not selected or line.quantity_milli % UNIT_MILLI:
+            continue
+        count = line.quantity_milli // UNIT_MILLI
+        share, remainder = divmod(base[index], count)
+        units.extend((share, line.position, index) for _ in range(count - 1))
+        units.append((share + remainder, line.position, index))
+    units.sort(key=lambda unit: (-unit[0], unit[1]))
+    return units
+
+
+def _unit_discounts(size: int, basket: _Basket, units: list[tuple[int, int, int]], free: int, bps: int) -> list[int]:
+    """Of each full group of `size` units (dearest first), the cheapest `free` get `bps` off."""
+    discounts = [0] * len(basket.lines)
+    for start in range(0, len(units) - size + 1, size):
+        for price, _, index in units[start + size - free : start + size]:
+            discounts[index] += scaled(price, bps)
+    return discounts
+
+
+def _discounts(effect: DiscountEffect, basket: _Basket, discount_base: DiscountBase) -> list[int]:
+    """The discount per line, never more than what a line in scope still costs."""
+    mask = basket.in_scope(effect.scope)
+    caps = [amount if selected else 0 for amount, selected in zip(basket.current, mask, strict=True)]
+    raw = _raw_discounts(effect, basket, discount_base, mask)
+    if all(discount <= cap for discount, cap in zip(raw, caps, strict=True)):
+        return raw
+    # what does not fit on a line (an amount-off over a cheap line, a percentage of the
+    # original amount) moves to other lines in scope so the rule's discount stays whole
+    return spread_within(sum(raw), raw, caps)
+
+
+def _raw_discounts(effect: DiscountEffect, basket: _Basket, discount_base: DiscountBase, mask: list[bool]) -> list[int]:
+    base = basket.base(discount_base)
+    weights = [amount if selected else 0 for amount, selected in zip(base, mask, strict=True)]
+    if isinstance(effect, DiscountPercent):
+        return spread(scaled(sum(weights), effect.basis_points), weights)
+    if isinstance(effect, DiscountAmount):
+        return spread(effect.amount_minor, weights)
+    if isinstance(effect, FixedPrice):
+        return [
+            max(0, amount - (effect.unit_price_minor * line.quantity_milli + UNIT_MILLI // 2) // UNIT_MILLI)
+            if selected
+            else 0
+            for amount, line, selected in zip(basket.current, basket.lines, mask, strict=True)
+        ]
+    units = _units(basket, mask, base)
+    if isinstance(effect, BuyMPayN):
+        return _unit_discounts(effect.buy, basket, units, effect.buy - effect.pay, BASIS_POINTS_DENOMINATOR)
+    if isinstance(effect, NthItemDiscount):
+        return _unit_discounts(effect.n, basket, units, 1, effect.basis_points)
+    if len(units) < max(effect.min_units, 1):
+        return [0] * len(basket.lines)
+    return _unit_discounts(len(units), basket, units, 1, effect.basis_points)
+
+
+def _points(effect: PointsEffect, basket: _Basket) -> list[int]:
     if isinstance(effect, EarnPointsPercent):
-        total = sum(eligible) * effect.basis_points // BASIS_POINTS_DENOMINATOR
-        return spread(total, eligible)
-    return spread(effect.amount, eligible)
+        mask = basket.in_scope(effect.scope)
+        weights = [amount if selected else 0 for amount, selected in zip(basket.current, mask, strict=True)]
+        return spread(scaled(sum(weights), effect.basis_points), weights)
+    return spread(
+        effect.amount,
+        [
+            amount if selected else 0
+            for amount, selected in zip(basket.current, basket.in_scope(EVERYTHING), strict=True)
+        ],
+    )
 
 
-def evaluate(receipt: Receipt, subject: Subject, campaigns: list[CompiledCampaign]) -> Evaluation:
-    """Applies every live rule whose condition holds. Points go to identified members only,
-    and never on lines marked no_promotions."""
-    eligible = [0 if line.no_promotions else line.amount_minor for line in receipt.lines]
-    points = [0] * len(receipt.lines)
-    evaluation = Evaluation(lines=[])
-    variables = activation(receipt, subject)
+@dataclass
+class _Pick:
+    """A rule chosen to apply; its points are known only once every discount is made."""
+
+    source: tuple[str, int, str, str]  # campaign id, version, rule id, receipt text
+    effect: Effect
+    discounts: list[int]
+    coupon_code: str = ""
+    points: list[int] = field(default_factory=list)
+
+
+def _worth(effect: Effect, basket: _Basket, discount_base: DiscountBase) -> int:
+    """What a rule gives the customer on the basket as it stands (a point counts as a minor unit)."""
+    if isinstance(effect, EarnPointsPercent | EarnFixedPoints):
+        return sum(_points(effect, basket))
+    if isinstance(effect, RedemptionCap | IssueCoupon | AwardBadge):
+        return 0
+    return sum(_discounts(effect, basket, discount_base))
+
+
+def _coupon_discounts(benefit: CouponBenefit, basket: _Basket) -> list[int] | None:
+    """The coupon's discount per line; None when it does not apply to this receipt."""
+    mask = basket.in_scope(benefit.scope)
+    eligible = [amount if selected else 0 for amount, selected in zip(basket.current, mask, strict=True)]
+    if sum(basket.current) < benefit.min_receipt_total_minor or not any(eligible):
+        return None
+    if benefit.percent_off_basis_points:
+        return spread(scaled(sum(eligible), benefit.percent_off_basis_points), eligible)
+    if benefit.amount_off_minor:
+        return spread_within(benefit.amount_off_minor, eligible, eligible)
+    if benefit.fixed_price_minor is not None:
+        return _discounts(FixedPrice(benefit.fixed_price_minor, benefit.scope), basket, DiscountBase.DISCOUNTED)
+    if benefit.gift_sku:
+        gifts = _units(
+            basket,
+            [selected and line.sku == benefit.gift_sku for line, selected in zip(basket.lines, mask, strict=True)],
+            basket.current,
+        )
+        if not gifts:
+            return None
+        discounts = [0] * len(basket.lines)
+        price, _, index = gifts[-1]
+        discounts[index] = price
+        return discounts
+    return [0] * len(basket.lines)
+
+
+class _Evaluator:
+    def __init__(
+        self,
+        receipt: Receipt,
+        subject: Subject,
+        coupons: Sequence[PresentedCoupon],
+        catalogue: Catalogue,
+        local: datetime,
+        with_lines: bool,
+        refusals: Mapping[str, str],
+    ) -> None:
+        self.refusals = refusals
+        self.receipt = receipt
+        self.local = local
+        self.subject = subject
+        self.coupons = coupons
+        self.basket = _Basket(receipt, catalogue)
+        self.catalogue = catalogue
+        self.with_lines = with_lines
+        self._variables: cel.Context | None = None
+        self.picks: list[_Pick] = []
+        self.skipped: list[tuple[str, str]] = []
+
+    def admits(self, campaign: Campaign) -> bool:
+        """Whether the campaign is live and its scope admits the receipt; a published
+        campaign out of scope is explained, a draft or one out of its period is not."""
+        if not campaign.is_live_at(self.receipt.time):
+            return False
+        refusal = (
+            "the campaign runs on member registration, not on receipts"
+            if campaign.trigger is not CampaignTrigger.RECEIPT
+            else self.refusals.get(campaign.campaign_id)
+        )
+        refusal = refusal or campaign.scope.refusal(self.receipt, self.subject, self.local)
+        if refusal is not None:
+            self.skipped.append((campaign.campaign_id, refusal))
+        return refusal is None
+
+    def variables(self) -> cel.Context:
+        """The conditions' variables, converted to CEL once per receipt (not per condition),
+        and only if some condition is to run."""
+        if self._variables is None:
+            facts = activation(self.receipt, self.subject, self.coupons, self.catalogue, self.local, self.with_lines)
+            self._variables = cel.Context(variables=facts)
+        return self._variables
+
+    def holds(self, program: cel.Program | None, subject_id: str) -> bool:
+        try:
+            if program is None or _holds(program, self.variables()):
+                return True
+        except ConditionError as error:
+            self.skipped.append((subject_id, f"condition failed: {error}"))
+            return False
+        self.skipped.append((subject_id, "condition is false"))
+        return False
+
+    def candidates(self, group: CompiledGroup) -> list[CompiledRule]:
+        """The rules of a group whose conditions hold and that can give something."""
+        if not self.holds(group.program, group.group.group_id):
+            return []
+        chosen = []
+        for compiled in group.rules:
+            rule = compiled.rule
+            if not self.holds(compiled.program, rule.rule_id):
+                continue
+            if isinstance(rule.effect, EarnPointsPercent | EarnFixedPoints) and not self.subject.member_id:
+                self.skipped.append((rule.rule_id, "anonymous receipts earn no points"))
+                continue
+            if isinstance(rule.effect, IssueCoupon | AwardBadge) and not self.subject.member_id:
+                self.skipped.append((rule.rule_id, "anonymous receipts get no coupons or badges"))
+                continue
+            chosen.append(compiled)
+        return chosen
+
+    def apply(self, campaign: Campaign, group: RuleGroup, rule: Rule) -> None:
+        discounts = [0] * len(self.basket.lines)
+        if not isinstance(rule.effect, EarnPointsPercent | EarnFixedPoints | RedemptionCap | IssueCoupon | AwardBadge):
+            discounts = _discounts(rule.effect, self.basket, group.discount_base)
+            self.basket.apply(discounts)
+        source = (campaign.campaign_id, campaign.version, rule.rule_id, rule.receipt_text)
+        self.picks.append(_Pick(source, rule.effect, discounts))
+
+    def run_group(self, campaign: Campaign, compiled: CompiledGroup, rules: list[CompiledRule]) -> None:
+        group = compiled.group
+        if group.mode is GroupMode.FIRST:
+            rules, passed = rules[:1], rules[1:]
+            self.skipped.extend((r.rule.rule_id, f"group {group.group_id}: an earlier rule applied") for r in passed)
+        elif group.mode is GroupMode.BEST and rules:
+            best = max(rules, key=lambda r: _worth(r.rule.effect, self.basket, group.discount_base))
+            self.skipped.extend(
+                (r.rule.rule_id, f"group {group.group_id}: {best.rule.rule_id} is worth more")
+                for r in rules
+                if r is not best
+            )
+            rules = [best]
+        for compiled_rule in rules:
+            self.apply(campaign, group, compiled_rule.rule)
+
+    def run_coupons(self) -> list[str]:
+        unused = []
+        for coupon in self.coupons:
+            benefit = coupon.benefit
+            discounts = _coupon_discounts(benefit, self.basket)
+            if discounts is None or (benefit.points and not self.subject.member_id):
+                unused.append(coupon.code)
+                continue
+            self.basket.apply(discounts)
+            effect: Effect = EarnFixedPoints(benefit.points) if benefit.points else DiscountAmount(sum(discounts))
+            self.picks.append(_Pick((coupon.campaign_id, 0, "", ""), effect, discounts, coupon.code))
+        return unused
+
+
+def evaluate(
+    receipt: Receipt,
+    subject: Subject,
+    campaigns: list[CompiledCampaign],
+    coupons: Sequence[PresentedCoupon] = (),
+    catalogue: Catalogue = NO_CATALOGUE,
+    default_cap_basis_points: int = 0,
+    time_zone: tzinfo = UTC,
+    refusals: Mapping[str, str] | None = None,
+) -> Evaluation:
+    """Evaluates a receipt against the compiled campaigns live at its time (module docstring).
+    `refusals` names campaigns to skip and why (a spent budget, uses per member reached).
+
+    Lines are worked on in position order, so the outcome does not depend on the order the
+    register sent them in; it is answered in the receipt's order."""
+    canonical = dataclasses.replace(receipt, lines=tuple(sorted(receipt.lines, key=lambda line: line.position)))
+    moment = receipt.time if receipt.time.tzinfo else receipt.time.replace(tzinfo=UTC)
+    with_lines = any(compiled.mentions("lines") for compiled in campaigns)
+    evaluator = _Evaluator(
+        canonical, subject, coupons, catalogue, moment.astimezone(time_zone), with_lines, refusals or {}
+    )
+    live = [compiled for compiled in campaigns if evaluator.admits(compiled.campaign)]
+    ordered = sorted(
+        ((group.group.priority, compiled.campaign.campaign_id, index), compiled.campaign, group)
+        for compiled in live
+        for index, group in enumerate(compiled.groups)
+    )
+    candidates = [(campaign, group, evaluator.candidates(group)) for _, campaign, group in ordered]
+    exclusive = next(
+        (group for _, group, rules in candidates if group.group.mode is GroupMode.EXCLUSIVE and rules), None
+    )
+    for campaign, group, rules in candidates:
+        if exclusive is not None and group is not exclusive:
+            displaced_by = f"displaced by exclusive group {exclusive.group.group_id}"
+            evaluator.skipped.extend((r.rule.rule_id, displaced_by) for r in rules)
+            continue
+        evaluator.run_group(campaign, group, rules)
+    unused = evaluator.run_coupons()
+
+    basket = evaluator.basket
+    points = [0] * len(canonical.lines)
+    cap: RedemptionCap | None = None
+    for pick in evaluator.picks:
+        if isinstance(pick.effect, EarnPointsPercent | EarnFixedPoints):
+            pick.points = _points(pick.effect, basket)
+            points = [a + b for a, b in zip(points, pick.points, strict=True)]
+        elif isinstance(pick.effect, RedemptionCap) and cap is None:
+            cap = pick.effect
+    payable = redemption_cap(basket, cap or RedemptionCap(basis_points=default_cap_basis_points))
+    outcomes = {
+        line.position: LineOutcome(line.position, original - final, final, line_points, line_payable)
+        for line, original, final, line_points, line_payable in zip(
+            canonical.lines, basket.original, basket.current, points, payable, strict=True
+        )
+    }
+    return Evaluation(
+        lines=[outcomes[line.position] for line in receipt.lines],
+        applied=[
+            Applied(
+                pick.source[0],
+                pick.source[1],
+                pick.source[2],
+                pick.source[3],
+                sum(pick.points),
+                sum(pick.discounts),
+                pick.coupon_code,
+                pick.effect.series_id if isinstance(pick.effect, IssueCoupon) else "",
+                pick.effect.badge_id if isinstance(pick.effect, AwardBadge) else "",
+            )
+            for pick in evaluator.picks
+        ],
+        skipped=evaluator.skipped,
+        unused_coupon_codes=unused,
+    )
+
+
+def redemption_cap(basket: _Basket, cap: RedemptionCap) -> list[int]:
+    """The most of each line's final amount payable with points."""
+    eligible = [
+        amount if selected else 0 for amount, selected in zip(basket.current, basket.in_scope(EVERYTHING), strict=True)
+    ]
+    if cap.all_but_minor is not None:
+        return spread_within(max(0, sum(eligible) - cap.all_but_minor), eligible, eligible)
+    return [scaled(amount, cap.basis_points or 0) for amount in eligible]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why one rule did or did not apply (a simulation's answer)."""
+
+    campaign_id: str
+    group_id: str
+    rule_id: str
+    rule_name: str
+    applied: bool
+    reason: str
+    discount_minor: int
+    points: int
+
+
+def explain(campaigns: Sequence[CompiledCampaign], evaluation: Evaluation, moment: datetime) -> list[Explanation]:
+    """An explanation for every rule of `campaigns`, in evaluation order, from what
+    `evaluate` recorded: the rule's own outcome, else its group's, else its campaign's."""
+    applied = {entry.rule_id: entry for entry in evaluation.applied if entry.rule_id}
+    reasons = dict(reversed(evaluation.skipped))  # the first reason recorded for an id wins
+    explanations = []
+    for compiled in sorted(campaigns, key=lambda compiled: compiled.campaign.campaign_id):
+        campaign = compiled.campaign
+        for group in sorted(compiled.groups, key=lambda group: group.group.priority):
+            for compiled_rule in group.rules:
+                rule = compiled_rule.rule
+                entry = applied.get(rule.rule_id)
+                if entry is not None:
+                    reason = ""
+                elif not campaign.is_live_at(moment):
+                    reason = "the campaign is not live at the receipt's time"
+                else:
+                    reason = (
+                        reasons.get(rule.rule_id)
+                        or reasons.get(group.group.group_id)
+                        or reasons.get(campaign.campaign_id)
+                        or "not evaluated"
+                    )
+                    if reason == "condition is false" and rule.rule_id in reasons:
+                        reason = f"condition is false: {rule.condition}"
+                    elif reason == "condition is false":
+                        reason = f"the group's condition is false: {group.group.condition}"
+                explanations.append(
+                    Explanation(
+                        campaign.campaign_id,
+                        group.group.group_id,
+                        rule.rule_id,
+                        rule.name,
+                        entry is not None,
+                        reason,
+                        entry.discount_minor if entry else 0,
+                        entry.points if entry else 0,
+                    )
+                )
+    return explanations
+
+
+def limit_refusals(
+    campaigns: Sequence[CompiledCampaign], usage: Mapping[str, CampaignUsage], member_uses: Mapping[str, int]
+) -> dict[str, str]:
+    """The campaigns whose budget is spent or whose uses by this member are reached, and why."""
+    refusals = {}
     for compiled in campaigns:
         campaign = compiled.campaign
-        if not campaign.is_live_at(receipt.time):
+        refusal = campaign.limits.refusal(
+            usage.get(campaign.campaign_id, CampaignUsage()), member_uses.get(campaign.campaign_id, 0)
+        )
+        if refusal is not None:
+            refusals[campaign.campaign_id] = refusal
+    return refusals
+
+
+def triggered_rules(
+    campaigns: Sequence[CompiledCampaign], trigger: CampaignTrigger, subject: Subject, moment: datetime
+) -> list[tuple[Campaign, Rule]]:
+    """The rules an event (`trigger`) fires for `subject`: those of the campaigns live at `moment`
+    with that trigger, in scope (segments, tiers), whose conditions hold over the member and an
+    empty receipt."""
+    empty = Receipt(store_id="", terminal_id="", channel="", time=moment, currency_code="", lines=())
+    variables: cel.Context | None = None
+    fired = []
+    for compiled in sorted(campaigns, key=lambda compiled: compiled.campaign.campaign_id):
+        campaign = compiled.campaign
+        if campaign.trigger is not trigger or not campaign.is_live_at(moment):
+            continue
+        if campaign.scope.refusal(empty, subject, moment) is not None:
             continue
         for compiled_rule in compiled.rules:
-            rule = compiled_rule.rule
-            try:
-                applies = compiled_rule.program is None or _holds(compiled_rule.program, variables)
-            except ConditionError as error:
-                evaluation.skipped.append((rule.rule_id, f"condition failed: {error}"))
-                continue
-            if not applies:
-                evaluation.skipped.append((rule.rule_id, "condition is false"))
-                continue
-            if not subject.member_id:
-                evaluation.skipped.append((rule.rule_id, "anonymous receipts earn no points"))
-                continue
-            earned = _line_points(rule.effect, eligible)
-            points = [a + b for a, b in zip(points, earned, strict=True)]
-            evaluation.applied.append(
-                Applied(campaign.campaign_id, campaign.version, rule.rule_id, rule.receipt_text, sum(earned), 0)
-            )
-    evaluation.lines = [
-        LineOutcome(line.position, 0, line.amount_minor, line_points)
-        for line, line_points in zip(receipt.lines, points, strict=True)
+            if compiled_rule.program is not None:
+                if variables is None:
+                    variables = cel.Context(variables=activation(empty, subject, (), NO_CATALOGUE, moment, False))
+                try:
+                    if not _holds(compiled_rule.program, variables):
+                        continue
+                except ConditionError:
+                    continue  # a condition that cannot be decided gives nothing, as on a receipt
+            fired.append((campaign, compiled_rule.rule))
+    return fired
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A reward to hand out through another service, once: `request_id` is derived from the
+    event that earned it, so a redelivered event asks again with the same key."""
+
+    request_id: str
+    member_id: str
+    campaign_id: str
+    rule_id: str
+    effect: EarnFixedPoints | IssueCoupon | AwardBadge
+    reason: str
+
+
+def grants_for(
+    event_id: str, member_id: str, fired: Sequence[tuple[str, Rule]], kinds: tuple[type, ...] = TRIGGERED_EFFECTS
+) -> list[Grant]:
+    """What `fired` rules (campaign id, rule) hand out to `member_id` for the event `event_id`:
+    the rules whose effect is one of `kinds` (on a receipt only coupons and badges, since the
+    gateway credits the receipt's points itself; on a trigger fixed points too)."""
+    names = {EarnFixedPoints: "points", IssueCoupon: "coupon", AwardBadge: "badge"}
+    return [
+        Grant(
+            f"rules:{event_id}:{rule.rule_id}:{names[type(rule.effect)]}",
+            member_id,
+            campaign_id,
+            rule.rule_id,
+            rule.effect,
+            rule.name or rule.rule_id,
+        )
+        for campaign_id, rule in fired
+        # the second test only narrows the type: `kinds` is a subset of these three
+        if member_id and isinstance(rule.effect, kinds) and isinstance(rule.effect, TRIGGERED_EFFECTS)
     ]
-    return evaluation

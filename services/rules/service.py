@@ -2,25 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from datetime import datetime
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from loyalty.runtime.bus import Event
 from loyalty.runtime.errors import FailedPrecondition, NotFound
+from loyalty.runtime.inbox import first_delivery
 from loyalty.runtime.outbox import add_event
 from loyalty.runtime.timeutil import utcnow
 from services.rules import store
 from services.rules.domain import (
+    NO_CATALOGUE,
+    STATUS_CHANGES,
+    AwardBadge,
+    Brand,
     Campaign,
     CampaignStatus,
+    CampaignTrigger,
+    CampaignUsage,
+    Catalogue,
+    Category,
     CompiledCampaign,
     Evaluation,
+    Explanation,
+    Grant,
+    IssueCoupon,
+    PresentedCoupon,
+    Product,
+    ProductList,
+    ProductRecord,
+    Purchase,
     Receipt,
     Subject,
     compile_campaign,
+    creates_cycle,
     evaluate,
+    explain,
+    grants_for,
+    limit_refusals,
+    triggered_rules,
 )
 
 
@@ -36,6 +64,10 @@ async def get_campaign(session: AsyncSession, campaign_id: str) -> Campaign:
     return campaign
 
 
+async def campaign_usage(session: AsyncSession, campaign_id: str) -> CampaignUsage:
+    return (await store.campaign_usage(session, [campaign_id])).get(campaign_id, CampaignUsage())
+
+
 async def publish_campaign(session: AsyncSession, campaign_id: str) -> Campaign:
     campaign = await store.find_campaign(session, campaign_id, for_update=True)
     if campaign is None:
@@ -48,8 +80,45 @@ async def publish_campaign(session: AsyncSession, campaign_id: str) -> Campaign:
     return await get_campaign(session, campaign_id)
 
 
-def new_campaign_id() -> str:
+async def change_status(session: AsyncSession, campaign_id: str, change: str) -> Campaign:
+    """Pauses, resumes or ends a published campaign (``STATUS_CHANGES``)."""
+    campaign = await store.find_campaign(session, campaign_id, for_update=True)
+    if campaign is None:
+        raise NotFound("CAMPAIGN_NOT_FOUND", f"no campaign {campaign_id!r}")
+    allowed, target = STATUS_CHANGES[change]
+    if campaign.status not in allowed:
+        raise FailedPrecondition(
+            "CAMPAIGN_STATUS_CONFLICT", f"a {campaign.status.value} campaign cannot be changed by {change}"
+        )
+    await store.set_status(session, campaign_id, target, utcnow())
+    await add_event(
+        session, store.outbox, f"campaign.{target.value}", key=campaign_id, payload={"campaign_id": campaign_id}
+    )
+    return await get_campaign(session, campaign_id)
+
+
+def new_id() -> str:
     return str(uuid.uuid4())
+
+
+async def compiled_drafts(session: AsyncSession, campaign_ids: Sequence[str]) -> list[CompiledCampaign]:
+    """Draft campaigns compiled as if they were published, for a simulation."""
+    drafts = []
+    for campaign_id in campaign_ids:
+        campaign = await get_campaign(session, campaign_id)
+        if campaign.status is not CampaignStatus.DRAFT:
+            raise FailedPrecondition("CAMPAIGN_NOT_DRAFT", f"campaign {campaign_id!r} is published already")
+        drafts.append(compile_campaign(dataclasses.replace(campaign, status=CampaignStatus.ACTIVE)))
+    return drafts
+
+
+@dataclass(frozen=True)
+class Simulation:
+    receipt: Receipt
+    subject: Subject
+    coupons: tuple[PresentedCoupon, ...]
+    draft_campaign_ids: tuple[str, ...]
+    drafts_only: bool
 
 
 class LiveCampaigns:
@@ -60,12 +129,24 @@ class LiveCampaigns:
     and a receipt never recompiles a condition.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], refresh_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        refresh_seconds: float = 1.0,
+        default_cap_basis_points: int = 0,
+    ) -> None:
         self._sessions = sessions
+        self._default_cap_basis_points = default_cap_basis_points
         self._refresh_seconds = refresh_seconds
         self._compiled: list[CompiledCampaign] = []
         self._built_from: datetime | None = None
         self._checked_at = float("-inf")
+        self._usage: dict[str, CampaignUsage] = {}
+        self._usage_read_at = float("-inf")
+
+    async def mentions(self, word: str) -> bool:
+        """Whether a condition of the live campaigns may read `word`."""
+        return any(compiled.mentions(word) for compiled in await self.current())
 
     def live_count(self, moment: datetime) -> int:
         """How many of the compiled campaigns apply at `moment` (no database read)."""
@@ -85,5 +166,240 @@ class LiveCampaigns:
             self._checked_at = time.monotonic()
         return self._compiled
 
-    async def evaluate(self, receipt: Receipt, subject: Subject) -> Evaluation:
-        return evaluate(receipt, subject, await self.current())
+    async def refusals(self, campaigns: Sequence[CompiledCampaign], member_id: str) -> dict[str, str]:
+        """The campaigns to skip for a spent budget or a member's uses. What the campaigns have
+        given is re-read at most every ``refresh_seconds``, and only for campaigns with a
+        budget; a member's uses are read per receipt, only when a campaign limits them."""
+        budgeted = [
+            c.campaign.campaign_id
+            for c in campaigns
+            if c.campaign.limits.discount_budget_minor or c.campaign.limits.points_budget
+        ]
+        limited = [c.campaign.campaign_id for c in campaigns if c.campaign.limits.max_uses_per_member]
+        if not budgeted and not (limited and member_id):
+            return {}
+        async with self._sessions() as session:
+            if budgeted and time.monotonic() - self._usage_read_at >= self._refresh_seconds:
+                self._usage = await store.campaign_usage(session, budgeted)
+                self._usage_read_at = time.monotonic()
+            uses = await store.member_uses(session, member_id, limited) if limited and member_id else {}
+        return limit_refusals(campaigns, self._usage, uses)
+
+    async def simulate(
+        self,
+        request: Simulation,
+        drafts: list[CompiledCampaign],
+        catalogue: Catalogue = NO_CATALOGUE,
+        time_zone: tzinfo = UTC,
+    ) -> tuple[Evaluation, list[Explanation]]:
+        """Evaluates with the drafts (see ``compiled_drafts``) beside the live campaigns, or
+        alone, and explains every rule."""
+        campaigns = drafts + ([] if request.drafts_only else await self.current())
+        evaluation = evaluate(
+            request.receipt,
+            request.subject,
+            campaigns,
+            request.coupons,
+            catalogue,
+            self._default_cap_basis_points,
+            time_zone,
+            await self.refusals(campaigns, request.subject.member_id),
+        )
+        return evaluation, explain(campaigns, evaluation, request.receipt.time)
+
+    async def evaluate(
+        self,
+        receipt: Receipt,
+        subject: Subject,
+        coupons: Sequence[PresentedCoupon] = (),
+        catalogue: Catalogue = NO_CATALOGUE,
+        time_zone: tzinfo = UTC,
+    ) -> Evaluation:
+        campaigns = await self.current()
+        refusals = await self.refusals(campaigns, subject.member_id)
+        return evaluate(
+            receipt, subject, campaigns, coupons, catalogue, self._default_cap_basis_points, time_zone, refusals
+        )
+
+
+async def put_category(session: AsyncSession, category: Category) -> Category:
+    parents = await store.category_parents(session)
+    if category.parent_id and category.parent_id not in parents:
+        raise NotFound("CATEGORY_NOT_FOUND", f"no parent category {category.parent_id!r}")
+    if creates_cycle(category.category_id, category.parent_id, parents):
+        raise FailedPrecondition("CATEGORY_CYCLE", "a category cannot be put under itself or its descendant")
+    await store.put_category(session, category)
+    await store.bump_catalogue_version(session)
+    return category
+
+
+async def put_brand(session: AsyncSession, brand: Brand) -> Brand:
+    await store.put_brand(session, brand)
+    await store.bump_catalogue_version(session)
+    return brand
+
+
+async def put_product_list(session: AsyncSession, product_list: ProductList) -> ProductList:
+    await store.put_product_list(session, product_list)
+    await store.bump_catalogue_version(session)
+    return product_list
+
+
+async def import_products(session: AsyncSession, batches: AsyncIterator[list[ProductRecord]]) -> int:
+    """Writes every batch in one transaction; a product naming an unknown category or brand
+    refuses the whole import (``UNKNOWN_REFERENCE`` with the SKU)."""
+    categories = set(await store.category_parents(session))
+    brands = await store.brand_ids(session)
+    imported = 0
+    async for batch in batches:
+        for product in batch:
+            if product.category_id and product.category_id not in categories:
+                raise FailedPrecondition(
+                    "UNKNOWN_REFERENCE", f"product {product.sku!r}: no category {product.category_id!r}"
+                )
+            if product.brand_id and product.brand_id not in brands:
+                raise FailedPrecondition("UNKNOWN_REFERENCE", f"product {product.sku!r}: no brand {product.brand_id!r}")
+        await store.upsert_products(session, batch)
+        imported += len(batch)
+    await store.bump_catalogue_version(session)
+    return imported
+
+
+async def get_product(session: AsyncSession, sku: str) -> tuple[ProductRecord, Product]:
+    record = await store.find_product(session, sku)
+    if record is None:
+        raise NotFound("PRODUCT_NOT_FOUND", f"no product {sku!r}")
+    facts = await store.product_facts(session, [sku], await store.category_parents(session))
+    return record, facts[sku]
+
+
+async def put_store(session: AsyncSession, store_id: str, time_zone: str) -> None:
+    await store.put_store(session, store_id, time_zone)
+    await store.bump_catalogue_version(session)
+
+
+class CatalogueCache:
+    """What the rules know of each SKU, kept in process. A replica checks the catalogue's
+    version at most every ``refresh_seconds`` and forgets everything when it moved, so a
+    change made on any replica is seen within that delay. SKUs absent from the catalogue
+    are remembered too, so an unknown SKU costs one query, not one per receipt."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], refresh_seconds: float = 1.0, max_skus: int = 200_000
+    ) -> None:
+        self._sessions = sessions
+        self._refresh_seconds = refresh_seconds
+        self._max_skus = max_skus
+        self._known: dict[str, Product | None] = {}
+        self._parents: dict[str, str] = {}
+        self._time_zones: dict[str, ZoneInfo] = {}
+        self._version = -1
+        self._checked_at = float("-inf")
+
+    def invalidate(self) -> None:
+        self._checked_at = float("-inf")
+
+    def time_zone(self, store_id: str) -> tzinfo:
+        """The store's time zone as of the last lookup; UTC for a store without one."""
+        return self._time_zones.get(store_id, UTC)
+
+    async def lookup(self, skus: Sequence[str]) -> Catalogue:
+        stale = time.monotonic() - self._checked_at >= self._refresh_seconds
+        missing = [sku for sku in skus if sku not in self._known]
+        if stale or missing:
+            async with self._sessions() as session:
+                if stale:
+                    version = await store.catalogue_version(session)
+                    if version != self._version:
+                        self._known.clear()
+                        self._parents = await store.category_parents(session)
+                        zones = await store.store_time_zones(session)
+                        self._time_zones = {store_id: ZoneInfo(zone) for store_id, zone in zones.items()}
+                        self._version = version
+                        missing = list(skus)
+                    self._checked_at = time.monotonic()
+                if missing:
+                    if len(self._known) + len(missing) > self._max_skus:
+                        self._known.clear()
+                    found = await store.product_facts(session, missing, self._parents)
+                    self._known.update({sku: found.get(sku) for sku in missing})
+        return {sku: product for sku in skus if (product := self._known.get(sku)) is not None}
+
+
+GATEWAY_CONSUMER = "rules.gateway"
+
+
+async def handle_gateway_event(session: AsyncSession, event: Event) -> list[Grant]:
+    """Counts a committed receipt or a return once (the inbox remembers the event), and answers
+    the coupons and badges a committed receipt earned, on every delivery: they are handed out
+    after this transaction, with keys derived from the event, so a delivery that failed to
+    hand them out is simply repeated."""
+    if await first_delivery(session, store.inbox, GATEWAY_CONSUMER, event.event_id):
+        await record_gateway_event(session, event)
+        if event.event_type == "cheque.committed":
+            await count_promotions(session, event.payload)
+    member_id = str(event.payload.get("member_id") or "")
+    if event.event_type != "cheque.committed" or not member_id:
+        return []
+    applied = _rule_promotions(event.payload)
+    if not applied:
+        return []
+    rules = await store.rule_effects(session, [entry["rule_id"] for entry in applied])
+    fired = [(str(entry["campaign_id"]), rules[entry["rule_id"]]) for entry in applied if entry["rule_id"] in rules]
+    return grants_for(event.event_id, member_id, fired, (IssueCoupon, AwardBadge))
+
+
+def _rule_promotions(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The applied_promotions of a cheque.committed payload given by rules (not coupons)."""
+    entries = payload.get("applied_promotions")
+    if not isinstance(entries, list):
+        return []
+    return [entry for entry in entries if entry.get("rule_id") and not entry.get("by_coupon")]
+
+
+async def count_promotions(session: AsyncSession, payload: dict[str, Any]) -> None:
+    """Adds a committed receipt to its campaigns' budgets and to the member's uses: one use
+    per campaign per receipt, however many of its rules applied."""
+    given: dict[str, tuple[int, int]] = {}
+    for entry in _rule_promotions(payload):
+        discount, points = given.get(str(entry["campaign_id"]), (0, 0))
+        given[str(entry["campaign_id"])] = (
+            discount + int(entry.get("discount_minor") or 0),
+            points + int(entry.get("points") or 0),
+        )
+    member_id = str(payload.get("member_id") or "")
+    for campaign_id, (discount, points) in sorted(given.items()):
+        await store.count_usage(session, campaign_id, discount, points)
+        if member_id:
+            await store.count_member_use(session, campaign_id, member_id)
+
+
+async def registration_grants(live: LiveCampaigns, event: Event) -> list[Grant]:
+    """What the live registration-triggered campaigns give the member of a member.registered
+    event; the same keys on a redelivery, so nothing is handed out twice."""
+    if event.event_type != "member.registered" or not event.payload.get("member_id"):
+        return []
+    member_id = str(event.payload["member_id"])
+    subject = Subject(member_id=member_id, tier=str(event.payload.get("tier") or ""), segments=())
+    fired = triggered_rules(await live.current(), CampaignTrigger.MEMBER_REGISTERED, subject, event.occurred_at)
+    return grants_for(event.event_id, member_id, [(campaign.campaign_id, rule) for campaign, rule in fired])
+
+
+async def record_gateway_event(session: AsyncSession, event: Event) -> None:
+    """Keeps a member's purchases for member.purchases from cheque.committed and
+    cheque.returned; receipts without a member and other events are ignored."""
+    payload = event.payload
+    member_id = str(payload.get("member_id") or "")
+    if event.event_type not in ("cheque.committed", "cheque.returned") or not member_id:
+        return
+    raw_time = payload.get("receipt_time")
+    moment = datetime.fromisoformat(str(raw_time)) if raw_time else event.occurred_at
+    if event.event_type == "cheque.committed":
+        purchase = Purchase(moment, int(payload.get("paid_minor") or 0))
+    else:
+        purchase = Purchase(event.occurred_at, -int(payload.get("returned_minor") or 0), is_return=True)
+    await store.record_purchase(session, event.event_id, member_id, purchase)
+
+
+async def member_purchases(session: AsyncSession, member_id: str) -> tuple[Purchase, ...]:
+    return await store.member_purchases(session, member_id)

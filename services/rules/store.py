@@ -2,26 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, func, select
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
 
 from loyalty.runtime.idempotency import define_idempotency_table
+from loyalty.runtime.inbox import define_inbox_table
 from loyalty.runtime.outbox import define_outbox_table
 from loyalty.runtime.timeutil import UtcDateTime
 from services.rules.domain import (
+    EVERYONE,
     MAX_CONDITION_LENGTH,
     MAX_NAME_LENGTH,
     MAX_RECEIPT_TEXT_LENGTH,
+    AwardBadge,
+    Brand,
+    BuyMPayN,
     Campaign,
+    CampaignLimits,
+    CampaignScope,
     CampaignStatus,
+    CampaignTrigger,
+    CampaignUsage,
+    Category,
+    CheapestItemDiscount,
+    DiscountAmount,
+    DiscountBase,
+    DiscountPercent,
     EarnFixedPoints,
     EarnPointsPercent,
     Effect,
+    FixedPrice,
+    GroupMode,
+    IssueCoupon,
+    NthItemDiscount,
+    Product,
+    ProductList,
+    ProductRecord,
+    Purchase,
+    RedemptionCap,
     Rule,
+    RuleGroup,
+    Scope,
+    category_path,
 )
 
 
@@ -40,7 +69,33 @@ class CampaignRow(Base):
     version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     published_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # When the campaign was last published, paused, resumed or ended.
+    status_changed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The campaign's scope (who, where, when); NULL for no restriction.
+    scope: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Limits (CampaignLimits); 0 is no limit.
+    discount_budget_minor: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    points_budget: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    max_uses_per_member: Mapped[int] = mapped_column(Integer, server_default="0")
+    # What runs the rules (CampaignTrigger).
+    trigger: Mapped[str] = mapped_column(String(32), server_default=CampaignTrigger.RECEIPT.value)
     rules: Mapped[list[RuleRow]] = relationship(order_by="RuleRow.position", cascade="all, delete-orphan")
+    groups: Mapped[list[RuleGroupRow]] = relationship(order_by="RuleGroupRow.position", cascade="all, delete-orphan")
+
+
+class RuleGroupRow(Base):
+    __tablename__ = "rule_groups"
+
+    group_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(
+        ForeignKey("campaigns.campaign_id", name="fk_rule_groups_campaign_id"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+    mode: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer)
+    condition: Mapped[str] = mapped_column(String(MAX_CONDITION_LENGTH))
+    discount_base: Mapped[str] = mapped_column(String(16))
 
 
 class RuleRow(Base):
@@ -54,22 +109,141 @@ class RuleRow(Base):
     effect: Mapped[dict[str, Any]] = mapped_column(JSON)
     receipt_text: Mapped[str] = mapped_column(String(MAX_RECEIPT_TEXT_LENGTH))
     priority: Mapped[int] = mapped_column(Integer)
+    # The group the rule belongs to (a rule_groups row of the same campaign); empty for the
+    # campaign's default group. No foreign key: the rows of one campaign are written together.
+    group_id: Mapped[str] = mapped_column(String(36), server_default="")
 
 
+class CategoryRow(Base):
+    __tablename__ = "categories"
+
+    category_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # No foreign key: the service checks the parent exists and makes no cycle.
+    parent_id: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+
+
+class BrandRow(Base):
+    __tablename__ = "brands"
+
+    brand_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+
+
+class ProductRow(Base):
+    __tablename__ = "products"
+
+    sku: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+    price_minor: Mapped[int] = mapped_column(BigInteger)
+    category_id: Mapped[str] = mapped_column(String(64))
+    brand_id: Mapped[str] = mapped_column(String(64))
+    own_brand: Mapped[bool] = mapped_column(Boolean)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ProductListRow(Base):
+    __tablename__ = "product_lists"
+
+    list_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+
+
+class ProductListItemRow(Base):
+    __tablename__ = "product_list_items"
+
+    list_id: Mapped[str] = mapped_column(
+        ForeignKey("product_lists.list_id", name="fk_product_list_items_list_id"), primary_key=True
+    )
+    sku: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class StoreRow(Base):
+    __tablename__ = "stores"
+
+    store_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    time_zone: Mapped[str] = mapped_column(String(64))
+
+
+class MemberPurchaseRow(Base):
+    """A member's committed receipt or return, as the gateway announced it; one row per event,
+    so a redelivered event changes nothing."""
+
+    __tablename__ = "member_purchases"
+
+    event_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(64), index=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    amount_minor: Mapped[int] = mapped_column(BigInteger)
+    is_return: Mapped[bool] = mapped_column(Boolean)
+
+
+class CampaignUsageRow(Base):
+    """What a campaign's rules gave on committed receipts, counted once per cheque.committed
+    event (the inbox keeps a redelivery from counting twice)."""
+
+    __tablename__ = "campaign_usage"
+
+    campaign_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    discount_minor: Mapped[int] = mapped_column(BigInteger)
+    points: Mapped[int] = mapped_column(BigInteger)
+    receipts: Mapped[int] = mapped_column(BigInteger)
+
+
+class CampaignMemberUseRow(Base):
+    """How many committed receipts of a member a campaign applied to."""
+
+    __tablename__ = "campaign_member_uses"
+
+    member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    uses: Mapped[int] = mapped_column(Integer)
+
+
+class CatalogueVersionRow(Base):
+    """One row counting catalogue changes, so every replica knows when its cache is stale."""
+
+    __tablename__ = "catalogue_version"
+
+    singleton: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+
+
+_WITH_RULES = (selectinload(CampaignRow.rules), selectinload(CampaignRow.groups))
 outbox = define_outbox_table(Base.metadata)
 idempotency_keys = define_idempotency_table(Base.metadata)
+inbox = define_inbox_table(Base.metadata)
+
+
+_EFFECT_KINDS: dict[str, type[Effect]] = {
+    "earn_points_percent": EarnPointsPercent,
+    "earn_fixed_points": EarnFixedPoints,
+    "discount_percent": DiscountPercent,
+    "discount_amount": DiscountAmount,
+    "fixed_price": FixedPrice,
+    "buy_m_pay_n": BuyMPayN,
+    "nth_item_discount": NthItemDiscount,
+    "cheapest_item_discount": CheapestItemDiscount,
+    "redemption_cap": RedemptionCap,
+    "issue_coupon": IssueCoupon,
+    "award_badge": AwardBadge,
+}
+_EFFECT_NAMES = {kind: name for name, kind in _EFFECT_KINDS.items()}
 
 
 def _effect_to_json(effect: Effect) -> dict[str, Any]:
-    if isinstance(effect, EarnPointsPercent):
-        return {"kind": "earn_points_percent", "basis_points": effect.basis_points}
-    return {"kind": "earn_fixed_points", "amount": effect.amount}
+    return {"kind": _EFFECT_NAMES[type(effect)], **dataclasses.asdict(effect)}
 
 
 def _effect_from_json(data: dict[str, Any]) -> Effect:
-    if data["kind"] == "earn_points_percent":
-        return EarnPointsPercent(int(data["basis_points"]))
-    return EarnFixedPoints(int(data["amount"]))
+    fields = {name: value for name, value in data.items() if name != "kind"}
+    if "scope" in fields:
+        fields["scope"] = Scope(**{name: tuple(values) for name, values in fields["scope"].items()})
+    return _EFFECT_KINDS[data["kind"]](**fields)
+
+
+def _rule_to_domain(row: RuleRow) -> Rule:
+    return Rule(row.rule_id, row.name, row.condition, _effect_from_json(row.effect), row.receipt_text, row.priority)
 
 
 def _to_domain(row: CampaignRow) -> Campaign:
@@ -80,14 +254,42 @@ def _to_domain(row: CampaignRow) -> Campaign:
         start_at=row.start_at,
         end_at=row.end_at,
         version=row.version,
-        rules=tuple(
-            Rule(r.rule_id, r.name, r.condition, _effect_from_json(r.effect), r.receipt_text, r.priority)
-            for r in row.rules
+        rules=tuple(_rule_to_domain(rule) for rule in row.rules if not rule.group_id),
+        scope=CampaignScope(**{name: tuple(values) for name, values in (row.scope or {}).items()}),
+        groups=tuple(
+            RuleGroup(
+                group.group_id,
+                group.name,
+                GroupMode(group.mode),
+                group.priority,
+                group.condition,
+                DiscountBase(group.discount_base),
+                tuple(_rule_to_domain(rule) for rule in row.rules if rule.group_id == group.group_id),
+            )
+            for group in row.groups
         ),
+        limits=CampaignLimits(row.discount_budget_minor, row.points_budget, row.max_uses_per_member),
+        trigger=CampaignTrigger(row.trigger),
+    )
+
+
+def _rule_row(rule: Rule, position: int, group_id: str) -> RuleRow:
+    return RuleRow(
+        rule_id=rule.rule_id,
+        position=position,
+        name=rule.name,
+        condition=rule.condition,
+        effect=_effect_to_json(rule.effect),
+        receipt_text=rule.receipt_text,
+        priority=rule.priority,
+        group_id=group_id,
     )
 
 
 async def add_campaign(session: AsyncSession, campaign: Campaign, now: datetime) -> None:
+    grouped = [(rule, "") for rule in campaign.rules] + [
+        (rule, group.group_id) for group in campaign.groups for rule in group.rules
+    ]
     session.add(
         CampaignRow(
             campaign_id=campaign.campaign_id,
@@ -97,17 +299,23 @@ async def add_campaign(session: AsyncSession, campaign: Campaign, now: datetime)
             end_at=campaign.end_at,
             version=campaign.version,
             created_at=now,
-            rules=[
-                RuleRow(
-                    rule_id=rule.rule_id,
+            scope=None if campaign.scope == EVERYONE else dataclasses.asdict(campaign.scope),
+            discount_budget_minor=campaign.limits.discount_budget_minor,
+            points_budget=campaign.limits.points_budget,
+            max_uses_per_member=campaign.limits.max_uses_per_member,
+            trigger=campaign.trigger.value,
+            rules=[_rule_row(rule, position, group_id) for position, (rule, group_id) in enumerate(grouped)],
+            groups=[
+                RuleGroupRow(
+                    group_id=group.group_id,
                     position=position,
-                    name=rule.name,
-                    condition=rule.condition,
-                    effect=_effect_to_json(rule.effect),
-                    receipt_text=rule.receipt_text,
-                    priority=rule.priority,
+                    name=group.name,
+                    mode=group.mode.value,
+                    priority=group.priority,
+                    condition=group.condition,
+                    discount_base=group.discount_base.value,
                 )
-                for position, rule in enumerate(campaign.rules)
+                for position, group in enumerate(campaign.groups)
             ],
         )
     )
@@ -115,7 +323,7 @@ async def add_campaign(session: AsyncSession, campaign: Campaign, now: datetime)
 
 
 async def find_campaign(session: AsyncSession, campaign_id: str, for_update: bool = False) -> Campaign | None:
-    query = select(CampaignRow).options(selectinload(CampaignRow.rules)).where(CampaignRow.campaign_id == campaign_id)
+    query = select(CampaignRow).options(*_WITH_RULES).where(CampaignRow.campaign_id == campaign_id)
     if for_update:
         query = query.with_for_update()
     row = await session.scalar(query)
@@ -127,19 +335,197 @@ async def mark_published(session: AsyncSession, campaign_id: str, version: int, 
     row.status = CampaignStatus.ACTIVE.value
     row.version = version
     row.published_at = now
+    row.status_changed_at = now
+    await session.flush()
+
+
+async def set_status(session: AsyncSession, campaign_id: str, status: CampaignStatus, now: datetime) -> None:
+    row = await session.get_one(CampaignRow, campaign_id)
+    row.status = status.value
+    row.status_changed_at = now
     await session.flush()
 
 
 async def active_campaigns(session: AsyncSession) -> list[Campaign]:
     rows = await session.scalars(
-        select(CampaignRow)
-        .options(selectinload(CampaignRow.rules))
-        .where(CampaignRow.status == CampaignStatus.ACTIVE.value)
+        select(CampaignRow).options(*_WITH_RULES).where(CampaignRow.status == CampaignStatus.ACTIVE.value)
     )
     return [_to_domain(row) for row in rows]
 
 
 async def last_publication(session: AsyncSession) -> datetime | None:
-    """When any campaign was last published: tells a replica its cache is stale."""
-    latest: datetime | None = await session.scalar(select(func.max(CampaignRow.published_at)))
+    """When any campaign was last published or changed status: tells a replica its cache is stale."""
+    latest: datetime | None = await session.scalar(
+        select(func.max(func.coalesce(CampaignRow.status_changed_at, CampaignRow.published_at)))
+    )
     return latest
+
+
+def _insert(session: AsyncSession) -> Any:
+    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+
+
+async def _upsert(session: AsyncSession, row_type: type[Base], key: str, rows: list[dict[str, Any]]) -> None:
+    statement = _insert(session)(row_type)
+    columns = [name for name in rows[0] if name != key]
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[key], set_={name: getattr(statement.excluded, name) for name in columns}
+        ),
+        rows,
+    )
+
+
+async def bump_catalogue_version(session: AsyncSession) -> None:
+    statement = _insert(session)(CatalogueVersionRow).values(singleton=1, version=1)
+    await session.execute(
+        statement.on_conflict_do_update(index_elements=["singleton"], set_={"version": CatalogueVersionRow.version + 1})
+    )
+
+
+async def catalogue_version(session: AsyncSession) -> int:
+    version: int | None = await session.scalar(select(CatalogueVersionRow.version))
+    return version or 0
+
+
+async def put_category(session: AsyncSession, category: Category) -> None:
+    await _upsert(session, CategoryRow, "category_id", [dataclasses.asdict(category)])
+
+
+async def category_parents(session: AsyncSession) -> dict[str, str]:
+    rows = await session.execute(select(CategoryRow.category_id, CategoryRow.parent_id))
+    return {category_id: parent_id for category_id, parent_id in rows}
+
+
+async def brand_ids(session: AsyncSession) -> set[str]:
+    return set(await session.scalars(select(BrandRow.brand_id)))
+
+
+async def put_brand(session: AsyncSession, brand: Brand) -> None:
+    await _upsert(session, BrandRow, "brand_id", [dataclasses.asdict(brand)])
+
+
+async def put_product_list(session: AsyncSession, product_list: ProductList) -> None:
+    await _upsert(session, ProductListRow, "list_id", [{"list_id": product_list.list_id, "name": product_list.name}])
+    await session.execute(delete(ProductListItemRow).where(ProductListItemRow.list_id == product_list.list_id))
+    if product_list.skus:
+        await session.execute(
+            _insert(session)(ProductListItemRow),
+            [{"list_id": product_list.list_id, "sku": sku} for sku in product_list.skus],
+        )
+
+
+async def upsert_products(session: AsyncSession, products: Iterable[ProductRecord]) -> None:
+    rows = [{**dataclasses.asdict(product), "attributes": dict(product.attributes)} for product in products]
+    if rows:
+        await _upsert(session, ProductRow, "sku", rows)
+
+
+def _record(row: ProductRow) -> ProductRecord:
+    return ProductRecord(
+        row.sku, row.name, row.price_minor, row.category_id, row.brand_id, row.own_brand, dict(row.attributes)
+    )
+
+
+async def find_product(session: AsyncSession, sku: str) -> ProductRecord | None:
+    row = await session.get(ProductRow, sku)
+    return _record(row) if row else None
+
+
+async def product_facts(session: AsyncSession, skus: Iterable[str], parents: dict[str, str]) -> dict[str, Product]:
+    """What the rules know of each SKU that is in the catalogue."""
+    wanted = sorted(set(skus))
+    rows = (await session.scalars(select(ProductRow).where(ProductRow.sku.in_(wanted)))).all()
+    memberships: dict[str, set[str]] = {}
+    for sku, list_id in await session.execute(
+        select(ProductListItemRow.sku, ProductListItemRow.list_id).where(ProductListItemRow.sku.in_(wanted))
+    ):
+        memberships.setdefault(sku, set()).add(list_id)
+    return {
+        row.sku: Product(
+            row.sku,
+            category_path(row.category_id, parents),
+            row.brand_id,
+            row.own_brand,
+            frozenset(memberships.get(row.sku, ())),
+            dict(row.attributes),
+        )
+        for row in rows
+    }
+
+
+async def put_store(session: AsyncSession, store_id: str, time_zone: str) -> None:
+    await _upsert(session, StoreRow, "store_id", [{"store_id": store_id, "time_zone": time_zone}])
+
+
+async def store_time_zones(session: AsyncSession) -> dict[str, str]:
+    rows = await session.execute(select(StoreRow.store_id, StoreRow.time_zone))
+    return {store_id: time_zone for store_id, time_zone in rows}
+
+
+async def record_purchase(session: AsyncSession, event_id: str, member_id: str, purchase: Purchase) -> None:
+    await session.execute(
+        _insert(session)(MemberPurchaseRow)
+        .values(
+            event_id=event_id,
+            member_id=member_id,
+            occurred_at=purchase.time,
+            amount_minor=purchase.amount_minor,
+            is_return=purchase.is_return,
+        )
+        .on_conflict_do_nothing(index_elements=["event_id"])
+    )
+
+
+async def member_purchases(session: AsyncSession, member_id: str) -> tuple[Purchase, ...]:
+    rows = await session.execute(
+        select(MemberPurchaseRow.occurred_at, MemberPurchaseRow.amount_minor, MemberPurchaseRow.is_return)
+        .where(MemberPurchaseRow.member_id == member_id)
+        .order_by(MemberPurchaseRow.occurred_at)
+    )
+    return tuple(Purchase(occurred_at, amount, is_return) for occurred_at, amount, is_return in rows)
+
+
+async def count_usage(session: AsyncSession, campaign_id: str, discount_minor: int, points: int) -> None:
+    statement = _insert(session)(CampaignUsageRow).values(
+        campaign_id=campaign_id, discount_minor=discount_minor, points=points, receipts=1
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["campaign_id"],
+            set_={
+                "discount_minor": CampaignUsageRow.discount_minor + statement.excluded.discount_minor,
+                "points": CampaignUsageRow.points + statement.excluded.points,
+                "receipts": CampaignUsageRow.receipts + 1,
+            },
+        )
+    )
+
+
+async def count_member_use(session: AsyncSession, campaign_id: str, member_id: str) -> None:
+    statement = _insert(session)(CampaignMemberUseRow).values(campaign_id=campaign_id, member_id=member_id, uses=1)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["member_id", "campaign_id"], set_={"uses": CampaignMemberUseRow.uses + 1}
+        )
+    )
+
+
+async def campaign_usage(session: AsyncSession, campaign_ids: Iterable[str]) -> dict[str, CampaignUsage]:
+    rows = await session.scalars(select(CampaignUsageRow).where(CampaignUsageRow.campaign_id.in_(sorted(campaign_ids))))
+    return {row.campaign_id: CampaignUsage(row.discount_minor, row.points, row.receipts) for row in rows}
+
+
+async def member_uses(session: AsyncSession, member_id: str, campaign_ids: Iterable[str]) -> dict[str, int]:
+    rows = await session.execute(
+        select(CampaignMemberUseRow.campaign_id, CampaignMemberUseRow.uses).where(
+            CampaignMemberUseRow.member_id == member_id, CampaignMemberUseRow.campaign_id.in_(sorted(campaign_ids))
+        )
+    )
+    return {campaign_id: uses for campaign_id, uses in rows}
+
+
+async def rule_effects(session: AsyncSession, rule_ids: Iterable[str]) -> dict[str, Rule]:
+    """The rules by id (a published rule never changes: publishing freezes the campaign)."""
+    rows = await session.scalars(select(RuleRow).where(RuleRow.rule_id.in_(sorted(set(rule_ids)))))
+    return {row.rule_id: _rule_to_domain(row) for row in rows}

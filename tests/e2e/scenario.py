@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import grpc
 
-from loyalty.common.v1 import receipt_pb2
+from loyalty.common.v1 import coupon_pb2, receipt_pb2
 from loyalty.gateway.v1 import pos_service_pb2 as pos
 from loyalty.gateway.v1 import pos_service_pb2_grpc as pos_grpc
 from loyalty.members.v1 import members_service_pb2 as members
@@ -80,7 +81,7 @@ async def golden_path(settings: Settings) -> None:
     """Every step of the foundation's golden path, with what each must answer."""
     program = await set_up_program(settings)
     async with (
-        grpc.aio.insecure_channel(settings.address("gateway")) as gateway_channel,
+        infra.gateway_channel(settings) as gateway_channel,
         grpc.aio.insecure_channel(settings.address("rewards")) as rewards_channel,
         grpc.aio.insecure_channel(settings.address("notifications")) as notifications_channel,
     ):
@@ -111,8 +112,19 @@ async def golden_path(settings: Settings) -> None:
         assert identified.customer.available_points == 1617
 
         rewards_stub = rewards_grpc.RewardsServiceStub(rewards_channel)
+        series = await rewards_stub.CreateCouponSeries(
+            rewards.CreateCouponSeriesRequest(
+                request_id="series-1",
+                name="10% off",
+                kind=rewards.COUPON_SERIES_KIND_UNIQUE,
+                benefit=coupon_pb2.CouponBenefit(percent_off_basis_points=1000),
+                uses_per_code=1,
+            )
+        )
         coupon = await rewards_stub.IssueCoupon(
-            rewards.IssueCouponRequest(request_id="coupon-1", member_id=program.member_id, discount_basis_points=1000)
+            rewards.IssueCouponRequest(
+                request_id="coupon-1", member_id=program.member_id, series_id=series.series.series_id
+            )
         )
         valid = await rewards_stub.ValidateCoupon(
             rewards.ValidateCouponRequest(code=coupon.coupon.code, member_id=program.member_id)
@@ -132,3 +144,23 @@ async def golden_path(settings: Settings) -> None:
             return any("Olga" in message.body for message in listed.messages)
 
         await infra.wait_until(welcomed, what="the welcome message from member.registered")
+
+
+async def issue_coupon(settings: Settings, member_id: str, percent_basis_points: int = 1000) -> str:
+    async with grpc.aio.insecure_channel(settings.address("rewards")) as channel:
+        stub = rewards_grpc.RewardsServiceStub(channel)
+        series = await stub.CreateCouponSeries(
+            rewards.CreateCouponSeriesRequest(
+                request_id=f"series-{uuid.uuid4()}",
+                name="percent off",
+                kind=rewards.COUPON_SERIES_KIND_UNIQUE,
+                benefit=coupon_pb2.CouponBenefit(percent_off_basis_points=percent_basis_points),
+                uses_per_code=1,
+            )
+        )
+        issued = await stub.IssueCoupon(
+            rewards.IssueCouponRequest(
+                request_id=f"coupon-{uuid.uuid4()}", member_id=member_id, series_id=series.series.series_id
+            )
+        )
+        return issued.coupon.code

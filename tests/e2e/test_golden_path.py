@@ -15,10 +15,11 @@ from loyalty.gateway.v1 import pos_service_pb2 as pos
 from loyalty.gateway.v1 import pos_service_pb2_grpc as pos_grpc
 from loyalty.runtime.errors import read_remote_error
 from loyalty.runtime.settings import Settings
+from services import demo
 from tests import infra
 from tests.e2e.scenario import golden_path, receipt, set_up_program
 
-BUF = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "buf"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ async def test_golden_path_embedded(suite: Settings) -> None:
 
 
 async def test_bad_input_is_rejected_with_the_field_and_nothing_is_written(suite: Settings) -> None:
-    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+    async with infra.gateway_channel(suite) as channel:
         gateway = pos_grpc.PosServiceStub(channel)
         bad = receipt("0003", 1000)
         bad.lines[0].quantity_milli = -1
@@ -78,7 +79,7 @@ async def test_bad_input_is_rejected_with_the_field_and_nothing_is_written(suite
 
 async def test_a_receipt_number_reused_with_other_content_is_refused(suite: Settings) -> None:
     program = await set_up_program(suite)
-    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+    async with infra.gateway_channel(suite) as channel:
         gateway = pos_grpc.PosServiceStub(channel)
         by_card = pos.CustomerIdentifier(card_number=program.card_number)
         await gateway.CommitCheque(pos.CommitChequeRequest(receipt=receipt("0100", 10_000), identifier=by_card))
@@ -94,7 +95,7 @@ async def test_a_receipt_number_reused_with_other_content_is_refused(suite: Sett
 
 async def test_concurrent_commits_of_one_receipt_accrue_once(suite: Settings) -> None:
     program = await set_up_program(suite)
-    async with grpc.aio.insecure_channel(suite.address("gateway")) as channel:
+    async with infra.gateway_channel(suite) as channel:
         gateway = pos_grpc.PosServiceStub(channel)
         by_card = pos.CustomerIdentifier(card_number=program.card_number)
         commit = pos.CommitChequeRequest(receipt=receipt("0200", 10_000, 10_000), identifier=by_card)
@@ -105,34 +106,29 @@ async def test_concurrent_commits_of_one_receipt_accrue_once(suite: Settings) ->
         assert identified.customer.available_points == 1000
 
 
-async def test_buf_curl_calls_the_gateway_through_reflection(suite: Settings) -> None:
-    """A gRPC client not written here, knowing the API only from server reflection."""
-    program = await set_up_program(suite)
-    body = {
-        "receipt": {
-            "storeId": "store-1",
-            "terminalId": "pos-9",
-            "receiptNumber": "curl-1",
-            "currencyCode": "RUB",
-            "lines": [{"position": 1, "sku": "TEA", "priceMinor": "40000", "quantityMilli": "1000"}],
-        },
-        "identifier": {"cardNumber": program.card_number},
-    }
+def readme_block(marker: str) -> str:
+    text = README.read_text()
+    block = text[text.index(marker) :]
+    body = block[block.index("```sh\n") + len("```sh\n") :]
+    return body[: body.index("\n```")]
+
+
+async def test_the_readme_buf_curl_calculation_runs_against_the_embedded_suite(suite: Settings) -> None:
+    """A gRPC client not written here, knowing the API only from server reflection, runs
+    the README's example as written (only the port and the data directory differ)."""
+    card = await demo.seed(suite)
+    command = (
+        readme_block("<!-- buf-curl-calculation")
+        .replace("127.0.0.1:50051", suite.address("gateway"))
+        .replace("var/demo-api-key", str(demo.demo_key_file(suite)))
+    )
     curl = await asyncio.create_subprocess_exec(
-        str(BUF),
-        "curl",
-        "--protocol",
-        "grpc",
-        "--http2-prior-knowledge",
-        "--data",
-        json.dumps(body),
-        f"http://{suite.address('gateway')}/loyalty.gateway.v1.PosService/CommitCheque",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        "bash", "-c", command, cwd=README.parent, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await curl.communicate()
     assert curl.returncode == 0, err.decode()
     answer = json.loads(out)
-    assert answer["state"] == "CHEQUE_STATE_COMPLETED"
-    assert answer["pointsEarnedTotal"] == "2000"
-    assert answer["customer"]["availablePoints"] == "2000"
+    assert answer["calculationId"]
+    assert answer["customer"]["cardNumber"] == card
+    assert answer["pointsEarnedTotal"] == "2000", "the demo program gives 5% of 400.00 as points"
+    assert [line["position"] for line in answer["lines"]] == [1]

@@ -38,7 +38,7 @@ async def test_no_log_line_carries_a_phone_and_every_line_is_json(
     settings = infra.suite_settings(tmp_path)
     async with infra.running_suite(settings):
         await golden_path(settings)
-        async with grpc.aio.insecure_channel(settings.address("gateway")) as channel:
+        async with infra.gateway_channel(settings) as channel:
             gateway = pos_grpc.PosServiceStub(channel)
             for phone in ("+7 916 555-12-35", "8916555123x"):  # unknown, then malformed
                 with pytest.raises(grpc.aio.AioRpcError):

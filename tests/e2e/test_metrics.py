@@ -34,7 +34,7 @@ async def test_receipts_points_and_events_are_counted(tmp_path: Path) -> None:
     settings = infra.suite_settings(tmp_path)
     async with infra.running_suite(settings):
         program = await set_up_program(settings)
-        async with grpc.aio.insecure_channel(settings.address("gateway")) as channel:
+        async with infra.gateway_channel(settings) as channel:
             gateway = pos_grpc.PosServiceStub(channel)
             by_card = pos.CustomerIdentifier(card_number=program.card_number)
             first = receipt("m-1", 10_000)
@@ -70,7 +70,7 @@ async def test_redeemed_outstanding_and_live_campaigns_are_reported(tmp_path: Pa
     async with infra.running_suite(settings):
         program = await set_up_program(settings)
         async with (
-            grpc.aio.insecure_channel(settings.address("gateway")) as gateway_channel,
+            infra.gateway_channel(settings) as gateway_channel,
             grpc.aio.insecure_channel(settings.address("accounts")) as accounts_channel,
         ):
             by_card = pos.CustomerIdentifier(card_number=program.card_number)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -47,7 +46,7 @@ async def test_a_receipt_is_one_trace_across_services_and_an_event_continues_its
         assert welcome.context.trace_id == registered.context.trace_id, "the event carries the trace"
 
         exporter.clear()
-        async with grpc.aio.insecure_channel(settings.address("gateway")) as channel:
+        async with infra.gateway_channel(settings) as channel:
             await pos_grpc.PosServiceStub(channel).CommitCheque(
                 pos.CommitChequeRequest(
                     receipt=receipt("t-1", 10_000),

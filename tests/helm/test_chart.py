@@ -52,9 +52,9 @@ STANDARD_LABELS = (
 CALLERS = {
     "gateway": set(),
     "members": {"gateway"},
-    "accounts": {"gateway"},
+    "accounts": {"gateway", "rules"},
     "rules": {"gateway"},
-    "rewards": {"gateway"},
+    "rewards": {"gateway", "rules"},
     "notifications": set(),
 }
 SMOKE_TEST_CALLS = {"gateway", "members", "rules", "rewards"}

@@ -9,7 +9,6 @@ import re
 import urllib.request
 from pathlib import Path
 
-import grpc
 import promql_parser
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -251,7 +250,7 @@ async def test_every_metric_in_the_dashboards_and_alerts_is_exported_by_the_runn
     settings = infra.suite_settings(tmp_path)
     async with infra.running_suite(settings):
         program = await set_up_program(settings)
-        async with grpc.aio.insecure_channel(settings.address("gateway")) as channel:
+        async with infra.gateway_channel(settings) as channel:
             gateway = pos_grpc.PosServiceStub(channel)
             by_card = pos.CustomerIdentifier(card_number=program.card_number)
             sale = receipt("helm-1", 12_000, 3_450)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,13 +21,17 @@ from loyalty.runtime.bus import Event
 from loyalty.runtime.errors import read_remote_error
 from loyalty.runtime.settings import Settings
 from services.notifications import service, store
-from services.notifications.domain import Channel, Message, MessageState
+from services.notifications.domain import Category, Channel, Message, MessageState
 from tests import infra
 
 OCCURRED = datetime(2025, 3, 8, 9, 30, tzinfo=UTC)
+MEMBERS = "notifications.members"
+# SMS is the one channel with a provider; nothing is sent here, messages are only queued.
+DELIVERY = service.Delivery.from_settings(Settings(), frozenset({Channel.SMS}))
 
 
 def registered(member_id: str = "m-1", first_name: str = "Anna", event_id: str | None = None) -> Event:
+    """A registration as the members service publishes it today: a name, no contact details yet."""
     return Event(
         event_id=event_id or str(uuid.uuid4()),
         event_type="member.registered",
@@ -38,21 +43,26 @@ def registered(member_id: str = "m-1", first_name: str = "Anna", event_id: str |
     )
 
 
+def with_phone(event: Event) -> Event:
+    return replace(event, payload={**event.payload, "phone": "+79990000001", "consents": {"sms": True}})
+
+
 async def test_a_redelivered_event_records_one_message(database_url: str) -> None:
     async with infra.migrated_engine("notifications", database_url) as engine:
         sessions = db.create_session_factory(engine)
         event = registered()
         async with sessions() as session, session.begin():
-            first = await service.handle_members_event(session, event)
+            first = await service.handle_event(session, MEMBERS, event, DELIVERY)
         async with sessions() as session, session.begin():
-            again = await service.handle_members_event(session, event)
+            again = await service.handle_event(session, MEMBERS, event, DELIVERY)
         assert first is not None
         assert again is None
         async with sessions() as session:
             rows = (await session.scalars(select(store.MessageRow))).all()
             handled = await session.scalar(select(func.count()).select_from(store.inbox))
-        assert [(row.event_id, row.channel, row.state, row.body) for row in rows] == [
-            (event.event_id, "sms", "queued", "Welcome to the program, Anna!")
+        # No contact details yet: the message is kept, suppressed, with the text it would have had.
+        assert [(row.event_id, row.state, row.reason, row.body) for row in rows] == [
+            (event.event_id, "suppressed", "NO_PROVIDER", "Welcome to the program, Anna!")
         ]
         assert handled == 1
 
@@ -62,7 +72,7 @@ async def test_unknown_events_are_marked_handled_and_ignored(database_url: str) 
         sessions = db.create_session_factory(engine)
         unknown = Event("e-1", "card.replaced", "members", "m-1", OCCURRED, {"member_id": "m-1"}, {})
         async with sessions() as session, session.begin():
-            assert await service.handle_members_event(session, unknown) is None
+            assert await service.handle_event(session, MEMBERS, unknown, DELIVERY) is None
         async with sessions() as session:
             assert await session.scalar(select(func.count()).select_from(store.MessageRow)) == 0
             assert (await session.scalars(select(store.inbox.c.event_id))).all() == ["e-1"]
@@ -79,10 +89,14 @@ async def test_an_upserted_template_wins_and_the_default_covers_its_failures(dat
             async with sessions() as session, session.begin():
                 await service.upsert_template(session, template)
         async with sessions() as session, session.begin():
-            boris = await service.handle_members_event(session, registered("m-1", "Boris"))
+            boris = await service.handle_event(session, MEMBERS, with_phone(registered("m-1", "Boris")), DELIVERY)
             # The stored template passed its check with a sample name, but fails without one.
-            nameless = await service.handle_members_event(session, registered("m-2", ""))
-        assert boris is not None and boris.body == "Hi B. from Loyalty"
+            nameless = await service.handle_event(session, MEMBERS, with_phone(registered("m-2", "")), DELIVERY)
+        assert boris is not None and (boris.channel, boris.state, boris.body) == (
+            Channel.SMS,
+            MessageState.QUEUED,
+            "Hi B. from Loyalty",
+        )
         assert nameless is not None and nameless.body == "Welcome to the program, friend!"
         async with sessions() as session:
             assert await session.scalar(select(func.count()).select_from(store.TemplateRow)) == 1
@@ -128,11 +142,16 @@ def message(member_id: str, created_at: datetime) -> Message:
         member_id=member_id,
         event_type="member.registered",
         event_id=str(uuid.uuid4()),
+        category=Category.TRANSACTIONAL,
+        template_key="member.registered",
+        channels=(Channel.SMS,),
         channel=Channel.SMS,
         subject="",
         body="hello",
         state=MessageState.QUEUED,
         created_at=created_at,
+        occurred_at=created_at,
+        next_attempt_at=created_at,
     )
 
 
@@ -157,21 +176,23 @@ async def register_and_await_welcome(settings: Settings) -> None:
         await infra.wait_until(welcomed, what="the welcome message")
         [welcome] = found
         assert welcome.body == "Welcome to the program, Anna!"
-        assert (welcome.event_type, welcome.channel, welcome.state) == (
+        # No provider is configured in this suite, so nothing can carry it.
+        assert (welcome.event_type, welcome.state, welcome.reason) == (
             "member.registered",
-            pb.CHANNEL_SMS,
-            pb.MESSAGE_STATE_QUEUED,
+            pb.MESSAGE_STATE_SUPPRESSED,
+            "NO_PROVIDER",
         )
 
         with pytest.raises(grpc.aio.AioRpcError) as bad_template:
             await notifications.UpsertTemplate(
                 pb.UpsertTemplateRequest(
+                    request_id="tpl-1",
                     template=pb.Template(
                         event_type="member.registered",
                         channel=pb.CHANNEL_SMS,
                         locale="en",
                         body="{{ ''.__class__.__mro__ }}",
-                    )
+                    ),
                 )
             )
         with pytest.raises(grpc.aio.AioRpcError) as bad_token:

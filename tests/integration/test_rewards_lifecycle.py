@@ -7,20 +7,22 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from loyalty.common.v1 import coupon_pb2
 from loyalty.rewards.v1 import rewards_service_pb2 as pb
 from loyalty.rewards.v1.rewards_service_pb2_grpc import RewardsServiceStub
 from loyalty.runtime import db
-from loyalty.runtime.errors import RemoteError, read_remote_error
+from loyalty.runtime.errors import RemoteError, ResourceExhausted, read_remote_error, reraise_remote
 from loyalty.runtime.timeutil import to_timestamp, utcnow
 from services.rewards import store
 from services.rewards.domain import WRONG_CODE_LIMIT, ReservationStatus
@@ -36,14 +38,37 @@ class Rewards:
     engine: AsyncEngine
     """The service's own database, to check what it wrote."""
 
-    async def issue(self, request_id: str, member_id: str = "member-1", **terms: object) -> pb.Coupon:
-        request = pb.IssueCouponRequest(
+    async def create_series(self, request_id: str, **terms: object) -> pb.CouponSeries:
+        """A unique-code series, 10% off, single use unless ``terms`` say otherwise."""
+        request = pb.CreateCouponSeriesRequest(
             request_id=request_id,
-            member_id=member_id,
-            discount_basis_points=1000,
-            **terms,  # type: ignore[arg-type]
+            name="10% off",
+            kind=pb.COUPON_SERIES_KIND_UNIQUE,
+            campaign_id="campaign-1",
+            benefit=coupon_pb2.CouponBenefit(percent_off_basis_points=1000),
+            uses_per_code=1,
         )
+        for name, value in terms.items():
+            if isinstance(value, Message):
+                getattr(request, name).CopyFrom(value)
+            else:
+                setattr(request, name, value)
+        return (await self.stub.CreateCouponSeries(request)).series
+
+    async def issue(self, request_id: str, member_id: str = "member-1", **terms: object) -> pb.Coupon:
+        """A coupon of a series of its own with the given terms."""
+        series = await self.create_series(f"series-for-{request_id}", **terms)
+        request = pb.IssueCouponRequest(request_id=request_id, member_id=member_id, series_id=series.series_id)
         return (await self.stub.IssueCoupon(request)).coupon
+
+    async def backdate(self, code: str, valid_from: datetime, valid_until: datetime) -> None:
+        """Moves a coupon's window into the past (a series cannot issue into an ended window)."""
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                update(store.CouponRow)
+                .where(store.CouponRow.code == code)
+                .values(valid_from=valid_from, valid_until=valid_until)
+            )
 
     async def reserve(
         self, request_id: str, code: str, receipt_ref: str, member_id: str = "member-1", ttl_seconds: int = 0
@@ -156,6 +181,9 @@ async def test_a_coupon_is_reserved_redeemed_reinstated_and_released(tmp_path: P
             {
                 "code_suffix": coupon.code[-4:],
                 "member_id": "member-1",
+                "series_id": coupon.series_id,
+                "campaign_id": "campaign-1",
+                "partner_id": None,
                 "reservation_id": reservation.reservation_id,
                 "receipt_ref": "pos-1:0001",
             }
@@ -180,11 +208,8 @@ async def test_every_refusal_has_its_reason(tmp_path: Path, database_url: str) -
     async with rewards_service(tmp_path, database_url) as rewards:
         now = utcnow()
         coupon = await rewards.issue("issue-1")
-        expired = await rewards.issue(
-            "issue-2",
-            valid_from=to_timestamp(now - timedelta(days=2)),
-            valid_until=to_timestamp(now - timedelta(days=1)),
-        )
+        expired = await rewards.issue("issue-2")
+        await rewards.backdate(expired.code, now - timedelta(days=2), now - timedelta(days=1))
         future = await rewards.issue("issue-3", valid_from=to_timestamp(now + timedelta(days=1)))
 
         reserve_refusals = {
@@ -347,7 +372,15 @@ async def test_a_terminal_guessing_codes_is_stopped(tmp_path: Path) -> None:
         grpc.aio.insecure_channel(settings.address("rewards")) as channel,
     ):
         stub: RewardsServiceAsyncStub = RewardsServiceStub(channel)
-        issued = await stub.IssueCoupon(pb.IssueCouponRequest(request_id="issue-1", discount_basis_points=100))
+        series = await stub.CreateCouponSeries(
+            pb.CreateCouponSeriesRequest(
+                request_id="series-1",
+                name="1% off",
+                kind=pb.COUPON_SERIES_KIND_UNIQUE,
+                benefit=coupon_pb2.CouponBenefit(percent_off_basis_points=100),
+            )
+        )
+        issued = await stub.IssueCoupon(pb.IssueCouponRequest(request_id="issue-1", series_id=series.series.series_id))
         code = issued.coupon.code
         for guess in range(WRONG_CODE_LIMIT - 1):
             answer = await stub.ValidateCoupon(pb.ValidateCouponRequest(code=f"WRONG{guess}", terminal_id="pos-9"))
@@ -370,5 +403,11 @@ async def test_a_terminal_guessing_codes_is_stopped(tmp_path: Path) -> None:
             "validate": (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WRONG_CODES"),
             "reserve": (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WRONG_CODES"),
         }
+        assert all(0 < e.retry_after_seconds <= 60 for e in blocked.values()), "a RetryInfo says when to retry"
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            await stub.ValidateCoupon(pb.ValidateCouponRequest(code=code, terminal_id="pos-9"))
+        passed_on = reraise_remote(again.value)
+        assert isinstance(passed_on, ResourceExhausted), "a caller hands the limit on with its delay"
+        assert (passed_on.reason, 0 < passed_on.retry_after_seconds <= 60) == ("TOO_MANY_WRONG_CODES", True)
         other = await stub.ValidateCoupon(pb.ValidateCouponRequest(code=code, terminal_id="pos-1"))
         assert other.valid, "other terminals are not affected"

@@ -16,11 +16,11 @@ OCCURRED = datetime(2025, 3, 8, 9, 30, tzinfo=UTC)
 
 def context(first_name: str = "Anna") -> dict[str, object]:
     return domain.message_context(
-        member_id="m-1",
-        first_name=first_name,
+        contact=domain.Contact("m-1", first_name=first_name, phone="+79990000001"),
         event_type="member.registered",
         event_id="e-1",
         occurred_at=OCCURRED,
+        data={"referral_code": "R1"},
     )
 
 
@@ -47,7 +47,7 @@ def test_default_welcome_greets_by_name_or_as_friend() -> None:
     assert welcome is not None
     assert domain.render(welcome, context("Anna")).body == "Welcome to the program, Anna!"
     assert domain.render(welcome, context("")).body == "Welcome to the program, friend!"
-    assert domain.default_template("member.registered", Channel.EMAIL, "en") is None
+    assert domain.default_template("member.registered", Channel.SMS, "ru") is None
     assert domain.template_problems(welcome) == {}
 
 
@@ -100,7 +100,9 @@ def test_unsafe_subject_is_reported_on_the_subject() -> None:
         ("", "Hello {{ member.first_name ", "template.body", "syntax error on line 1"),
         ("", "{% if member.first_name %}Hello", "template.body", "syntax error"),
         ("{% for %}", "Hello", "template.subject", "syntax error"),
-        ("", "Hello {{ member.last_name }}", "template.body", "unknown name"),
+        # Contact details are not in the context: a message never quotes a phone number.
+        ("", "Hello {{ member.phone }}", "template.body", "unknown name"),
+        ("", "{{ event.data.no_such_key }}", "template.body", "unknown name"),
         ("", "{{ 1 / 0 }}", "template.body", "ZeroDivisionError"),
         ("", "   ", "template.body", "required"),
         ("", "{{ 'x' * 200000 }}", "template.body", "renders to more than"),

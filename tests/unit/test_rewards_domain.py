@@ -1,7 +1,8 @@
-"""Rewards' rules: coupon codes, terms and the reason a coupon is refused."""
+"""Rewards' rules: coupon series and codes, the reason a coupon is refused, gift card rules."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -9,41 +10,73 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 
-from loyalty.runtime.errors import DomainError, FailedPrecondition, NotFound
+from loyalty.runtime.errors import DomainError, FailedPrecondition, NotFound, ResourceExhausted, Violations
 from services.rewards.domain import (
     CODE_ALPHABET,
     CODE_LENGTH,
     Coupon,
     CouponStatus,
+    GiftCard,
+    GiftCardState,
+    GiftCardStatus,
+    ReceiptSpending,
     Rejection,
     Reservation,
     ReservationStatus,
-    TooManyWrongCodes,
-    WrongCodeLimiter,
+    Series,
+    SeriesKind,
+    Usage,
+    check_code_format,
+    check_refund,
     check_reinstatable,
     check_reservation,
+    check_spend,
     code_suffix,
-    is_valid_discount,
+    hash_pin,
+    is_valid_pin,
     is_valid_window,
-    new_coupon_code,
+    mask_code,
+    new_code,
     normalize_code,
+    pin_matches,
     refusal,
     reservation_ttl,
+    too_many_wrong_codes,
     validate,
-    validate_for_receipt,
+    validate_reservation,
 )
 
 START = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 END = datetime(2026, 4, 1, 9, 0, tzinfo=UTC)
 TICK = timedelta(microseconds=1)
 
+SERIES = Series(
+    series_id="series-1",
+    name="10% off",
+    kind=SeriesKind.UNIQUE,
+    campaign_id="campaign-1",
+    benefit=b"\x08\xe8\x07",
+    min_receipt_total_minor=0,
+    uses_per_code=1,
+    uses_per_member=0,
+    valid_from=START,
+    valid_until=END,
+    validity_days=0,
+    mass_code=None,
+    code_alphabet=CODE_ALPHABET,
+    code_length=CODE_LENGTH,
+    created_at=START - timedelta(days=1),
+)
 
-def coupon(member_id: str | None = "member-1", **changes: object) -> Coupon:
+
+def coupon(member_id: str | None = "member-1", series: Series = SERIES, **changes: object) -> Coupon:
     base = Coupon(
         code="ABCDEFGH23",
+        series=series,
         member_id=member_id,
-        discount_basis_points=1000,
+        partner_id=None,
         status=CouponStatus.ACTIVE,
+        uses=0,
         valid_from=START,
         valid_until=END,
         created_at=START - timedelta(days=1),
@@ -57,14 +90,14 @@ def test_the_alphabet_has_no_look_alike_characters() -> None:
 
 
 def test_codes_have_the_length_and_alphabet_and_do_not_repeat() -> None:
-    codes = [new_coupon_code() for _ in range(20_000)]
+    codes = [new_code() for _ in range(20_000)]
     assert all(len(code) == CODE_LENGTH for code in codes)
     assert set("".join(codes)) == set(CODE_ALPHABET), "every allowed character occurs, and nothing else"
     assert len(set(codes)) == len(codes)
 
 
 def test_code_characters_are_roughly_uniform() -> None:
-    counts = Counter("".join(new_coupon_code() for _ in range(10_000)))
+    counts = Counter("".join(new_code() for _ in range(10_000)))
     expected = 10_000 * CODE_LENGTH / len(CODE_ALPHABET)
     assert all(0.8 * expected < count < 1.2 * expected for count in counts.values()), counts
 
@@ -74,13 +107,41 @@ def test_a_typed_code_is_normalized_and_only_its_suffix_is_shown() -> None:
     assert normalize_code("") == ""
     assert code_suffix("ABCDEFGH23") == "GH23"
     assert coupon().code_suffix == "GH23"
+    assert mask_code("ABCDEFGH23") == "******GH23"
 
 
-@pytest.mark.parametrize(
-    ("basis_points", "valid"), [(-5, False), (0, False), (1, True), (10_000, True), (10_001, False)]
-)
-def test_discount_is_between_one_basis_point_and_the_whole_receipt(basis_points: int, valid: bool) -> None:
-    assert is_valid_discount(basis_points) is valid
+def test_a_series_alphabet_and_length_make_codes_unguessable_and_unambiguous() -> None:
+    def problems(alphabet: str, length: int) -> list[tuple[str, str]]:
+        violations = Violations()
+        check_code_format(alphabet, length, violations)
+        return [(v.field, v.description) for v in violations.items]
+
+    assert problems(CODE_ALPHABET, CODE_LENGTH) == []
+    assert problems("23456789", 14) == [], "8^14 = 2^42 codes"
+    assert [field for field, _ in problems("23456789", 13)] == ["code_length"], "8^13 = 2^39 codes is too few"
+    assert problems("ABC0", 30)[0][1] == "must not contain the look-alikes 0, O, 1, I, L"
+    assert problems("abc", 30)[0][1] == "capital letters and digits only"
+    assert problems("AAB", 30)[0][1] == "at least two characters, each once"
+    assert [field for field, _ in problems(CODE_ALPHABET, 33)] == ["code_length"]
+
+
+def test_codes_of_a_custom_alphabet_use_only_it_uniformly() -> None:
+    codes = [new_code("234567", 16) for _ in range(3000)]
+    assert all(len(code) == 16 and set(code) <= set("234567") for code in codes)
+    counts = Counter("".join(codes))
+    expected = 3000 * 16 / 6
+    assert all(abs(count - expected) < 6 * math.sqrt(expected) for count in counts.values()), counts
+
+
+def test_a_coupon_window_is_the_series_window_narrowed_to_its_validity_days() -> None:
+    assert SERIES.coupon_window(START - timedelta(days=3)) == (START, END), "issued early: from the series' start"
+    ten_days = replace(SERIES, validity_days=10)
+    issued = START + timedelta(days=5)
+    assert ten_days.coupon_window(issued) == (issued, issued + timedelta(days=10))
+    assert ten_days.coupon_window(END - timedelta(days=1)) == (END - timedelta(days=1), END), "never past the series"
+    endless = replace(SERIES, valid_until=None, validity_days=10)
+    assert endless.coupon_window(issued) == (issued, issued + timedelta(days=10))
+    assert replace(SERIES, valid_until=None).coupon_window(issued) == (issued, None)
 
 
 def test_a_validity_window_must_not_be_empty() -> None:
@@ -140,6 +201,7 @@ def reservation(**changes: object) -> Reservation:
     base = Reservation(
         reservation_id="r-1",
         code="ABCDEFGH23",
+        series_id="series-1",
         member_id="member-1",
         receipt_ref="pos-1:0001",
         status=ReservationStatus.ACTIVE,
@@ -157,22 +219,62 @@ def test_a_reservation_holds_until_just_before_its_end_and_only_while_active() -
 
 
 def test_a_live_reservation_for_another_receipt_makes_the_coupon_reserved() -> None:
-    held = [reservation()]
-    assert validate_for_receipt(coupon(), "member-1", "pos-2:0007", held, START) is Rejection.RESERVED
-    assert validate_for_receipt(coupon(), "member-1", "", held, START) is Rejection.RESERVED, "no receipt: any hold"
-    assert validate_for_receipt(coupon(), "member-1", "pos-1:0001", held, START) is None, "its own receipt"
+    held = Usage([reservation()])
+    assert validate(coupon(), "member-1", START, held, "pos-2:0007") is Rejection.RESERVED
+    assert validate(coupon(), "member-1", START, held, "") is Rejection.RESERVED, "no receipt: any hold"
+    assert validate(coupon(), "member-1", START, held, "pos-1:0001") is None, "its own receipt"
     lapsed = START + timedelta(minutes=15)
-    assert validate_for_receipt(coupon(), "member-1", "pos-2:0007", held, lapsed) is None, "a lapsed hold is free"
-    released = [reservation(status=ReservationStatus.RELEASED)]
-    assert validate_for_receipt(coupon(), "member-1", "pos-2:0007", released, START) is None
+    assert validate(coupon(), "member-1", lapsed, held, "pos-2:0007") is None, "a lapsed hold is free"
+    released = Usage([reservation(status=ReservationStatus.RELEASED)])
+    assert validate(coupon(), "member-1", START, released, "pos-2:0007") is None
 
 
 def test_other_refusals_come_before_reserved() -> None:
-    held = [reservation()]
-    assert validate_for_receipt(coupon(), "member-2", "x", held, START) is Rejection.OTHER_MEMBER
+    held = Usage([reservation()])
+    assert validate(coupon(), "member-2", START, held, "x") is Rejection.OTHER_MEMBER
     used = coupon(status=CouponStatus.REDEEMED)
-    assert validate_for_receipt(used, "member-1", "x", held, START) is Rejection.ALREADY_USED
-    assert validate_for_receipt(None, "member-1", "x", [], START) is Rejection.NOT_FOUND
+    assert validate(used, "member-1", START, held, "x") is Rejection.ALREADY_USED
+    assert validate(None, "member-1", START, Usage(), "x") is Rejection.NOT_FOUND
+
+
+def test_a_multi_use_code_is_reserved_only_when_holds_take_every_use_left() -> None:
+    three_uses = coupon(member_id=None, series=replace(SERIES, uses_per_code=3), uses=1)
+    one_hold = Usage([reservation(receipt_ref="pos-2:1")])
+    assert validate(three_uses, "", START, one_hold, "pos-3:1") is None, "1 used + 1 held of 3"
+    two_holds = Usage([reservation(receipt_ref="pos-2:1"), reservation(receipt_ref="pos-4:1")])
+    assert validate(three_uses, "", START, two_holds, "pos-3:1") is Rejection.RESERVED
+    assert validate(three_uses, "", START, two_holds, "pos-2:1") is None, "one of the holds is this receipt's"
+    unlimited = coupon(member_id=None, series=replace(SERIES, uses_per_code=0), uses=10_000)
+    assert validate(unlimited, "", START, two_holds, "pos-3:1") is None
+
+
+def test_one_receipt_reserves_a_coupon_once_even_with_uses_left() -> None:
+    mass = coupon(member_id=None, series=replace(SERIES, kind=SeriesKind.MASS, uses_per_code=0))
+    held = Usage([reservation(receipt_ref="pos-1:1")])
+    assert validate_reservation(mass, "", "pos-1:1", held, START, None) is Rejection.RESERVED
+    assert validate_reservation(mass, "", "pos-2:1", held, START, None) is None
+
+
+def test_uses_per_member_need_a_member_and_count_their_uses() -> None:
+    twice = coupon(member_id=None, series=replace(SERIES, uses_per_code=0, uses_per_member=2))
+    assert validate(twice, "", START, Usage()) is Rejection.MEMBER_REQUIRED
+    assert validate(twice, "member-1", START, Usage(member_uses=1)) is None
+    assert validate(twice, "member-1", START, Usage(member_uses=2)) is Rejection.MEMBER_LIMIT_REACHED
+
+
+def test_a_receipt_below_the_benefit_threshold_is_not_applicable() -> None:
+    threshold = coupon(series=replace(SERIES, min_receipt_total_minor=100_000))
+    assert validate(threshold, "member-1", START, receipt_total_minor=99_999) is Rejection.NOT_APPLICABLE
+    assert validate(threshold, "member-1", START, receipt_total_minor=100_000) is None
+    assert validate(threshold, "member-1", START) is None, "an unknown total is not judged"
+
+
+def test_a_multi_use_coupon_is_used_up_at_its_last_use_and_returns_give_uses_back() -> None:
+    three_uses = coupon(series=replace(SERIES, uses_per_code=3), uses=1)
+    assert three_uses.uses_after(1) == (2, CouponStatus.ACTIVE)
+    assert three_uses.uses_after(2) == (3, CouponStatus.REDEEMED)
+    assert replace(three_uses, uses=3, status=CouponStatus.REDEEMED).uses_after(-1) == (2, CouponStatus.ACTIVE)
+    assert coupon(series=replace(SERIES, uses_per_code=0), uses=99).uses_after(1) == (100, CouponStatus.ACTIVE)
 
 
 @pytest.mark.parametrize(
@@ -184,6 +286,9 @@ def test_other_refusals_come_before_reserved() -> None:
         (Rejection.NOT_YET_VALID, FailedPrecondition, "COUPON_NOT_YET_VALID"),
         (Rejection.EXPIRED, FailedPrecondition, "COUPON_EXPIRED"),
         (Rejection.RESERVED, FailedPrecondition, "COUPON_RESERVED"),
+        (Rejection.NOT_APPLICABLE, FailedPrecondition, "COUPON_NOT_APPLICABLE"),
+        (Rejection.MEMBER_REQUIRED, FailedPrecondition, "COUPON_MEMBER_REQUIRED"),
+        (Rejection.MEMBER_LIMIT_REACHED, FailedPrecondition, "COUPON_MEMBER_LIMIT_REACHED"),
     ],
 )
 def test_each_rejection_is_refused_with_a_stable_reason(
@@ -215,13 +320,13 @@ def test_a_live_reservation_passes() -> None:
 
 
 def test_a_coupon_is_reinstated_only_for_the_receipt_it_was_redeemed_on_and_within_validity() -> None:
-    used = coupon(status=CouponStatus.REDEEMED)
+    used = coupon(status=CouponStatus.REDEEMED, uses=1)
     redeemed_on = reservation(status=ReservationStatus.REDEEMED)
     assert check_reinstatable(used, redeemed_on, "pos-1:0001", END - TICK) == redeemed_on
     refusals = {
         "missing": (None, None, "pos-1:0001", START),
         "not redeemed": (coupon(), None, "pos-1:0001", START),
-        "other receipt": (used, redeemed_on, "pos-9:0001", START),
+        "other receipt": (used, None, "pos-9:0001", START),
         "expired": (used, redeemed_on, "pos-1:0001", END),
     }
     reasons = {}
@@ -242,52 +347,80 @@ def test_a_reservation_lasts_fifteen_minutes_unless_told() -> None:
     assert reservation_ttl(1) == timedelta(seconds=1)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_a_terminal_is_refused_after_too_many_wrong_codes_within_the_window() -> None:
-    clock = FakeClock()
-    limiter = WrongCodeLimiter(limit=3, window_seconds=60, clock=clock)
-    for _ in range(3):
-        limiter.check("pos-1")
-        limiter.record_miss("pos-1")
-        clock.now += 10
-    with pytest.raises(TooManyWrongCodes) as refused:
-        limiter.check("pos-1")
-    assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WRONG_CODES")
-    assert refused.value.metadata == {"retry_after_seconds": "30"}, "the first miss leaves the window in 30 s"
-    limiter.check("pos-2")  # another terminal is not affected
-
-    clock.now = 1000.0 + 60 - 0.001
-    with pytest.raises(TooManyWrongCodes):
-        limiter.check("pos-1")
-    clock.now = 1000.0 + 60
-    limiter.check("pos-1")  # the window slid past the first miss
-    limiter.record_miss("pos-1")
-    with pytest.raises(TooManyWrongCodes):
-        limiter.check("pos-1")
+def test_too_many_wrong_codes_is_resource_exhausted_with_whole_seconds_to_wait() -> None:
+    refused = too_many_wrong_codes(29.2)
+    assert isinstance(refused, ResourceExhausted)
+    assert (refused.code, refused.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WRONG_CODES")
+    assert (refused.retry_after_seconds, refused.metadata) == (30, {"retry_after_seconds": "30"})
 
 
-def test_misses_spread_wider_than_the_window_never_trip_the_limit() -> None:
-    clock = FakeClock()
-    limiter = WrongCodeLimiter(limit=3, window_seconds=60, clock=clock)
-    for _ in range(20):
-        limiter.check("pos-1")
-        limiter.record_miss("pos-1")
-        clock.now += 30.001
+def card(**changes: object) -> GiftCard:
+    base = GiftCard(
+        card_number="ABCDEFGHJKMNPQRS",
+        batch_id="batch-1",
+        currency_code="RUB",
+        status=GiftCardStatus.ACTIVE,
+        balance_minor=300_000,
+        pin_hash=None,
+        validity_days=365,
+        expires_at=END,
+        created_at=START - timedelta(days=10),
+        activated_at=START,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
 
 
-def test_terminals_with_only_stale_misses_are_forgotten() -> None:
-    clock = FakeClock()
-    limiter = WrongCodeLimiter(limit=3, window_seconds=60, clock=clock, max_terminals=4)
-    for index in range(4):
-        limiter.record_miss(f"pos-{index}")
-    assert limiter.terminals == 4
-    clock.now += 61
-    limiter.record_miss("pos-new")
-    assert limiter.terminals == 1
+def test_a_gift_card_is_inactive_until_sold_and_expires_at_its_end() -> None:
+    assert card(status=GiftCardStatus.INACTIVE, expires_at=None).state(START) is GiftCardState.INACTIVE
+    assert card().state(END - TICK) is GiftCardState.ACTIVE
+    assert card().state(END) is GiftCardState.EXPIRED
+    assert card(expires_at=None).state(END + timedelta(days=9999)) is GiftCardState.ACTIVE
+
+
+def test_a_gift_card_pays_up_to_its_balance_while_active() -> None:
+    assert check_spend(card(), 100_000, START) == 200_000
+    assert check_spend(card(), 300_000, START) == 0, "the whole balance"
+    refusals = {
+        "too much": (card(), 300_001),
+        "not sold": (card(status=GiftCardStatus.INACTIVE, balance_minor=0), 1),
+        "expired": (card(expires_at=START), 1),
+    }
+    reasons = {}
+    for what, (gift_card, amount) in refusals.items():
+        with pytest.raises(FailedPrecondition) as refused:
+            check_spend(gift_card, amount, START)
+        reasons[what] = refused.value.reason
+    assert reasons == {
+        "too much": "GIFT_CARD_INSUFFICIENT_BALANCE",
+        "not sold": "GIFT_CARD_NOT_ACTIVE",
+        "expired": "GIFT_CARD_EXPIRED",
+    }
+
+
+def test_a_receipt_gets_back_at_most_what_it_spent_from_the_card() -> None:
+    spent = ReceiptSpending(spent_minor=50_000, refunded_minor=20_000)
+    assert check_refund(card(balance_minor=0), 30_000, spent, START) == 30_000
+    with pytest.raises(FailedPrecondition) as refused:
+        check_refund(card(), 30_001, spent, START)
+    assert (refused.value.reason, refused.value.metadata) == (
+        "GIFT_CARD_REFUND_EXCEEDS_SPEND",
+        {"refundable_minor": "30000"},
+    )
+    with pytest.raises(FailedPrecondition) as expired:
+        check_refund(card(expires_at=START), 1, spent, START)
+    assert expired.value.reason == "GIFT_CARD_EXPIRED"
+
+
+def test_a_pin_is_stored_salted_and_hashed_and_checked_exactly() -> None:
+    first, second = hash_pin("4321"), hash_pin("4321")
+    assert first != second and "4321" not in first, "salted: equal PINs hash differently"
+    assert pin_matches("4321", first) and pin_matches("4321", second)
+    assert not pin_matches("4322", first)
+    assert [is_valid_pin(pin) for pin in ("123", "1234", "123456789012", "1234567890123", "12a4", "")] == [
+        False,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]

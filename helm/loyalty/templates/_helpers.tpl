@@ -163,6 +163,9 @@ redis-url: {{ include "loyalty.redisUrl" . | b64enc | quote }}
 {{- with .Values.secrets.apiKeyPepper }}
 api-key-pepper: {{ . | b64enc | quote }}
 {{- end }}
+{{- with .Values.secrets.adminToken }}
+admin-token: {{ . | b64enc | quote }}
+{{- end }}
 {{- range $provider, $token := .Values.secrets.providerTokens }}
 provider-token-{{ $provider }}: {{ $token | toString | b64enc | quote }}
 {{- end }}
@@ -187,6 +190,12 @@ secret (the Secret's name). Each service sees its own database only. */}}
     secretKeyRef:
       name: {{ .secret }}
       key: api-key-pepper
+      optional: true
+- name: LOYALTY_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secret }}
+      key: admin-token
       optional: true
 {{- end }}
 {{- if eq .name "notifications" }}

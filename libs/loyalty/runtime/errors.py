@@ -8,11 +8,12 @@ with no detail, so a stack trace never reaches a client.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -51,6 +52,26 @@ class AlreadyExists(DomainError):
 
 class Unavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(DomainError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(DomainError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(DomainError):
+    """A limit was hit (too many attempts, a rate limit); the status carries a
+    ``google.rpc.RetryInfo`` saying when to try again."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, reason: str, message: str, retry_after_seconds: float) -> None:
+        # Whole seconds, at least one: a client told "retry in 0 s" would hammer at once.
+        self.retry_after_seconds = max(1, math.ceil(retry_after_seconds))
+        super().__init__(reason, message, {"retry_after_seconds": str(self.retry_after_seconds)})
 
 
 class InvalidArgument(DomainError):
@@ -99,6 +120,10 @@ def to_grpc_status(error: DomainError) -> grpc.Status:
             )
         )
         details.append(bad_request)
+    if isinstance(error, ResourceExhausted):
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=error.retry_after_seconds)))
+        details.append(retry)
     status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
     return rpc_status.to_status(status)
 
@@ -115,20 +140,25 @@ class RemoteError:
     reason: str
     message: str
     violations: tuple[FieldViolation, ...] = ()
+    retry_after_seconds: int = 0
+    """From a ``google.rpc.RetryInfo``, when the peer said when to try again."""
 
 
 def read_remote_error(error: grpc.aio.AioRpcError) -> RemoteError:
-    reason, violations = "", []
+    reason, violations, retry_after = "", [], 0
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     for detail in status.details if status else ():
         info = error_details_pb2.ErrorInfo()
         bad_request = error_details_pb2.BadRequest()
+        retry = error_details_pb2.RetryInfo()
         if detail.Unpack(info):
             reason = info.reason
         elif detail.Unpack(bad_request):
             violations = [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.seconds
 
-    return RemoteError(error.code(), reason, error.details() or "", tuple(violations))
+    return RemoteError(error.code(), reason, error.details() or "", tuple(violations), retry_after)
 
 
 def reraise_remote(error: grpc.aio.AioRpcError, field_prefix: str = "") -> DomainError:
@@ -136,6 +166,8 @@ def reraise_remote(error: grpc.aio.AioRpcError, field_prefix: str = "") -> Domai
     remote = read_remote_error(error)
     if remote.code == grpc.StatusCode.INVALID_ARGUMENT and remote.violations:
         return InvalidArgument([FieldViolation(f"{field_prefix}{v.field}", v.description) for v in remote.violations])
+    if remote.code == grpc.StatusCode.RESOURCE_EXHAUSTED and remote.reason:
+        return ResourceExhausted(remote.reason, remote.message, remote.retry_after_seconds)
     mapped: dict[grpc.StatusCode, type[DomainError]] = {
         grpc.StatusCode.NOT_FOUND: NotFound,
         grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,

@@ -31,7 +31,8 @@ def _split_method(full_method: str) -> tuple[str, str]:
 
 
 class ServerInterceptor(InterceptorBase):
-    """Counts and times every unary call and maps domain errors to rich statuses.
+    """Counts and times every unary and client-streaming call and maps domain errors to
+    rich statuses.
 
     A ``DomainError`` becomes its status with ``ErrorInfo``/``BadRequest``; any
     other exception is logged here and answered as a bare INTERNAL.
@@ -46,15 +47,23 @@ class ServerInterceptor(InterceptorBase):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         service, method = _split_method(handler_call_details.method)
-        behavior = self._wrap(service, method, handler.unary_unary)
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        # A client-streaming call answers once, like a unary one: the same wrapper applies.
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(service, method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap(service, method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     def _wrap(self, service: str, method: str, inner: UnaryBehavior) -> UnaryBehavior:
         metrics = self._metrics

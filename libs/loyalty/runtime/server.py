@@ -53,9 +53,15 @@ class ServiceContext:
     metrics: ServerMetrics
     tracer_provider: TracerProvider
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def run_in_background(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         self.tasks.append(asyncio.create_task(coroutine, name=f"{self.name}:{name}"))
+
+    def on_stop(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Registers something the service opened in its wiring (a client, a pool) to close
+        when the service stops, after its background tasks."""
+        self.closers.append(close)
 
     def start_outbox_relay(self, outbox: Table) -> OutboxRelay:
         """Publishes this service's outbox to its own stream (named after the service)."""
@@ -202,6 +208,9 @@ class ServiceHost:
             for task in self._context.tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            for close in self._context.closers:
+                with contextlib.suppress(Exception):
+                    await close()
             await self._context.channels.close()
             await self._context.engine.dispose()
             self._context.tracer_provider.shutdown()

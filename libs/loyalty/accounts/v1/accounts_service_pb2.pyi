@@ -20,6 +20,62 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ExpiryRounding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExpiryRoundingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExpiryRounding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPIRY_ROUNDING_UNSPECIFIED: _ExpiryRounding.ValueType  # 0
+    """The point currency's own rounding."""
+    EXPIRY_ROUNDING_NONE: _ExpiryRounding.ValueType  # 1
+    """Exactly the lifetime after activation."""
+    EXPIRY_ROUNDING_MONTH_END: _ExpiryRounding.ValueType  # 2
+    """To the end of that month (the points go at 00:00 UTC on the 1st of the next)."""
+    EXPIRY_ROUNDING_YEAR_END: _ExpiryRounding.ValueType  # 3
+    """To the end of that year (the points go at 00:00 UTC on 1 January)."""
+
+class ExpiryRounding(_ExpiryRounding, metaclass=_ExpiryRoundingEnumTypeWrapper):
+    """Where an expiry computed from a lifetime is moved."""
+
+EXPIRY_ROUNDING_UNSPECIFIED: ExpiryRounding.ValueType  # 0
+"""The point currency's own rounding."""
+EXPIRY_ROUNDING_NONE: ExpiryRounding.ValueType  # 1
+"""Exactly the lifetime after activation."""
+EXPIRY_ROUNDING_MONTH_END: ExpiryRounding.ValueType  # 2
+"""To the end of that month (the points go at 00:00 UTC on the 1st of the next)."""
+EXPIRY_ROUNDING_YEAR_END: ExpiryRounding.ValueType  # 3
+"""To the end of that year (the points go at 00:00 UTC on 1 January)."""
+Global___ExpiryRounding: _TypeAlias = ExpiryRounding  # noqa: Y015
+
+class _MoneyRounding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MoneyRoundingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MoneyRounding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MONEY_ROUNDING_UNSPECIFIED: _MoneyRounding.ValueType  # 0
+    """Never used."""
+    MONEY_ROUNDING_FLOOR: _MoneyRounding.ValueType  # 1
+    """Down."""
+    MONEY_ROUNDING_HALF_UP: _MoneyRounding.ValueType  # 2
+    """To the nearest, halves up."""
+    MONEY_ROUNDING_CEILING: _MoneyRounding.ValueType  # 3
+    """Up."""
+
+class MoneyRounding(_MoneyRounding, metaclass=_MoneyRoundingEnumTypeWrapper):
+    """How a conversion of points to money rounds a fraction of a minor unit."""
+
+MONEY_ROUNDING_UNSPECIFIED: MoneyRounding.ValueType  # 0
+"""Never used."""
+MONEY_ROUNDING_FLOOR: MoneyRounding.ValueType  # 1
+"""Down."""
+MONEY_ROUNDING_HALF_UP: MoneyRounding.ValueType  # 2
+"""To the nearest, halves up."""
+MONEY_ROUNDING_CEILING: MoneyRounding.ValueType  # 3
+"""Up."""
+Global___MoneyRounding: _TypeAlias = MoneyRounding  # noqa: Y015
+
 class _HoldStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -96,6 +152,10 @@ class _EntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EntryKind.V
     """Points that reached their lot's expiry."""
     ENTRY_KIND_REVERSAL: _EntryKind.ValueType  # 4
     """An accrual or a redemption undone (a return)."""
+    ENTRY_KIND_ADJUSTMENT: _EntryKind.ValueType  # 5
+    """Points credited or debited by hand by staff (AdjustPoints)."""
+    ENTRY_KIND_TRANSFER: _EntryKind.ValueType  # 6
+    """Points (or a negative balance) moved between holders (TransferPoints, MergeAccounts)."""
 
 class EntryKind(_EntryKind, metaclass=_EntryKindEnumTypeWrapper):
     """The kind of a ledger entry."""
@@ -110,7 +170,110 @@ ENTRY_KIND_EXPIRY: EntryKind.ValueType  # 3
 """Points that reached their lot's expiry."""
 ENTRY_KIND_REVERSAL: EntryKind.ValueType  # 4
 """An accrual or a redemption undone (a return)."""
+ENTRY_KIND_ADJUSTMENT: EntryKind.ValueType  # 5
+"""Points credited or debited by hand by staff (AdjustPoints)."""
+ENTRY_KIND_TRANSFER: EntryKind.ValueType  # 6
+"""Points (or a negative balance) moved between holders (TransferPoints, MergeAccounts)."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
+
+@_typing.final
+class PointCurrency(_message.Message):
+    """A point currency of the program."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    MONEY_PER_UNIT_NUMERATOR_FIELD_NUMBER: _builtins.int
+    MONEY_PER_UNIT_DENOMINATOR_FIELD_NUMBER: _builtins.int
+    LIFETIME_DAYS_FIELD_NUMBER: _builtins.int
+    EXPIRY_ROUNDING_FIELD_NUMBER: _builtins.int
+    MONEY_ROUNDING_FIELD_NUMBER: _builtins.int
+    ACTIVATION_DELAY_DAYS_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The code accounts and requests use, e.g. "BONUS" or "PROMO"."""
+    name: _builtins.str
+    """The name shown to members."""
+    scale: _builtins.int
+    """Decimal places of a point: amounts are integers in units of 10^-scale points."""
+    money_per_unit_numerator: _builtins.int
+    """One point unit is worth money_per_unit_numerator / money_per_unit_denominator
+    minor units of money (kopecks, cents).
+    """
+    money_per_unit_denominator: _builtins.int
+    """See money_per_unit_numerator."""
+    lifetime_days: _builtins.int
+    """How long an accrual lives by default, in days; 0 means it does not expire."""
+    expiry_rounding: Global___ExpiryRounding.ValueType
+    """Where a default expiry is moved (NONE, MONTH_END or YEAR_END)."""
+    money_rounding: Global___MoneyRounding.ValueType
+    """How a conversion to money rounds."""
+    activation_delay_days: _builtins.int
+    """The return window: accrued points without their own activation time become
+    spendable this many days later.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        scale: _builtins.int = ...,
+        money_per_unit_numerator: _builtins.int = ...,
+        money_per_unit_denominator: _builtins.int = ...,
+        lifetime_days: _builtins.int = ...,
+        expiry_rounding: Global___ExpiryRounding.ValueType = ...,
+        money_rounding: Global___MoneyRounding.ValueType = ...,
+        activation_delay_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_delay_days", b"activation_delay_days", "code", b"code", "expiry_rounding", b"expiry_rounding", "lifetime_days", b"lifetime_days", "money_per_unit_denominator", b"money_per_unit_denominator", "money_per_unit_numerator", b"money_per_unit_numerator", "money_rounding", b"money_rounding", "name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PointCurrency: _TypeAlias = PointCurrency  # noqa: Y015
+
+@_typing.final
+class ListPointCurrenciesRequest(_message.Message):
+    """Request of ListPointCurrencies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPointCurrenciesRequest: _TypeAlias = ListPointCurrenciesRequest  # noqa: Y015
+
+@_typing.final
+class ListPointCurrenciesResponse(_message.Message):
+    """Response of ListPointCurrencies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def currencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___PointCurrency]:
+        """The configured currencies, by code; the program's default currency always among them."""
+
+    def __init__(
+        self,
+        *,
+        currencies: _abc.Iterable[Global___PointCurrency] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currencies", b"currencies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPointCurrenciesResponse: _TypeAlias = ListPointCurrenciesResponse  # noqa: Y015
 
 @_typing.final
 class Balance(_message.Message):
@@ -221,6 +384,12 @@ class AccruePointsRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     ACTIVATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    LIFETIME_DAYS_FIELD_NUMBER: _builtins.int
+    EXPIRY_ROUNDING_FIELD_NUMBER: _builtins.int
+    STORE_IDS_FIELD_NUMBER: _builtins.int
+    MAX_RECEIPT_SHARE_BP_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key, e.g. "cheque:<terminal>:<number>:accrue"."""
     holder_id: _builtins.str
@@ -235,14 +404,43 @@ class AccruePointsRequest(_message.Message):
     """What caused it, e.g. a receipt key; shown in the history."""
     reason: _builtins.str
     """Human-readable reason; required for staff accruals."""
+    member_id: _builtins.str
+    """The member whose purchase or action earned the points, when known; for a household
+    account (holder_id is the household) the member in it. Carried in points.accrued.
+    """
+    lifetime_days: _builtins.int
+    """Without expire_time: the points live this many days after activation (0 means the
+    currency's default lifetime).
+    """
+    expiry_rounding: Global___ExpiryRounding.ValueType
+    """Without expire_time: where the expiry computed from the lifetime is moved;
+    UNSPECIFIED means the currency's rounding.
+    """
+    max_receipt_share_bp: _builtins.int
+    """Promo points: at most this share of a receipt's amount, in basis points (5000 = 50%),
+    may be paid with them; 0 means no cap. Such points are spent only by requests that
+    carry the receipt amount. The cap is per accrual.
+    """
+    partner_id: _builtins.str
+    """Coalitions: the partner that issued the points (its store, its campaign); empty
+    means the program itself. Kept on the lot for partner settlements.
+    """
     @_builtins.property
     def activate_time(self) -> _timestamp_pb2.Timestamp:
-        """When the points become spendable; empty means at once."""
+        """When the points become spendable; empty means after the currency's return window
+        (activation delay), at once when it has none.
+        """
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the points expire; empty means they do not expire (per-currency default
-        lifetimes come with point-currency configuration).
+        """When the points expire, a fixed date such as 31 December. Empty: lifetime_days
+        after activation, else the currency's default lifetime, else they do not expire.
+        """
+
+    @_builtins.property
+    def store_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Promo points: spendable only in these stores (at most 100); empty means anywhere.
+        Such points are spent only by requests that name their store.
         """
 
     def __init__(
@@ -257,10 +455,16 @@ class AccruePointsRequest(_message.Message):
         reason: _builtins.str = ...,
         activate_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        member_id: _builtins.str = ...,
+        lifetime_days: _builtins.int = ...,
+        expiry_rounding: Global___ExpiryRounding.ValueType = ...,
+        store_ids: _abc.Iterable[_builtins.str] | None = ...,
+        max_receipt_share_bp: _builtins.int = ...,
+        partner_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "amount", b"amount", "currency", b"currency", "expire_time", b"expire_time", "holder_id", b"holder_id", "reason", b"reason", "request_id", b"request_id", "source", b"source", "source_ref", b"source_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "amount", b"amount", "currency", b"currency", "expire_time", b"expire_time", "expiry_rounding", b"expiry_rounding", "holder_id", b"holder_id", "lifetime_days", b"lifetime_days", "max_receipt_share_bp", b"max_receipt_share_bp", "member_id", b"member_id", "partner_id", b"partner_id", "reason", b"reason", "request_id", b"request_id", "source", b"source", "source_ref", b"source_ref", "store_ids", b"store_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,6 +478,11 @@ class AccruePointsResponse(_message.Message):
 
     ENTRY_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    CAPPED_FIELD_NUMBER: _builtins.int
+    capped: _builtins.int
+    """Points requested but not credited: the accrual went over a fraud limit of the
+    currency (per receipt or per day) whose policy is to clip; 0 otherwise.
+    """
     @_builtins.property
     def entry(self) -> Global___Entry:
         """The accrual entry."""
@@ -287,10 +496,11 @@ class AccruePointsResponse(_message.Message):
         *,
         entry: Global___Entry | None = ...,
         balance: Global___Balance | None = ...,
+        capped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "entry", b"entry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "entry", b"entry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "capped", b"capped", "entry", b"entry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,6 +678,10 @@ class PlaceHoldRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     SOURCE_REF_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_AMOUNT_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key, e.g. "calculation:<id>:hold"."""
     holder_id: _builtins.str
@@ -480,6 +694,16 @@ class PlaceHoldRequest(_message.Message):
     """How long the hold lives, 1..86400 seconds; 0 means 900 (15 minutes)."""
     source_ref: _builtins.str
     """What the hold is for, e.g. a receipt key; shown in the history."""
+    member_id: _builtins.str
+    """The member paying with points, when known; carried in points.redeemed on capture."""
+    store_id: _builtins.str
+    """The store of the receipt; lets restricted promo points pay (see AccruePointsRequest)."""
+    receipt_amount: _builtins.int
+    """The receipt's amount in minor money units; lets promo points capped at a share of
+    the receipt pay. The capture honours both as given here.
+    """
+    partner_id: _builtins.str
+    """Coalitions: the partner the points are spent at; empty means the program itself."""
     def __init__(
         self,
         *,
@@ -489,10 +713,14 @@ class PlaceHoldRequest(_message.Message):
         amount: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
         source_ref: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        receipt_amount: _builtins.int = ...,
+        partner_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency", b"currency", "holder_id", b"holder_id", "request_id", b"request_id", "source_ref", b"source_ref", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency", b"currency", "holder_id", b"holder_id", "member_id", b"member_id", "partner_id", b"partner_id", "receipt_amount", b"receipt_amount", "request_id", b"request_id", "source_ref", b"source_ref", "store_id", b"store_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -656,6 +884,10 @@ class RedeemPointsRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     SOURCE_REF_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_AMOUNT_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key."""
     holder_id: _builtins.str
@@ -668,6 +900,16 @@ class RedeemPointsRequest(_message.Message):
     """What the points pay for; shown in the history."""
     reason: _builtins.str
     """Human-readable reason."""
+    member_id: _builtins.str
+    """The member paying with points, when known; carried in points.redeemed."""
+    store_id: _builtins.str
+    """The store of the receipt; lets restricted promo points pay (see AccruePointsRequest)."""
+    receipt_amount: _builtins.int
+    """The receipt's amount in minor money units; lets promo points capped at a share of
+    the receipt pay.
+    """
+    partner_id: _builtins.str
+    """Coalitions: the partner the points are spent at; empty means the program itself."""
     def __init__(
         self,
         *,
@@ -677,10 +919,14 @@ class RedeemPointsRequest(_message.Message):
         amount: _builtins.int = ...,
         source_ref: _builtins.str = ...,
         reason: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        receipt_amount: _builtins.int = ...,
+        partner_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency", b"currency", "holder_id", b"holder_id", "reason", b"reason", "request_id", b"request_id", "source_ref", b"source_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency", b"currency", "holder_id", b"holder_id", "member_id", b"member_id", "partner_id", b"partner_id", "reason", b"reason", "receipt_amount", b"receipt_amount", "request_id", b"request_id", "source_ref", b"source_ref", "store_id", b"store_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -779,3 +1025,512 @@ class ReverseOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReverseOperationResponse: _TypeAlias = ReverseOperationResponse  # noqa: Y015
+
+@_typing.final
+class AdjustPointsRequest(_message.Message):
+    """Request of AdjustPoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_REF_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key, e.g. "ticket:<id>:adjust"."""
+    holder_id: _builtins.str
+    """The account holder (member or household id)."""
+    currency: _builtins.str
+    """The point currency; empty means the default."""
+    amount: _builtins.int
+    """Points to credit (positive: a new lot, active at once, repaying a negative balance
+    first) or to debit (negative); never zero.
+    """
+    actor: _builtins.str
+    """Who makes the adjustment: the staff user's id or login; required, kept for audit."""
+    reason: _builtins.str
+    """Why, e.g. "goodwill: late delivery"; required, shown in the history and the audit trail."""
+    member_id: _builtins.str
+    """The member concerned, when known (for a household account, the member in it);
+    carried in points.adjusted.
+    """
+    source_ref: _builtins.str
+    """What caused it, e.g. a support ticket; empty means "staff:<actor>"."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """For a credit: when the points expire; empty means the currency's default lifetime
+        from now (no expiry when it has none).
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        holder_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        source_ref: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "amount", b"amount", "currency", b"currency", "expire_time", b"expire_time", "holder_id", b"holder_id", "member_id", b"member_id", "reason", b"reason", "request_id", b"request_id", "source_ref", b"source_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdjustPointsRequest: _TypeAlias = AdjustPointsRequest  # noqa: Y015
+
+@_typing.final
+class AdjustPointsResponse(_message.Message):
+    """Response of AdjustPoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___Entry:
+        """The adjustment entry (signed: positive credits, negative debits)."""
+
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The balance after it."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___Entry | None = ...,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdjustPointsResponse: _TypeAlias = AdjustPointsResponse  # noqa: Y015
+
+@_typing.final
+class TransferPointsRequest(_message.Message):
+    """Request of TransferPoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FROM_HOLDER_ID_FIELD_NUMBER: _builtins.int
+    TO_HOLDER_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    from_holder_id: _builtins.str
+    """The holder the points leave."""
+    to_holder_id: _builtins.str
+    """The holder the points go to (a member or household id); its account is opened if new."""
+    currency: _builtins.str
+    """The point currency; empty means the default."""
+    amount: _builtins.int
+    """Points to move; positive, at most what the source has available."""
+    reason: _builtins.str
+    """Why, shown in both histories."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        from_holder_id: _builtins.str = ...,
+        to_holder_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "currency", b"currency", "from_holder_id", b"from_holder_id", "reason", b"reason", "request_id", b"request_id", "to_holder_id", b"to_holder_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferPointsRequest: _TypeAlias = TransferPointsRequest  # noqa: Y015
+
+@_typing.final
+class TransferPointsResponse(_message.Message):
+    """Response of TransferPoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEBIT_ENTRY_FIELD_NUMBER: _builtins.int
+    CREDIT_ENTRIES_FIELD_NUMBER: _builtins.int
+    FROM_BALANCE_FIELD_NUMBER: _builtins.int
+    TO_BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def debit_entry(self) -> Global___Entry:
+        """The debit on the source account."""
+
+    @_builtins.property
+    def credit_entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]:
+        """The credits on the destination, one per lot the points came from."""
+
+    @_builtins.property
+    def from_balance(self) -> Global___Balance:
+        """The source's balance after the move."""
+
+    @_builtins.property
+    def to_balance(self) -> Global___Balance:
+        """The destination's balance after the move."""
+
+    def __init__(
+        self,
+        *,
+        debit_entry: Global___Entry | None = ...,
+        credit_entries: _abc.Iterable[Global___Entry] | None = ...,
+        from_balance: Global___Balance | None = ...,
+        to_balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["debit_entry", b"debit_entry", "from_balance", b"from_balance", "to_balance", b"to_balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_entries", b"credit_entries", "debit_entry", b"debit_entry", "from_balance", b"from_balance", "to_balance", b"to_balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransferPointsResponse: _TypeAlias = TransferPointsResponse  # noqa: Y015
+
+@_typing.final
+class MergeAccountsRequest(_message.Message):
+    """Request of MergeAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FROM_HOLDER_ID_FIELD_NUMBER: _builtins.int
+    TO_HOLDER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key, e.g. "merge:<member>:<into>"."""
+    from_holder_id: _builtins.str
+    """The holder whose accounts are emptied."""
+    to_holder_id: _builtins.str
+    """The holder who receives everything."""
+    reason: _builtins.str
+    """Why, shown in both histories."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        from_holder_id: _builtins.str = ...,
+        to_holder_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_holder_id", b"from_holder_id", "reason", b"reason", "request_id", b"request_id", "to_holder_id", b"to_holder_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeAccountsRequest: _TypeAlias = MergeAccountsRequest  # noqa: Y015
+
+@_typing.final
+class MergeAccountsResponse(_message.Message):
+    """Response of MergeAccounts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Balance]:
+        """The receiving holder's balances after the merge, one per currency moved."""
+
+    def __init__(
+        self,
+        *,
+        balances: _abc.Iterable[Global___Balance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances", b"balances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeAccountsResponse: _TypeAlias = MergeAccountsResponse  # noqa: Y015
+
+@_typing.final
+class GetStatementRequest(_message.Message):
+    """Request of GetStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    holder_id: _builtins.str
+    """The account holder."""
+    currency: _builtins.str
+    """The point currency; empty means the default."""
+    page_size: _builtins.int
+    """At most this many entries (1..500; 0 means 50)."""
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same holder, currency and period."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's start (inclusive)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's end (exclusive); after start_time."""
+
+    def __init__(
+        self,
+        *,
+        holder_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "end_time", b"end_time", "holder_id", b"holder_id", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatementRequest: _TypeAlias = GetStatementRequest  # noqa: Y015
+
+@_typing.final
+class GetStatementResponse(_message.Message):
+    """Response of GetStatement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPENING_BALANCE_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    DEBITS_FIELD_NUMBER: _builtins.int
+    CLOSING_BALANCE_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    opening_balance: _builtins.int
+    """The book balance at start_time: all entries before it summed (active plus pending
+    minus owed, points out once their expiry is written).
+    """
+    credits: _builtins.int
+    """Points credited in the period."""
+    debits: _builtins.int
+    """Points debited in the period, as a negative number."""
+    closing_balance: _builtins.int
+    """The book balance at end_time: opening_balance + credits + debits."""
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]:
+        """The period's entries, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        opening_balance: _builtins.int = ...,
+        credits: _builtins.int = ...,
+        debits: _builtins.int = ...,
+        closing_balance: _builtins.int = ...,
+        entries: _abc.Iterable[Global___Entry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closing_balance", b"closing_balance", "credits", b"credits", "debits", b"debits", "entries", b"entries", "next_page_token", b"next_page_token", "opening_balance", b"opening_balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatementResponse: _TypeAlias = GetStatementResponse  # noqa: Y015
+
+@_typing.final
+class GetLiabilityReportRequest(_message.Message):
+    """Request of GetLiabilityReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLiabilityReportRequest: _TypeAlias = GetLiabilityReportRequest  # noqa: Y015
+
+@_typing.final
+class CurrencyLiability(_message.Message):
+    """Outstanding points of one currency."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    NEGATIVE_FIELD_NUMBER: _builtins.int
+    EXPIRING_30_DAYS_FIELD_NUMBER: _builtins.int
+    EXPIRING_90_DAYS_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    """The point currency."""
+    active: _builtins.int
+    """Points spendable now or held, across all accounts."""
+    pending: _builtins.int
+    """Points credited and not yet active (return windows)."""
+    negative: _builtins.int
+    """Points members owe after returns (negative balances), across all accounts."""
+    expiring_30_days: _builtins.int
+    """Of active and pending points, those that expire within 30 days."""
+    expiring_90_days: _builtins.int
+    """Of active and pending points, those that expire within 90 days (30 days included)."""
+    def __init__(
+        self,
+        *,
+        currency: _builtins.str = ...,
+        active: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        negative: _builtins.int = ...,
+        expiring_30_days: _builtins.int = ...,
+        expiring_90_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "currency", b"currency", "expiring_30_days", b"expiring_30_days", "expiring_90_days", b"expiring_90_days", "negative", b"negative", "pending", b"pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CurrencyLiability: _TypeAlias = CurrencyLiability  # noqa: Y015
+
+@_typing.final
+class GetLiabilityReportResponse(_message.Message):
+    """Response of GetLiabilityReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    CURRENCIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """When the figures were taken."""
+
+    @_builtins.property
+    def currencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___CurrencyLiability]:
+        """One line per currency with points or debts."""
+
+    def __init__(
+        self,
+        *,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
+        currencies: _abc.Iterable[Global___CurrencyLiability] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "currencies", b"currencies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetLiabilityReportResponse: _TypeAlias = GetLiabilityReportResponse  # noqa: Y015
+
+@_typing.final
+class GetPartnerSettlementRequest(_message.Message):
+    """Request of GetPartnerSettlement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's start (inclusive)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The period's end (exclusive); after start_time."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerSettlementRequest: _TypeAlias = GetPartnerSettlementRequest  # noqa: Y015
+
+@_typing.final
+class PartnerSettlementLine(_message.Message):
+    """What one partner owes another for points it let its customers spend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ISSUER_PARTNER_ID_FIELD_NUMBER: _builtins.int
+    SPENDER_PARTNER_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    MONEY_AMOUNT_FIELD_NUMBER: _builtins.int
+    issuer_partner_id: _builtins.str
+    """The partner that issued the points; empty means the program itself."""
+    spender_partner_id: _builtins.str
+    """The partner the points were spent at; empty means the program itself. The issuer
+    owes the spender the points' worth.
+    """
+    currency: _builtins.str
+    """The point currency."""
+    points: _builtins.int
+    """Points spent, net of redemptions reversed in the period."""
+    money_amount: _builtins.int
+    """Their worth in minor money units, at the currency's rate and rounding."""
+    def __init__(
+        self,
+        *,
+        issuer_partner_id: _builtins.str = ...,
+        spender_partner_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        points: _builtins.int = ...,
+        money_amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "issuer_partner_id", b"issuer_partner_id", "money_amount", b"money_amount", "points", b"points", "spender_partner_id", b"spender_partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartnerSettlementLine: _TypeAlias = PartnerSettlementLine  # noqa: Y015
+
+@_typing.final
+class GetPartnerSettlementResponse(_message.Message):
+    """Response of GetPartnerSettlement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartnerSettlementLine]:
+        """One line per (issuer, spender, currency) with points spent across partners."""
+
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[Global___PartnerSettlementLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerSettlementResponse: _TypeAlias = GetPartnerSettlementResponse  # noqa: Y015

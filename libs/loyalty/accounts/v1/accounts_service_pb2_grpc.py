@@ -76,6 +76,41 @@ class AccountsServiceStub:
                 request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationRequest.SerializeToString,
                 response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationResponse.FromString,
                 _registered_method=True)
+        self.AdjustPoints = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/AdjustPoints',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AdjustPointsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AdjustPointsResponse.FromString,
+                _registered_method=True)
+        self.ListPointCurrencies = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/ListPointCurrencies',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListPointCurrenciesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListPointCurrenciesResponse.FromString,
+                _registered_method=True)
+        self.TransferPoints = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/TransferPoints',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.TransferPointsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.TransferPointsResponse.FromString,
+                _registered_method=True)
+        self.MergeAccounts = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/MergeAccounts',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.MergeAccountsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.MergeAccountsResponse.FromString,
+                _registered_method=True)
+        self.GetStatement = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/GetStatement',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetStatementRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetStatementResponse.FromString,
+                _registered_method=True)
+        self.GetLiabilityReport = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/GetLiabilityReport',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetLiabilityReportRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetLiabilityReportResponse.FromString,
+                _registered_method=True)
+        self.GetPartnerSettlement = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/GetPartnerSettlement',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServiceServicer:
@@ -86,6 +121,8 @@ class AccountsServiceServicer:
     def AccruePoints(self, request, context):
         """Credits points to a holder's account as a new lot. Idempotent by request_id:
         a repeat returns the first result, a changed request with the same id is rejected.
+        Receipt and campaign accruals over the currency's fraud limits (per receipt, per
+        account per day) fail with ACCRUAL_LIMIT_REACHED, or are clipped (see capped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,6 +186,69 @@ class AccountsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdjustPoints(self, request, context):
+        """Credits or debits points by hand (a goodwill gesture, a correction) on behalf of a
+        member of staff. The actor and the reason are required and kept in an audit trail;
+        the member hears of it through the points.adjusted event. A debit spends the
+        soonest-expiring points first and fails with INSUFFICIENT_POINTS beyond what is
+        available. Adjustments are not reversible: correct one with an opposite adjustment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPointCurrencies(self, request, context):
+        """Lists the configured point currencies: their scale, worth in money and default
+        expiry policy. A currency not listed has scale 0, 1 point = 1 minor money unit and
+        no default expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferPoints(self, request, context):
+        """Moves available points from one holder to another (e.g. into a household's pooled
+        account), soonest-expiring first; each point keeps its activation and expiry. Promo
+        (restricted) points are not transferred. Fails with INSUFFICIENT_POINTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeAccounts(self, request, context):
+        """Moves everything a holder has into another holder's accounts, in every currency:
+        all unexpired points (pending and promo ones included, with their dates) and any
+        negative balance (members merged, a card joined to a household). The source accounts
+        stay, empty. Fails with ACCOUNT_HAS_LIVE_HOLDS while a receipt holds its points.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatement(self, request, context):
+        """An account statement for a period: the book balance at its start and end, credits
+        and debits, and the entries in it, oldest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLiabilityReport(self, request, context):
+        """The program's liability: outstanding points by currency (active, pending, owed) and
+        what expires within 30 and 90 days.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPartnerSettlement(self, request, context):
+        """Coalition settlements for a period: per pair of partners, the points one issued that
+        were spent at the other (net of reversed redemptions), and their worth in money.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +291,41 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.ReverseOperation,
                     request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationRequest.FromString,
                     response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationResponse.SerializeToString,
+            ),
+            'AdjustPoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdjustPoints,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AdjustPointsRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AdjustPointsResponse.SerializeToString,
+            ),
+            'ListPointCurrencies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPointCurrencies,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListPointCurrenciesRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListPointCurrenciesResponse.SerializeToString,
+            ),
+            'TransferPoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferPoints,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.TransferPointsRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.TransferPointsResponse.SerializeToString,
+            ),
+            'MergeAccounts': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAccounts,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.MergeAccountsRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.MergeAccountsResponse.SerializeToString,
+            ),
+            'GetStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatement,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetStatementRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetStatementResponse.SerializeToString,
+            ),
+            'GetLiabilityReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLiabilityReport,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetLiabilityReportRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetLiabilityReportResponse.SerializeToString,
+            ),
+            'GetPartnerSettlement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPartnerSettlement,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,6 +546,195 @@ class AccountsService:
             '/loyalty.accounts.v1.AccountsService/ReverseOperation',
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationRequest.SerializeToString,
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ReverseOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdjustPoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/AdjustPoints',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AdjustPointsRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AdjustPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPointCurrencies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/ListPointCurrencies',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListPointCurrenciesRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.ListPointCurrenciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferPoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/TransferPoints',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.TransferPointsRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.TransferPointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAccounts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/MergeAccounts',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.MergeAccountsRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.MergeAccountsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/GetStatement',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetStatementRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetStatementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLiabilityReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/GetLiabilityReport',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetLiabilityReportRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetLiabilityReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPartnerSettlement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/GetPartnerSettlement',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementResponse.FromString,
             options,
             channel_credentials,
             insecure,

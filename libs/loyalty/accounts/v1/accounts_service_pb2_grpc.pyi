@@ -38,6 +38,8 @@ class AccountsServiceStub:
     AccruePoints: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.AccruePointsRequest, _accounts_service_pb2.AccruePointsResponse]
     """Credits points to a holder's account as a new lot. Idempotent by request_id:
     a repeat returns the first result, a changed request with the same id is rejected.
+    Receipt and campaign accruals over the currency's fraud limits (per receipt, per
+    account per day) fail with ACCRUAL_LIMIT_REACHED, or are clipped (see capped).
     """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.GetBalanceRequest, _accounts_service_pb2.GetBalanceResponse]
     """Returns the balance of a holder's account at this instant."""
@@ -65,6 +67,41 @@ class AccountsServiceStub:
     expired). Fails with ENTRY_NOT_FOUND, ENTRY_NOT_REVERSIBLE, ALREADY_REVERSED or
     REVERSAL_EXCEEDS_OPERATION.
     """
+    AdjustPoints: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.AdjustPointsRequest, _accounts_service_pb2.AdjustPointsResponse]
+    """Credits or debits points by hand (a goodwill gesture, a correction) on behalf of a
+    member of staff. The actor and the reason are required and kept in an audit trail;
+    the member hears of it through the points.adjusted event. A debit spends the
+    soonest-expiring points first and fails with INSUFFICIENT_POINTS beyond what is
+    available. Adjustments are not reversible: correct one with an opposite adjustment.
+    """
+    ListPointCurrencies: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.ListPointCurrenciesRequest, _accounts_service_pb2.ListPointCurrenciesResponse]
+    """Lists the configured point currencies: their scale, worth in money and default
+    expiry policy. A currency not listed has scale 0, 1 point = 1 minor money unit and
+    no default expiry.
+    """
+    TransferPoints: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.TransferPointsRequest, _accounts_service_pb2.TransferPointsResponse]
+    """Moves available points from one holder to another (e.g. into a household's pooled
+    account), soonest-expiring first; each point keeps its activation and expiry. Promo
+    (restricted) points are not transferred. Fails with INSUFFICIENT_POINTS.
+    """
+    MergeAccounts: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.MergeAccountsRequest, _accounts_service_pb2.MergeAccountsResponse]
+    """Moves everything a holder has into another holder's accounts, in every currency:
+    all unexpired points (pending and promo ones included, with their dates) and any
+    negative balance (members merged, a card joined to a household). The source accounts
+    stay, empty. Fails with ACCOUNT_HAS_LIVE_HOLDS while a receipt holds its points.
+    """
+    GetStatement: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.GetStatementRequest, _accounts_service_pb2.GetStatementResponse]
+    """An account statement for a period: the book balance at its start and end, credits
+    and debits, and the entries in it, oldest first, a page at a time.
+    """
+    GetLiabilityReport: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.GetLiabilityReportRequest, _accounts_service_pb2.GetLiabilityReportResponse]
+    """The program's liability: outstanding points by currency (active, pending, owed) and
+    what expires within 30 and 90 days.
+    """
+    GetPartnerSettlement: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.GetPartnerSettlementRequest, _accounts_service_pb2.GetPartnerSettlementResponse]
+    """Coalition settlements for a period: per pair of partners, the points one issued that
+    were spent at the other (net of reversed redemptions), and their worth in money.
+    """
 
 @_typing.type_check_only
 class AccountsServiceAsyncStub(AccountsServiceStub):
@@ -76,6 +113,8 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     AccruePoints: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.AccruePointsRequest, _accounts_service_pb2.AccruePointsResponse]  # type: ignore[assignment]
     """Credits points to a holder's account as a new lot. Idempotent by request_id:
     a repeat returns the first result, a changed request with the same id is rejected.
+    Receipt and campaign accruals over the currency's fraud limits (per receipt, per
+    account per day) fail with ACCRUAL_LIMIT_REACHED, or are clipped (see capped).
     """
     GetBalance: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.GetBalanceRequest, _accounts_service_pb2.GetBalanceResponse]  # type: ignore[assignment]
     """Returns the balance of a holder's account at this instant."""
@@ -103,6 +142,41 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     expired). Fails with ENTRY_NOT_FOUND, ENTRY_NOT_REVERSIBLE, ALREADY_REVERSED or
     REVERSAL_EXCEEDS_OPERATION.
     """
+    AdjustPoints: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.AdjustPointsRequest, _accounts_service_pb2.AdjustPointsResponse]  # type: ignore[assignment]
+    """Credits or debits points by hand (a goodwill gesture, a correction) on behalf of a
+    member of staff. The actor and the reason are required and kept in an audit trail;
+    the member hears of it through the points.adjusted event. A debit spends the
+    soonest-expiring points first and fails with INSUFFICIENT_POINTS beyond what is
+    available. Adjustments are not reversible: correct one with an opposite adjustment.
+    """
+    ListPointCurrencies: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.ListPointCurrenciesRequest, _accounts_service_pb2.ListPointCurrenciesResponse]  # type: ignore[assignment]
+    """Lists the configured point currencies: their scale, worth in money and default
+    expiry policy. A currency not listed has scale 0, 1 point = 1 minor money unit and
+    no default expiry.
+    """
+    TransferPoints: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.TransferPointsRequest, _accounts_service_pb2.TransferPointsResponse]  # type: ignore[assignment]
+    """Moves available points from one holder to another (e.g. into a household's pooled
+    account), soonest-expiring first; each point keeps its activation and expiry. Promo
+    (restricted) points are not transferred. Fails with INSUFFICIENT_POINTS.
+    """
+    MergeAccounts: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.MergeAccountsRequest, _accounts_service_pb2.MergeAccountsResponse]  # type: ignore[assignment]
+    """Moves everything a holder has into another holder's accounts, in every currency:
+    all unexpired points (pending and promo ones included, with their dates) and any
+    negative balance (members merged, a card joined to a household). The source accounts
+    stay, empty. Fails with ACCOUNT_HAS_LIVE_HOLDS while a receipt holds its points.
+    """
+    GetStatement: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.GetStatementRequest, _accounts_service_pb2.GetStatementResponse]  # type: ignore[assignment]
+    """An account statement for a period: the book balance at its start and end, credits
+    and debits, and the entries in it, oldest first, a page at a time.
+    """
+    GetLiabilityReport: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.GetLiabilityReportRequest, _accounts_service_pb2.GetLiabilityReportResponse]  # type: ignore[assignment]
+    """The program's liability: outstanding points by currency (active, pending, owed) and
+    what expires within 30 and 90 days.
+    """
+    GetPartnerSettlement: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.GetPartnerSettlementRequest, _accounts_service_pb2.GetPartnerSettlementResponse]  # type: ignore[assignment]
+    """Coalition settlements for a period: per pair of partners, the points one issued that
+    were spent at the other (net of reversed redemptions), and their worth in money.
+    """
 
 class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
     """The points ledger: accounts per holder and point currency, append-only
@@ -117,6 +191,8 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_accounts_service_pb2.AccruePointsResponse, _abc.Awaitable[_accounts_service_pb2.AccruePointsResponse]]:
         """Credits points to a holder's account as a new lot. Idempotent by request_id:
         a repeat returns the first result, a changed request with the same id is rejected.
+        Receipt and campaign accruals over the currency's fraud limits (per receipt, per
+        account per day) fail with ACCRUAL_LIMIT_REACHED, or are clipped (see capped).
         """
 
     @_abc_1.abstractmethod
@@ -185,6 +261,83 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         back into the lots that paid for them (into an expired lot, they come back
         expired). Fails with ENTRY_NOT_FOUND, ENTRY_NOT_REVERSIBLE, ALREADY_REVERSED or
         REVERSAL_EXCEEDS_OPERATION.
+        """
+
+    @_abc_1.abstractmethod
+    def AdjustPoints(
+        self,
+        request: _accounts_service_pb2.AdjustPointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.AdjustPointsResponse, _abc.Awaitable[_accounts_service_pb2.AdjustPointsResponse]]:
+        """Credits or debits points by hand (a goodwill gesture, a correction) on behalf of a
+        member of staff. The actor and the reason are required and kept in an audit trail;
+        the member hears of it through the points.adjusted event. A debit spends the
+        soonest-expiring points first and fails with INSUFFICIENT_POINTS beyond what is
+        available. Adjustments are not reversible: correct one with an opposite adjustment.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPointCurrencies(
+        self,
+        request: _accounts_service_pb2.ListPointCurrenciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.ListPointCurrenciesResponse, _abc.Awaitable[_accounts_service_pb2.ListPointCurrenciesResponse]]:
+        """Lists the configured point currencies: their scale, worth in money and default
+        expiry policy. A currency not listed has scale 0, 1 point = 1 minor money unit and
+        no default expiry.
+        """
+
+    @_abc_1.abstractmethod
+    def TransferPoints(
+        self,
+        request: _accounts_service_pb2.TransferPointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.TransferPointsResponse, _abc.Awaitable[_accounts_service_pb2.TransferPointsResponse]]:
+        """Moves available points from one holder to another (e.g. into a household's pooled
+        account), soonest-expiring first; each point keeps its activation and expiry. Promo
+        (restricted) points are not transferred. Fails with INSUFFICIENT_POINTS.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeAccounts(
+        self,
+        request: _accounts_service_pb2.MergeAccountsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.MergeAccountsResponse, _abc.Awaitable[_accounts_service_pb2.MergeAccountsResponse]]:
+        """Moves everything a holder has into another holder's accounts, in every currency:
+        all unexpired points (pending and promo ones included, with their dates) and any
+        negative balance (members merged, a card joined to a household). The source accounts
+        stay, empty. Fails with ACCOUNT_HAS_LIVE_HOLDS while a receipt holds its points.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatement(
+        self,
+        request: _accounts_service_pb2.GetStatementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.GetStatementResponse, _abc.Awaitable[_accounts_service_pb2.GetStatementResponse]]:
+        """An account statement for a period: the book balance at its start and end, credits
+        and debits, and the entries in it, oldest first, a page at a time.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLiabilityReport(
+        self,
+        request: _accounts_service_pb2.GetLiabilityReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.GetLiabilityReportResponse, _abc.Awaitable[_accounts_service_pb2.GetLiabilityReportResponse]]:
+        """The program's liability: outstanding points by currency (active, pending, owed) and
+        what expires within 30 and 90 days.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPartnerSettlement(
+        self,
+        request: _accounts_service_pb2.GetPartnerSettlementRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.GetPartnerSettlementResponse, _abc.Awaitable[_accounts_service_pb2.GetPartnerSettlementResponse]]:
+        """Coalition settlements for a period: per pair of partners, the points one issued that
+        were spent at the other (net of reversed redemptions), and their worth in money.
         """
 
 def add_AccountsServiceServicer_to_server(servicer: AccountsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,17 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1floyalty/common/v1/receipt.proto\x12\x11loyalty.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\x0bReceiptLine\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x13\n\x0bprice_minor\x18\x03 \x01(\x03\x12\x16\n\x0equantity_milli\x18\x04 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x15\n\rno_promotions\x18\x06 \x01(\x08\"\xf2\x01\n\x07Receipt\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x13\n\x0bterminal_id\x18\x02 \x01(\t\x12\x16\n\x0ereceipt_number\x18\x03 \x01(\t\x12\x30\n\x0creceipt_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcurrency_code\x18\x05 \x01(\t\x12-\n\x05lines\x18\x06 \x03(\x0b\x32\x1e.loyalty.common.v1.ReceiptLine\x12\x30\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x1f.loyalty.common.v1.SalesChannel*\x91\x01\n\x0cSalesChannel\x12\x1d\n\x19SALES_CHANNEL_UNSPECIFIED\x10\x00\x12\x15\n\x11SALES_CHANNEL_POS\x10\x01\x12\x15\n\x11SALES_CHANNEL_WEB\x10\x02\x12\x15\n\x11SALES_CHANNEL_APP\x10\x03\x12\x1d\n\x19SALES_CHANNEL_CALL_CENTRE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1floyalty/common/v1/receipt.proto\x12\x11loyalty.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x01\n\x0bReceiptLine\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x13\n\x0bprice_minor\x18\x03 \x01(\x03\x12\x16\n\x0equantity_milli\x18\x04 \x01(\x03\x12\x14\n\x0c\x61mount_minor\x18\x05 \x01(\x03\x12\x15\n\rno_promotions\x18\x06 \x01(\x08\"_\n\x07Payment\x12,\n\x04type\x18\x01 \x01(\x0e\x32\x1e.loyalty.common.v1.PaymentType\x12\x14\n\x0c\x61mount_minor\x18\x02 \x01(\x03\x12\x10\n\x08\x63\x61rd_bin\x18\x03 \x01(\t\"\xa0\x02\n\x07Receipt\x12\x10\n\x08store_id\x18\x01 \x01(\t\x12\x13\n\x0bterminal_id\x18\x02 \x01(\t\x12\x16\n\x0ereceipt_number\x18\x03 \x01(\t\x12\x30\n\x0creceipt_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcurrency_code\x18\x05 \x01(\t\x12-\n\x05lines\x18\x06 \x03(\x0b\x32\x1e.loyalty.common.v1.ReceiptLine\x12\x30\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x1f.loyalty.common.v1.SalesChannel\x12,\n\x08payments\x18\x08 \x03(\x0b\x32\x1a.loyalty.common.v1.Payment*\x91\x01\n\x0cSalesChannel\x12\x1d\n\x19SALES_CHANNEL_UNSPECIFIED\x10\x00\x12\x15\n\x11SALES_CHANNEL_POS\x10\x01\x12\x15\n\x11SALES_CHANNEL_WEB\x10\x02\x12\x15\n\x11SALES_CHANNEL_APP\x10\x03\x12\x1d\n\x19SALES_CHANNEL_CALL_CENTRE\x10\x04*\x92\x01\n\x0bPaymentType\x12\x1c\n\x18PAYMENT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11PAYMENT_TYPE_CASH\x10\x01\x12\x1a\n\x16PAYMENT_TYPE_BANK_CARD\x10\x02\x12\x1a\n\x16PAYMENT_TYPE_GIFT_CARD\x10\x03\x12\x16\n\x12PAYMENT_TYPE_OTHER\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loyalty.common.v1.receipt_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SALESCHANNEL']._serialized_start=470
-  _globals['_SALESCHANNEL']._serialized_end=615
+  _globals['_SALESCHANNEL']._serialized_start=613
+  _globals['_SALESCHANNEL']._serialized_end=758
+  _globals['_PAYMENTTYPE']._serialized_start=761
+  _globals['_PAYMENTTYPE']._serialized_end=907
   _globals['_RECEIPTLINE']._serialized_start=88
   _globals['_RECEIPTLINE']._serialized_end=222
-  _globals['_RECEIPT']._serialized_start=225
-  _globals['_RECEIPT']._serialized_end=467
+  _globals['_PAYMENT']._serialized_start=224
+  _globals['_PAYMENT']._serialized_end=319
+  _globals['_RECEIPT']._serialized_start=322
+  _globals['_RECEIPT']._serialized_end=610
 # @@protoc_insertion_point(module_scope)

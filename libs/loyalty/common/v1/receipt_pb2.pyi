@@ -52,6 +52,38 @@ SALES_CHANNEL_CALL_CENTRE: SalesChannel.ValueType  # 4
 """The call centre."""
 Global___SalesChannel: _TypeAlias = SalesChannel  # noqa: Y015
 
+class _PaymentType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PaymentTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PaymentType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PAYMENT_TYPE_UNSPECIFIED: _PaymentType.ValueType  # 0
+    """Not given."""
+    PAYMENT_TYPE_CASH: _PaymentType.ValueType  # 1
+    """Cash."""
+    PAYMENT_TYPE_BANK_CARD: _PaymentType.ValueType  # 2
+    """A bank card; card_bin identifies the issuing bank for partner-bank promotions."""
+    PAYMENT_TYPE_GIFT_CARD: _PaymentType.ValueType  # 3
+    """A gift card or certificate."""
+    PAYMENT_TYPE_OTHER: _PaymentType.ValueType  # 4
+    """Any other tender (voucher, credit, mobile wallet)."""
+
+class PaymentType(_PaymentType, metaclass=_PaymentTypeEnumTypeWrapper):
+    """How a part of a receipt was paid."""
+
+PAYMENT_TYPE_UNSPECIFIED: PaymentType.ValueType  # 0
+"""Not given."""
+PAYMENT_TYPE_CASH: PaymentType.ValueType  # 1
+"""Cash."""
+PAYMENT_TYPE_BANK_CARD: PaymentType.ValueType  # 2
+"""A bank card; card_bin identifies the issuing bank for partner-bank promotions."""
+PAYMENT_TYPE_GIFT_CARD: PaymentType.ValueType  # 3
+"""A gift card or certificate."""
+PAYMENT_TYPE_OTHER: PaymentType.ValueType  # 4
+"""Any other tender (voucher, credit, mobile wallet)."""
+Global___PaymentType: _TypeAlias = PaymentType  # noqa: Y015
+
 @_typing.final
 class ReceiptLine(_message.Message):
     """One position of a receipt, as the cash register scanned it."""
@@ -99,6 +131,36 @@ class ReceiptLine(_message.Message):
 Global___ReceiptLine: _TypeAlias = ReceiptLine  # noqa: Y015
 
 @_typing.final
+class Payment(_message.Message):
+    """One payment of a receipt (points paid are sent separately, not as a payment)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    CARD_BIN_FIELD_NUMBER: _builtins.int
+    type: Global___PaymentType.ValueType
+    """The tender."""
+    amount_minor: _builtins.int
+    """The amount paid with it, in minor units; never negative."""
+    card_bin: _builtins.str
+    """The first 6 to 8 digits of a bank card number; empty for other tenders."""
+    def __init__(
+        self,
+        *,
+        type: Global___PaymentType.ValueType = ...,
+        amount_minor: _builtins.int = ...,
+        card_bin: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "card_bin", b"card_bin", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Payment: _TypeAlias = Payment  # noqa: Y015
+
+@_typing.final
 class Receipt(_message.Message):
     """A receipt (cheque) as sent by the cash register or a sales channel."""
 
@@ -111,6 +173,7 @@ class Receipt(_message.Message):
     CURRENCY_CODE_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    PAYMENTS_FIELD_NUMBER: _builtins.int
     store_id: _builtins.str
     """The store the receipt was made in."""
     terminal_id: _builtins.str
@@ -129,6 +192,10 @@ class Receipt(_message.Message):
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReceiptLine]:
         """The receipt lines; at least one."""
 
+    @_builtins.property
+    def payments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Payment]:
+        """How the receipt is (to be) paid; optional while calculating."""
+
     def __init__(
         self,
         *,
@@ -139,10 +206,11 @@ class Receipt(_message.Message):
         currency_code: _builtins.str = ...,
         lines: _abc.Iterable[Global___ReceiptLine] | None = ...,
         channel: Global___SalesChannel.ValueType = ...,
+        payments: _abc.Iterable[Global___Payment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt_time", b"receipt_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "currency_code", b"currency_code", "lines", b"lines", "receipt_number", b"receipt_number", "receipt_time", b"receipt_time", "store_id", b"store_id", "terminal_id", b"terminal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "currency_code", b"currency_code", "lines", b"lines", "payments", b"payments", "receipt_number", b"receipt_number", "receipt_time", b"receipt_time", "store_id", b"store_id", "terminal_id", b"terminal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

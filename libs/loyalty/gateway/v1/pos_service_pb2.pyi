@@ -21,6 +21,76 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _CouponOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CouponOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CouponOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COUPON_OUTCOME_UNSPECIFIED: _CouponOutcome.ValueType  # 0
+    """Never used."""
+    COUPON_OUTCOME_APPLIED: _CouponOutcome.ValueType  # 1
+    """Reserved for this receipt and applied; redeemed when it is committed."""
+    COUPON_OUTCOME_NOT_APPLICABLE: _CouponOutcome.ValueType  # 2
+    """Valid, but nothing on this receipt qualifies; not reserved."""
+    COUPON_OUTCOME_REJECTED: _CouponOutcome.ValueType  # 3
+    """Refused (expired, used, someone else's, unknown); see reason."""
+
+class CouponOutcome(_CouponOutcome, metaclass=_CouponOutcomeEnumTypeWrapper):
+    """What happened to a presented coupon."""
+
+COUPON_OUTCOME_UNSPECIFIED: CouponOutcome.ValueType  # 0
+"""Never used."""
+COUPON_OUTCOME_APPLIED: CouponOutcome.ValueType  # 1
+"""Reserved for this receipt and applied; redeemed when it is committed."""
+COUPON_OUTCOME_NOT_APPLICABLE: CouponOutcome.ValueType  # 2
+"""Valid, but nothing on this receipt qualifies; not reserved."""
+COUPON_OUTCOME_REJECTED: CouponOutcome.ValueType  # 3
+"""Refused (expired, used, someone else's, unknown); see reason."""
+Global___CouponOutcome: _TypeAlias = CouponOutcome  # noqa: Y015
+
+class _Degradation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DegradationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Degradation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEGRADATION_UNSPECIFIED: _Degradation.ValueType  # 0
+    """Never used."""
+    DEGRADATION_CUSTOMER_UNAVAILABLE: _Degradation.ValueType  # 1
+    """The customer could not be identified; the receipt is treated as anonymous."""
+    DEGRADATION_PROMOTIONS_UNAVAILABLE: _Degradation.ValueType  # 2
+    """Promotions could not be evaluated: no discounts, no points shown. On
+    commit the receipt is accepted and its points are credited later.
+    """
+    DEGRADATION_BALANCE_UNAVAILABLE: _Degradation.ValueType  # 3
+    """The balance could not be read."""
+    DEGRADATION_POINTS_PAYMENT_UNAVAILABLE: _Degradation.ValueType  # 4
+    """Points could not be held: the customer cannot pay with points now."""
+    DEGRADATION_COUPONS_UNAVAILABLE: _Degradation.ValueType  # 5
+    """Coupons could not be checked: none were applied."""
+
+class Degradation(_Degradation, metaclass=_DegradationEnumTypeWrapper):
+    """Something the answer had to do without because a service behind the gateway
+    did not answer within the deadline budget.
+    """
+
+DEGRADATION_UNSPECIFIED: Degradation.ValueType  # 0
+"""Never used."""
+DEGRADATION_CUSTOMER_UNAVAILABLE: Degradation.ValueType  # 1
+"""The customer could not be identified; the receipt is treated as anonymous."""
+DEGRADATION_PROMOTIONS_UNAVAILABLE: Degradation.ValueType  # 2
+"""Promotions could not be evaluated: no discounts, no points shown. On
+commit the receipt is accepted and its points are credited later.
+"""
+DEGRADATION_BALANCE_UNAVAILABLE: Degradation.ValueType  # 3
+"""The balance could not be read."""
+DEGRADATION_POINTS_PAYMENT_UNAVAILABLE: Degradation.ValueType  # 4
+"""Points could not be held: the customer cannot pay with points now."""
+DEGRADATION_COUPONS_UNAVAILABLE: Degradation.ValueType  # 5
+"""Coupons could not be checked: none were applied."""
+Global___Degradation: _TypeAlias = Degradation  # noqa: Y015
+
 class _ChequeState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -35,6 +105,12 @@ class _ChequeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChequeSta
     """Committed and durable; its effects (points, coupons) are being applied."""
     CHEQUE_STATE_COMPLETED: _ChequeState.ValueType  # 3
     """Committed and every effect applied."""
+    CHEQUE_STATE_PARTIALLY_RETURNED: _ChequeState.ValueType  # 4
+    """Part of it was returned."""
+    CHEQUE_STATE_RETURNED: _ChequeState.ValueType  # 5
+    """All of it was returned."""
+    CHEQUE_STATE_CANCELLED: _ChequeState.ValueType  # 6
+    """Voided: a calculation cancelled before commit, or a receipt cancelled after."""
 
 class ChequeState(_ChequeState, metaclass=_ChequeStateEnumTypeWrapper):
     """The state of a receipt in the platform."""
@@ -47,7 +123,49 @@ CHEQUE_STATE_COMMITTED: ChequeState.ValueType  # 2
 """Committed and durable; its effects (points, coupons) are being applied."""
 CHEQUE_STATE_COMPLETED: ChequeState.ValueType  # 3
 """Committed and every effect applied."""
+CHEQUE_STATE_PARTIALLY_RETURNED: ChequeState.ValueType  # 4
+"""Part of it was returned."""
+CHEQUE_STATE_RETURNED: ChequeState.ValueType  # 5
+"""All of it was returned."""
+CHEQUE_STATE_CANCELLED: ChequeState.ValueType  # 6
+"""Voided: a calculation cancelled before commit, or a receipt cancelled after."""
 Global___ChequeState: _TypeAlias = ChequeState  # noqa: Y015
+
+class _HistoryKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HistoryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HistoryKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HISTORY_KIND_UNSPECIFIED: _HistoryKind.ValueType  # 0
+    """Never used."""
+    HISTORY_KIND_ACCRUAL: _HistoryKind.ValueType  # 1
+    """Points credited."""
+    HISTORY_KIND_REDEMPTION: _HistoryKind.ValueType  # 2
+    """Points spent."""
+    HISTORY_KIND_EXPIRY: _HistoryKind.ValueType  # 3
+    """Points expired."""
+    HISTORY_KIND_REVERSAL: _HistoryKind.ValueType  # 4
+    """A return or a cancellation."""
+    HISTORY_KIND_OTHER: _HistoryKind.ValueType  # 5
+    """A manual adjustment or another movement."""
+
+class HistoryKind(_HistoryKind, metaclass=_HistoryKindEnumTypeWrapper):
+    """The kind of a points history item."""
+
+HISTORY_KIND_UNSPECIFIED: HistoryKind.ValueType  # 0
+"""Never used."""
+HISTORY_KIND_ACCRUAL: HistoryKind.ValueType  # 1
+"""Points credited."""
+HISTORY_KIND_REDEMPTION: HistoryKind.ValueType  # 2
+"""Points spent."""
+HISTORY_KIND_EXPIRY: HistoryKind.ValueType  # 3
+"""Points expired."""
+HISTORY_KIND_REVERSAL: HistoryKind.ValueType  # 4
+"""A return or a cancellation."""
+HISTORY_KIND_OTHER: HistoryKind.ValueType  # 5
+"""A manual adjustment or another movement."""
+Global___HistoryKind: _TypeAlias = HistoryKind  # noqa: Y015
 
 @_typing.final
 class CustomerIdentifier(_message.Message):
@@ -57,21 +175,25 @@ class CustomerIdentifier(_message.Message):
 
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
     PHONE_FIELD_NUMBER: _builtins.int
+    QR_TOKEN_FIELD_NUMBER: _builtins.int
     card_number: _builtins.str
     """A loyalty card number as scanned."""
     phone: _builtins.str
     """A phone number as typed by the cashier, in any common notation."""
+    qr_token: _builtins.str
+    """The short-lived QR token the customer's app shows."""
     def __init__(
         self,
         *,
         card_number: _builtins.str = ...,
         phone: _builtins.str = ...,
+        qr_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "kind", b"kind", "phone", b"phone"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "kind", b"kind", "phone", b"phone", "qr_token", b"qr_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "kind", b"kind", "phone", b"phone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "kind", b"kind", "phone", b"phone", "qr_token", b"qr_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["card_number", "phone"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["card_number", "phone", "qr_token"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -131,14 +253,22 @@ class ChequeLine(_message.Message):
     DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
     FINAL_AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
     POINTS_EARNED_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_PAYMENT_FIELD_NUMBER: _builtins.int
+    POINTS_PAID_FIELD_NUMBER: _builtins.int
     position: _builtins.int
     """The position, as sent."""
     discount_minor: _builtins.int
     """Discount on the line, in minor units."""
     final_amount_minor: _builtins.int
-    """The amount to charge for the line after discounts, in minor units."""
+    """The amount to charge for the line after discounts, in minor units
+    (before points are paid).
+    """
     points_earned: _builtins.int
-    """Points the line earns."""
+    """Points the line earns. Points are not earned on the part paid with points."""
+    max_points_payment: _builtins.int
+    """The most points that may pay for this line (one point pays one minor unit)."""
+    points_paid: _builtins.int
+    """Points allocated to this line from the receipt's points payment."""
     def __init__(
         self,
         *,
@@ -146,10 +276,12 @@ class ChequeLine(_message.Message):
         discount_minor: _builtins.int = ...,
         final_amount_minor: _builtins.int = ...,
         points_earned: _builtins.int = ...,
+        max_points_payment: _builtins.int = ...,
+        points_paid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_minor", b"discount_minor", "final_amount_minor", b"final_amount_minor", "points_earned", b"points_earned", "position", b"position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_minor", b"discount_minor", "final_amount_minor", b"final_amount_minor", "max_points_payment", b"max_points_payment", "points_earned", b"points_earned", "points_paid", b"points_paid", "position", b"position"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,7 +289,7 @@ Global___ChequeLine: _TypeAlias = ChequeLine  # noqa: Y015
 
 @_typing.final
 class AppliedPromotion(_message.Message):
-    """A promotion that applied to the receipt."""
+    """A promotion or coupon that applied to the receipt."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -166,16 +298,19 @@ class AppliedPromotion(_message.Message):
     RECEIPT_TEXT_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    COUPON_CODE_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """The campaign id."""
     rule_id: _builtins.str
-    """The rule id."""
+    """The rule id; empty for a coupon."""
     receipt_text: _builtins.str
     """Text to print on the receipt."""
     points: _builtins.int
     """Points it gave."""
     discount_minor: _builtins.int
     """Discount it gave, in minor units."""
+    coupon_code: _builtins.str
+    """The coupon that gave it; empty for a promotion rule."""
     def __init__(
         self,
         *,
@@ -184,14 +319,81 @@ class AppliedPromotion(_message.Message):
         receipt_text: _builtins.str = ...,
         points: _builtins.int = ...,
         discount_minor: _builtins.int = ...,
+        coupon_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "coupon_code", b"coupon_code", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AppliedPromotion: _TypeAlias = AppliedPromotion  # noqa: Y015
+
+@_typing.final
+class CouponResult(_message.Message):
+    """The answer for one presented coupon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The code as presented."""
+    outcome: Global___CouponOutcome.ValueType
+    """What happened to it."""
+    reason: _builtins.str
+    """A stable reason when it did not apply, e.g. COUPON_EXPIRED,
+    COUPON_ALREADY_USED, COUPON_NOT_FOUND, COUPON_NOT_APPLICABLE.
+    """
+    message: _builtins.str
+    """A message to show the cashier."""
+    discount_minor: _builtins.int
+    """The discount it gave, in minor units."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        outcome: Global___CouponOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        discount_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "discount_minor", b"discount_minor", "message", b"message", "outcome", b"outcome", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CouponResult: _TypeAlias = CouponResult  # noqa: Y015
+
+@_typing.final
+class ReceiptReference(_message.Message):
+    """Identifies a committed receipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_NUMBER_FIELD_NUMBER: _builtins.int
+    terminal_id: _builtins.str
+    """The terminal the receipt was made on."""
+    receipt_number: _builtins.str
+    """Its number on that terminal."""
+    def __init__(
+        self,
+        *,
+        terminal_id: _builtins.str = ...,
+        receipt_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipt_number", b"receipt_number", "terminal_id", b"terminal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiptReference: _TypeAlias = ReceiptReference  # noqa: Y015
 
 @_typing.final
 class IdentifyRequest(_message.Message):
@@ -242,6 +444,72 @@ class IdentifyResponse(_message.Message):
 Global___IdentifyResponse: _TypeAlias = IdentifyResponse  # noqa: Y015
 
 @_typing.final
+class RegisterCustomerRequest(_message.Message):
+    """Request of RegisterCustomer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    FIRST_NAME_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    phone: _builtins.str
+    """The customer's phone, in any common notation. Required."""
+    first_name: _builtins.str
+    """First name; optional."""
+    email: _builtins.str
+    """E-mail; optional."""
+    card_number: _builtins.str
+    """A card handed out at the register to bind to the customer; optional."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        first_name: _builtins.str = ...,
+        email: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "email", b"email", "first_name", b"first_name", "phone", b"phone", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterCustomerRequest: _TypeAlias = RegisterCustomerRequest  # noqa: Y015
+
+@_typing.final
+class RegisterCustomerResponse(_message.Message):
+    """Response of RegisterCustomer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the phone already belonged to a member, who is returned."""
+    @_builtins.property
+    def customer(self) -> Global___Customer:
+        """The customer."""
+
+    def __init__(
+        self,
+        *,
+        customer: Global___Customer | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "customer", b"customer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterCustomerResponse: _TypeAlias = RegisterCustomerResponse  # noqa: Y015
+
+@_typing.final
 class CalculateChequeRequest(_message.Message):
     """Request of CalculateCheque."""
 
@@ -249,6 +517,12 @@ class CalculateChequeRequest(_message.Message):
 
     RECEIPT_FIELD_NUMBER: _builtins.int
     IDENTIFIER_FIELD_NUMBER: _builtins.int
+    COUPON_CODES_FIELD_NUMBER: _builtins.int
+    POINTS_TO_PAY_FIELD_NUMBER: _builtins.int
+    points_to_pay: _builtins.int
+    """Points the customer wants to pay with. The answer holds at most what the
+    redemption cap and the balance allow (see points_to_pay in the response).
+    """
     @_builtins.property
     def receipt(self) -> _receipt_pb2.Receipt:
         """The receipt as scanned so far."""
@@ -257,15 +531,21 @@ class CalculateChequeRequest(_message.Message):
     def identifier(self) -> Global___CustomerIdentifier:
         """The customer; unset for an anonymous receipt (no points are earned)."""
 
+    @_builtins.property
+    def coupon_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Coupon codes the customer presented."""
+
     def __init__(
         self,
         *,
         receipt: _receipt_pb2.Receipt | None = ...,
         identifier: Global___CustomerIdentifier | None = ...,
+        coupon_codes: _abc.Iterable[_builtins.str] | None = ...,
+        points_to_pay: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupon_codes", b"coupon_codes", "identifier", b"identifier", "points_to_pay", b"points_to_pay", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,12 +564,27 @@ class CalculateChequeResponse(_message.Message):
     DISCOUNT_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
     POINTS_EARNED_TOTAL_FIELD_NUMBER: _builtins.int
     RECEIPT_MESSAGES_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_PAYMENT_TOTAL_FIELD_NUMBER: _builtins.int
+    POINTS_TO_PAY_FIELD_NUMBER: _builtins.int
+    AMOUNT_DUE_MINOR_FIELD_NUMBER: _builtins.int
+    COUPONS_FIELD_NUMBER: _builtins.int
+    CASHIER_MESSAGES_FIELD_NUMBER: _builtins.int
+    DEGRADATIONS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     calculation_id: _builtins.str
     """Keep it and send it with CommitCheque."""
     discount_total_minor: _builtins.int
     """Total discount, in minor units."""
     points_earned_total: _builtins.int
     """Points the receipt earns once committed."""
+    max_points_payment_total: _builtins.int
+    """The most points that may pay for this receipt."""
+    points_to_pay: _builtins.int
+    """Points held for payment: the amount asked for, reduced to the redemption
+    cap and the available balance. Send it as points_paid on commit.
+    """
+    amount_due_minor: _builtins.int
+    """What the customer still pays with money, in minor units."""
     @_builtins.property
     def customer(self) -> Global___Customer:
         """The identified customer, if any."""
@@ -300,11 +595,27 @@ class CalculateChequeResponse(_message.Message):
 
     @_builtins.property
     def applied_promotions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedPromotion]:
-        """The promotions that applied."""
+        """The promotions and coupons that applied."""
 
     @_builtins.property
     def receipt_messages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Lines to print on the receipt."""
+
+    @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[Global___CouponResult]:
+        """One per presented coupon, in the order presented."""
+
+    @_builtins.property
+    def cashier_messages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Messages for the cashier's screen (not printed)."""
+
+    @_builtins.property
+    def degradations(self) -> _containers.RepeatedScalarFieldContainer[Global___Degradation.ValueType]:
+        """What the answer had to do without; empty when the answer is complete."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Until when the points hold and coupon reservations are kept for commit."""
 
     def __init__(
         self,
@@ -316,10 +627,17 @@ class CalculateChequeResponse(_message.Message):
         discount_total_minor: _builtins.int = ...,
         points_earned_total: _builtins.int = ...,
         receipt_messages: _abc.Iterable[_builtins.str] | None = ...,
+        max_points_payment_total: _builtins.int = ...,
+        points_to_pay: _builtins.int = ...,
+        amount_due_minor: _builtins.int = ...,
+        coupons: _abc.Iterable[Global___CouponResult] | None = ...,
+        cashier_messages: _abc.Iterable[_builtins.str] | None = ...,
+        degradations: _abc.Iterable[Global___Degradation.ValueType] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_promotions", b"applied_promotions", "calculation_id", b"calculation_id", "customer", b"customer", "discount_total_minor", b"discount_total_minor", "lines", b"lines", "points_earned_total", b"points_earned_total", "receipt_messages", b"receipt_messages"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_due_minor", b"amount_due_minor", "applied_promotions", b"applied_promotions", "calculation_id", b"calculation_id", "cashier_messages", b"cashier_messages", "coupons", b"coupons", "customer", b"customer", "degradations", b"degradations", "discount_total_minor", b"discount_total_minor", "expire_time", b"expire_time", "lines", b"lines", "max_points_payment_total", b"max_points_payment_total", "points_earned_total", b"points_earned_total", "points_to_pay", b"points_to_pay", "receipt_messages", b"receipt_messages"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,9 +652,15 @@ class CommitChequeRequest(_message.Message):
     RECEIPT_FIELD_NUMBER: _builtins.int
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     CALCULATION_ID_FIELD_NUMBER: _builtins.int
+    POINTS_PAID_FIELD_NUMBER: _builtins.int
     calculation_id: _builtins.str
-    """The calculation this receipt confirms; optional. When empty, or when the
-    receipt differs from the calculated one, the receipt is calculated afresh.
+    """The calculation this receipt confirms. Required to pay with points or to
+    use coupons; when empty, or when the receipt differs from the calculated
+    one, the receipt is calculated afresh without them.
+    """
+    points_paid: _builtins.int
+    """Points the customer actually paid with: at most the calculation's
+    points_to_pay (the rest of the hold is released).
     """
     @_builtins.property
     def receipt(self) -> _receipt_pb2.Receipt:
@@ -352,10 +676,11 @@ class CommitChequeRequest(_message.Message):
         receipt: _receipt_pb2.Receipt | None = ...,
         identifier: Global___CustomerIdentifier | None = ...,
         calculation_id: _builtins.str = ...,
+        points_paid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calculation_id", b"calculation_id", "identifier", b"identifier", "receipt", b"receipt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calculation_id", b"calculation_id", "identifier", b"identifier", "points_paid", b"points_paid", "receipt", b"receipt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,6 +698,9 @@ class CommitChequeResponse(_message.Message):
     LINES_FIELD_NUMBER: _builtins.int
     CUSTOMER_FIELD_NUMBER: _builtins.int
     COMMIT_TIME_FIELD_NUMBER: _builtins.int
+    POINTS_PAID_FIELD_NUMBER: _builtins.int
+    COUPON_CODES_FIELD_NUMBER: _builtins.int
+    APPLIED_PROMOTIONS_FIELD_NUMBER: _builtins.int
     state: Global___ChequeState.ValueType
     """The receipt's state: COMMITTED as soon as it is durable, COMPLETED when
     every effect has been applied too.
@@ -381,6 +709,8 @@ class CommitChequeResponse(_message.Message):
     """Points the receipt earned."""
     discount_total_minor: _builtins.int
     """Total discount, in minor units."""
+    points_paid: _builtins.int
+    """Points paid."""
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChequeLine]:
         """One per receipt line."""
@@ -393,6 +723,14 @@ class CommitChequeResponse(_message.Message):
     def commit_time(self) -> _timestamp_pb2.Timestamp:
         """When the receipt was first committed; a retry returns the same time."""
 
+    @_builtins.property
+    def coupon_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Coupons redeemed by the receipt."""
+
+    @_builtins.property
+    def applied_promotions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedPromotion]:
+        """The promotions and coupons that applied."""
+
     def __init__(
         self,
         *,
@@ -402,11 +740,631 @@ class CommitChequeResponse(_message.Message):
         lines: _abc.Iterable[Global___ChequeLine] | None = ...,
         customer: Global___Customer | None = ...,
         commit_time: _timestamp_pb2.Timestamp | None = ...,
+        points_paid: _builtins.int = ...,
+        coupon_codes: _abc.Iterable[_builtins.str] | None = ...,
+        applied_promotions: _abc.Iterable[Global___AppliedPromotion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["commit_time", b"commit_time", "customer", b"customer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commit_time", b"commit_time", "customer", b"customer", "discount_total_minor", b"discount_total_minor", "lines", b"lines", "points_earned_total", b"points_earned_total", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_promotions", b"applied_promotions", "commit_time", b"commit_time", "coupon_codes", b"coupon_codes", "customer", b"customer", "discount_total_minor", b"discount_total_minor", "lines", b"lines", "points_earned_total", b"points_earned_total", "points_paid", b"points_paid", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommitChequeResponse: _TypeAlias = CommitChequeResponse  # noqa: Y015
+
+@_typing.final
+class ReturnLine(_message.Message):
+    """A returned quantity of one line."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    QUANTITY_MILLI_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """The position on the original receipt."""
+    quantity_milli: _builtins.int
+    """Quantity returned in thousandths of a unit; positive, at most what is left."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        quantity_milli: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position", "quantity_milli", b"quantity_milli"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReturnLine: _TypeAlias = ReturnLine  # noqa: Y015
+
+@_typing.final
+class ReturnChequeRequest(_message.Message):
+    """Request of ReturnCheque."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RETURN_ID_FIELD_NUMBER: _builtins.int
+    ORIGINAL_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    return_id: _builtins.str
+    """Identifies this return, e.g. the return receipt's terminal and number;
+    a repeat with the same id returns the first answer.
+    """
+    store_id: _builtins.str
+    """The store the return is made in (checked against the API key's scope)."""
+    @_builtins.property
+    def original(self) -> Global___ReceiptReference:
+        """The original receipt."""
+
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReturnLine]:
+        """The returned lines; empty returns everything not yet returned."""
+
+    def __init__(
+        self,
+        *,
+        return_id: _builtins.str = ...,
+        original: Global___ReceiptReference | None = ...,
+        lines: _abc.Iterable[Global___ReturnLine] | None = ...,
+        store_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["original", b"original"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines", "original", b"original", "return_id", b"return_id", "store_id", b"store_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReturnChequeRequest: _TypeAlias = ReturnChequeRequest  # noqa: Y015
+
+@_typing.final
+class ReturnChequeResponse(_message.Message):
+    """Response of ReturnCheque."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    POINTS_TAKEN_BACK_FIELD_NUMBER: _builtins.int
+    POINTS_REFUNDED_FIELD_NUMBER: _builtins.int
+    AMOUNT_REFUND_MINOR_FIELD_NUMBER: _builtins.int
+    COUPONS_REINSTATED_FIELD_NUMBER: _builtins.int
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    state: Global___ChequeState.ValueType
+    """The original receipt's state after the return."""
+    points_taken_back: _builtins.int
+    """Points taken back (earned on the returned lines)."""
+    points_refunded: _builtins.int
+    """Points given back to the customer (paid on the returned lines)."""
+    amount_refund_minor: _builtins.int
+    """Money to refund, in minor units: the returned lines' final amounts less the
+    points refunded.
+    """
+    @_builtins.property
+    def coupons_reinstated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Coupons made usable again (only when the whole receipt is returned)."""
+
+    @_builtins.property
+    def customer(self) -> Global___Customer:
+        """The customer's balance after the return, when known."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___ChequeState.ValueType = ...,
+        points_taken_back: _builtins.int = ...,
+        points_refunded: _builtins.int = ...,
+        amount_refund_minor: _builtins.int = ...,
+        coupons_reinstated: _abc.Iterable[_builtins.str] | None = ...,
+        customer: Global___Customer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_refund_minor", b"amount_refund_minor", "coupons_reinstated", b"coupons_reinstated", "customer", b"customer", "points_refunded", b"points_refunded", "points_taken_back", b"points_taken_back", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReturnChequeResponse: _TypeAlias = ReturnChequeResponse  # noqa: Y015
+
+@_typing.final
+class CancelChequeRequest(_message.Message):
+    """Request of CancelCheque."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CALCULATION_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    calculation_id: _builtins.str
+    """A calculation not yet committed."""
+    @_builtins.property
+    def receipt(self) -> Global___ReceiptReference:
+        """A committed receipt."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        calculation_id: _builtins.str = ...,
+        receipt: Global___ReceiptReference | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calculation_id", b"calculation_id", "receipt", b"receipt", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calculation_id", b"calculation_id", "receipt", b"receipt", "request_id", b"request_id", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["calculation_id", "receipt"]  # noqa: Y015
+    _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
+
+Global___CancelChequeRequest: _TypeAlias = CancelChequeRequest  # noqa: Y015
+
+@_typing.final
+class CancelChequeResponse(_message.Message):
+    """Response of CancelCheque."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    POINTS_REFUNDED_FIELD_NUMBER: _builtins.int
+    POINTS_TAKEN_BACK_FIELD_NUMBER: _builtins.int
+    state: Global___ChequeState.ValueType
+    """CANCELLED."""
+    points_refunded: _builtins.int
+    """Points freed (a released hold) or given back (a cancelled receipt's payment)."""
+    points_taken_back: _builtins.int
+    """Points taken back from a cancelled receipt."""
+    def __init__(
+        self,
+        *,
+        state: Global___ChequeState.ValueType = ...,
+        points_refunded: _builtins.int = ...,
+        points_taken_back: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["points_refunded", b"points_refunded", "points_taken_back", b"points_taken_back", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelChequeResponse: _TypeAlias = CancelChequeResponse  # noqa: Y015
+
+@_typing.final
+class OfflineCheque(_message.Message):
+    """A receipt made while the register could not reach the platform.
+
+    Offline policy: the receipt earns points by the promotions in force at its
+    receipt_time, on the amounts the register charged (its own offline discounts
+    already deducted from the line amounts, recorded as given). Points cannot be
+    paid and coupons cannot be redeemed offline, since both need a hold made
+    online. Receipts already committed are answered as before, never counted twice.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def receipt(self) -> _receipt_pb2.Receipt:
+        """The receipt as fiscalised."""
+
+    @_builtins.property
+    def identifier(self) -> Global___CustomerIdentifier:
+        """The customer; unset for an anonymous receipt."""
+
+    def __init__(
+        self,
+        *,
+        receipt: _receipt_pb2.Receipt | None = ...,
+        identifier: Global___CustomerIdentifier | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "receipt", b"receipt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfflineCheque: _TypeAlias = OfflineCheque  # noqa: Y015
+
+@_typing.final
+class OfflineChequeResult(_message.Message):
+    """The outcome for one uploaded receipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    POINTS_EARNED_TOTAL_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    state: Global___ChequeState.ValueType
+    """Its state when accepted; UNSPECIFIED when rejected."""
+    points_earned_total: _builtins.int
+    """Points it earned."""
+    error_reason: _builtins.str
+    """A stable reason when it was rejected (e.g. INVALID_ARGUMENT,
+    RECEIPT_NUMBER_REUSED); the others are still processed.
+    """
+    error_message: _builtins.str
+    """A human-readable explanation of the rejection."""
+    @_builtins.property
+    def receipt(self) -> Global___ReceiptReference:
+        """The receipt."""
+
+    def __init__(
+        self,
+        *,
+        receipt: Global___ReceiptReference | None = ...,
+        state: Global___ChequeState.ValueType = ...,
+        points_earned_total: _builtins.int = ...,
+        error_reason: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "error_reason", b"error_reason", "points_earned_total", b"points_earned_total", "receipt", b"receipt", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OfflineChequeResult: _TypeAlias = OfflineChequeResult  # noqa: Y015
+
+@_typing.final
+class UploadOfflineChequesRequest(_message.Message):
+    """Request of UploadOfflineCheques."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHEQUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cheques(self) -> _containers.RepeatedCompositeFieldContainer[Global___OfflineCheque]:
+        """The receipts, oldest first; at most 500 per call."""
+
+    def __init__(
+        self,
+        *,
+        cheques: _abc.Iterable[Global___OfflineCheque] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cheques", b"cheques"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOfflineChequesRequest: _TypeAlias = UploadOfflineChequesRequest  # noqa: Y015
+
+@_typing.final
+class UploadOfflineChequesResponse(_message.Message):
+    """Response of UploadOfflineCheques."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OfflineChequeResult]:
+        """One per uploaded receipt, in the same order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___OfflineChequeResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOfflineChequesResponse: _TypeAlias = UploadOfflineChequesResponse  # noqa: Y015
+
+@_typing.final
+class HistoryItem(_message.Message):
+    """One movement of a customer's points."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    SOURCE_REF_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___HistoryKind.ValueType
+    """What happened."""
+    points: _builtins.int
+    """Signed points: positive credits, negative debits."""
+    source_ref: _builtins.str
+    """What caused it, e.g. "receipt:T1:000123"."""
+    reason: _builtins.str
+    """A readable reason."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___HistoryKind.ValueType = ...,
+        points: _builtins.int = ...,
+        source_ref: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "points", b"points", "reason", b"reason", "source_ref", b"source_ref", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryItem: _TypeAlias = HistoryItem  # noqa: Y015
+
+@_typing.final
+class ListCustomerHistoryRequest(_message.Message):
+    """Request of ListCustomerHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many items; 0 means 50, at most 500."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first."""
+    @_builtins.property
+    def identifier(self) -> Global___CustomerIdentifier:
+        """The customer."""
+
+    def __init__(
+        self,
+        *,
+        identifier: Global___CustomerIdentifier | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomerHistoryRequest: _TypeAlias = ListCustomerHistoryRequest  # noqa: Y015
+
+@_typing.final
+class ListCustomerHistoryResponse(_message.Message):
+    """Response of ListCustomerHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it to get the next page; empty on the last."""
+    @_builtins.property
+    def customer(self) -> Global___Customer:
+        """The customer with their balance."""
+
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistoryItem]:
+        """Movements, newest first."""
+
+    def __init__(
+        self,
+        *,
+        customer: Global___Customer | None = ...,
+        items: _abc.Iterable[Global___HistoryItem] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "items", b"items", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCustomerHistoryResponse: _TypeAlias = ListCustomerHistoryResponse  # noqa: Y015
+
+@_typing.final
+class GetGiftCardBalanceRequest(_message.Message):
+    """Request of GetGiftCardBalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    card_number: _builtins.str
+    """The gift card number as scanned."""
+    pin: _builtins.str
+    """Its PIN, when it has one."""
+    terminal_id: _builtins.str
+    """The register asking (wrong PINs are limited per card and register)."""
+    def __init__(
+        self,
+        *,
+        card_number: _builtins.str = ...,
+        pin: _builtins.str = ...,
+        terminal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "pin", b"pin", "terminal_id", b"terminal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGiftCardBalanceRequest: _TypeAlias = GetGiftCardBalanceRequest  # noqa: Y015
+
+@_typing.final
+class GetGiftCardBalanceResponse(_message.Message):
+    """Response of GetGiftCardBalance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_MINOR_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    balance_minor: _builtins.int
+    """What is left on the card, in minor units."""
+    currency_code: _builtins.str
+    """ISO 4217 currency of the card."""
+    active: _builtins.bool
+    """True when the card can pay now (sold, not expired, not blocked)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the card stops being accepted; unset if never."""
+
+    def __init__(
+        self,
+        *,
+        balance_minor: _builtins.int = ...,
+        currency_code: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        active: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "balance_minor", b"balance_minor", "currency_code", b"currency_code", "expire_time", b"expire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGiftCardBalanceResponse: _TypeAlias = GetGiftCardBalanceResponse  # noqa: Y015
+
+@_typing.final
+class PayWithGiftCardRequest(_message.Message):
+    """Request of PayWithGiftCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key, e.g. "<terminal>:<receipt>:gift:<n>"; a repeat
+    returns the first answer and takes nothing twice.
+    """
+    card_number: _builtins.str
+    """The gift card number as scanned."""
+    pin: _builtins.str
+    """Its PIN, when it has one."""
+    amount_minor: _builtins.int
+    """The amount to take from the card, in minor units; positive."""
+    store_id: _builtins.str
+    """The store (checked against the API key's scope)."""
+    @_builtins.property
+    def receipt(self) -> Global___ReceiptReference:
+        """The receipt being paid."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        pin: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        receipt: Global___ReceiptReference | None = ...,
+        store_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "card_number", b"card_number", "pin", b"pin", "receipt", b"receipt", "request_id", b"request_id", "store_id", b"store_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayWithGiftCardRequest: _TypeAlias = PayWithGiftCardRequest  # noqa: Y015
+
+@_typing.final
+class PayWithGiftCardResponse(_message.Message):
+    """Response of PayWithGiftCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAID_MINOR_FIELD_NUMBER: _builtins.int
+    BALANCE_MINOR_FIELD_NUMBER: _builtins.int
+    paid_minor: _builtins.int
+    """The amount taken, in minor units."""
+    balance_minor: _builtins.int
+    """What is left on the card."""
+    def __init__(
+        self,
+        *,
+        paid_minor: _builtins.int = ...,
+        balance_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_minor", b"balance_minor", "paid_minor", b"paid_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PayWithGiftCardResponse: _TypeAlias = PayWithGiftCardResponse  # noqa: Y015
+
+@_typing.final
+class RefundGiftCardPaymentRequest(_message.Message):
+    """Request of RefundGiftCardPayment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    card_number: _builtins.str
+    """The gift card the receipt was paid with."""
+    amount_minor: _builtins.int
+    """The amount to put back, in minor units; positive, at most what the receipt
+    paid from the card less what was put back already.
+    """
+    store_id: _builtins.str
+    """The store (checked against the API key's scope)."""
+    @_builtins.property
+    def receipt(self) -> Global___ReceiptReference:
+        """The receipt that was paid."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        receipt: Global___ReceiptReference | None = ...,
+        store_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "card_number", b"card_number", "receipt", b"receipt", "request_id", b"request_id", "store_id", b"store_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundGiftCardPaymentRequest: _TypeAlias = RefundGiftCardPaymentRequest  # noqa: Y015
+
+@_typing.final
+class RefundGiftCardPaymentResponse(_message.Message):
+    """Response of RefundGiftCardPayment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFUNDED_MINOR_FIELD_NUMBER: _builtins.int
+    BALANCE_MINOR_FIELD_NUMBER: _builtins.int
+    refunded_minor: _builtins.int
+    """The amount put back, in minor units."""
+    balance_minor: _builtins.int
+    """The card's balance after it."""
+    def __init__(
+        self,
+        *,
+        refunded_minor: _builtins.int = ...,
+        balance_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_minor", b"balance_minor", "refunded_minor", b"refunded_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundGiftCardPaymentResponse: _TypeAlias = RefundGiftCardPaymentResponse  # noqa: Y015

@@ -29,10 +29,22 @@ class PosServiceStub:
     """The API a cash register (or a sales channel) integrates against.
 
     A sale is two calls: CalculateCheque while the cashier scans (the "soft
-    cheque": discounts and points are computed, nothing is counted), then
-    CommitCheque once the receipt is fiscalised. Both are safe to retry: a
-    receipt is keyed by terminal_id and receipt_number, and a repeated
-    CommitCheque returns the first answer without counting anything twice.
+    cheque": discounts and points are computed, points to pay are held and
+    coupons reserved, nothing is counted yet), then CommitCheque once the
+    receipt is fiscalised. A committed receipt can be returned, whole or by
+    lines, with ReturnCheque, and voided with CancelCheque.
+
+    Authentication: every call carries the terminal's API key in the
+    `x-api-key` metadata header. A missing, wrong or revoked key is
+    UNAUTHENTICATED; a store outside the key's scope is PERMISSION_DENIED; too
+    many calls for the key is RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.
+
+    Retries: every mutating call is idempotent. A receipt is keyed by
+    terminal_id and receipt_number, a return by its return_id, a cancel by its
+    request_id: a repeated call returns the first answer and counts nothing
+    twice, and the same key with different content is FAILED_PRECONDITION
+    (RECEIPT_NUMBER_REUSED, RETURN_ID_REUSED). Retry UNAVAILABLE and
+    DEADLINE_EXCEEDED with the same request; never retry INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -46,6 +58,11 @@ class PosServiceStub:
                 request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.IdentifyRequest.SerializeToString,
                 response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.IdentifyResponse.FromString,
                 _registered_method=True)
+        self.RegisterCustomer = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/RegisterCustomer',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RegisterCustomerRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RegisterCustomerResponse.FromString,
+                _registered_method=True)
         self.CalculateCheque = channel.unary_unary(
                 '/loyalty.gateway.v1.PosService/CalculateCheque',
                 request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CalculateChequeRequest.SerializeToString,
@@ -56,35 +73,153 @@ class PosServiceStub:
                 request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CommitChequeRequest.SerializeToString,
                 response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CommitChequeResponse.FromString,
                 _registered_method=True)
+        self.ReturnCheque = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/ReturnCheque',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ReturnChequeRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ReturnChequeResponse.FromString,
+                _registered_method=True)
+        self.CancelCheque = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/CancelCheque',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CancelChequeRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CancelChequeResponse.FromString,
+                _registered_method=True)
+        self.UploadOfflineCheques = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/UploadOfflineCheques',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.UploadOfflineChequesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.UploadOfflineChequesResponse.FromString,
+                _registered_method=True)
+        self.ListCustomerHistory = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/ListCustomerHistory',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ListCustomerHistoryRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ListCustomerHistoryResponse.FromString,
+                _registered_method=True)
+        self.GetGiftCardBalance = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/GetGiftCardBalance',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.GetGiftCardBalanceRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.GetGiftCardBalanceResponse.FromString,
+                _registered_method=True)
+        self.PayWithGiftCard = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/PayWithGiftCard',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.PayWithGiftCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.PayWithGiftCardResponse.FromString,
+                _registered_method=True)
+        self.RefundGiftCardPayment = channel.unary_unary(
+                '/loyalty.gateway.v1.PosService/RefundGiftCardPayment',
+                request_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RefundGiftCardPaymentRequest.SerializeToString,
+                response_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RefundGiftCardPaymentResponse.FromString,
+                _registered_method=True)
 
 
 class PosServiceServicer:
     """The API a cash register (or a sales channel) integrates against.
 
     A sale is two calls: CalculateCheque while the cashier scans (the "soft
-    cheque": discounts and points are computed, nothing is counted), then
-    CommitCheque once the receipt is fiscalised. Both are safe to retry: a
-    receipt is keyed by terminal_id and receipt_number, and a repeated
-    CommitCheque returns the first answer without counting anything twice.
+    cheque": discounts and points are computed, points to pay are held and
+    coupons reserved, nothing is counted yet), then CommitCheque once the
+    receipt is fiscalised. A committed receipt can be returned, whole or by
+    lines, with ReturnCheque, and voided with CancelCheque.
+
+    Authentication: every call carries the terminal's API key in the
+    `x-api-key` metadata header. A missing, wrong or revoked key is
+    UNAUTHENTICATED; a store outside the key's scope is PERMISSION_DENIED; too
+    many calls for the key is RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.
+
+    Retries: every mutating call is idempotent. A receipt is keyed by
+    terminal_id and receipt_number, a return by its return_id, a cancel by its
+    request_id: a repeated call returns the first answer and counts nothing
+    twice, and the same key with different content is FAILED_PRECONDITION
+    (RECEIPT_NUMBER_REUSED, RETURN_ID_REUSED). Retry UNAVAILABLE and
+    DEADLINE_EXCEEDED with the same request; never retry INVALID_ARGUMENT.
     """
 
     def Identify(self, request, context):
-        """Identifies a customer by card or phone and returns their balance (flagged
-        unavailable, rather than failing, when the ledger cannot answer in time).
+        """Identifies a customer by card, phone or app QR token and returns their
+        balance (flagged unavailable, rather than failing, when the ledger cannot
+        answer in time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterCustomer(self, request, context):
+        """Registers a customer at the register (deduplicated by phone) and,
+        optionally, binds a card handed out there.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CalculateCheque(self, request, context):
-        """Calculates discounts and points for a receipt being scanned.
+        """Calculates discounts and points for a receipt being scanned, holds the
+        points the customer wants to pay with and reserves presented coupons.
+        Answers within the gateway's deadline budget: when a service behind it is
+        slow or down, the answer carries no loyalty effects and says so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CommitCheque(self, request, context):
-        """Confirms a fiscalised receipt: the points it earns are credited exactly once.
+        """Confirms a fiscalised receipt: points paid are spent, points earned are
+        credited and coupons redeemed, each exactly once. Answers as soon as the
+        receipt is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReturnCheque(self, request, context):
+        """Returns a committed receipt, whole or by lines and quantities: points paid
+        on the returned part come back, points earned on it are taken back.
+        Several partial returns add up and never exceed the original.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelCheque(self, request, context):
+        """Voids a calculation (its hold and coupon reservations are released) or a
+        committed receipt (everything it did is reversed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadOfflineCheques(self, request, context):
+        """Commits receipts made while the register could not reach the platform, in
+        the order given. See OfflineCheque for what applies offline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCustomerHistory(self, request, context):
+        """Returns a customer's points history, newest first, for online channels and
+        the call centre.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGiftCardBalance(self, request, context):
+        """Reads a gift card's balance (before taking it as a payment).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PayWithGiftCard(self, request, context):
+        """Pays part of a receipt from a gift card, at once (before the receipt is
+        fiscalised): the amount is taken from the card or the call fails whole.
+        Several cards may pay one receipt.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefundGiftCardPayment(self, request, context):
+        """Puts back on a gift card what a receipt paid from it: a cancelled payment or a
+        returned purchase. Never more than the receipt paid from the card.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +233,11 @@ def add_PosServiceServicer_to_server(servicer, server):
                     request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.IdentifyRequest.FromString,
                     response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.IdentifyResponse.SerializeToString,
             ),
+            'RegisterCustomer': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterCustomer,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RegisterCustomerRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RegisterCustomerResponse.SerializeToString,
+            ),
             'CalculateCheque': grpc.unary_unary_rpc_method_handler(
                     servicer.CalculateCheque,
                     request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CalculateChequeRequest.FromString,
@@ -107,6 +247,41 @@ def add_PosServiceServicer_to_server(servicer, server):
                     servicer.CommitCheque,
                     request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CommitChequeRequest.FromString,
                     response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CommitChequeResponse.SerializeToString,
+            ),
+            'ReturnCheque': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReturnCheque,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ReturnChequeRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ReturnChequeResponse.SerializeToString,
+            ),
+            'CancelCheque': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelCheque,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CancelChequeRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CancelChequeResponse.SerializeToString,
+            ),
+            'UploadOfflineCheques': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadOfflineCheques,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.UploadOfflineChequesRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.UploadOfflineChequesResponse.SerializeToString,
+            ),
+            'ListCustomerHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCustomerHistory,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ListCustomerHistoryRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ListCustomerHistoryResponse.SerializeToString,
+            ),
+            'GetGiftCardBalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGiftCardBalance,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.GetGiftCardBalanceRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.GetGiftCardBalanceResponse.SerializeToString,
+            ),
+            'PayWithGiftCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.PayWithGiftCard,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.PayWithGiftCardRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.PayWithGiftCardResponse.SerializeToString,
+            ),
+            'RefundGiftCardPayment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundGiftCardPayment,
+                    request_deserializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RefundGiftCardPaymentRequest.FromString,
+                    response_serializer=loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RefundGiftCardPaymentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -120,10 +295,22 @@ class PosService:
     """The API a cash register (or a sales channel) integrates against.
 
     A sale is two calls: CalculateCheque while the cashier scans (the "soft
-    cheque": discounts and points are computed, nothing is counted), then
-    CommitCheque once the receipt is fiscalised. Both are safe to retry: a
-    receipt is keyed by terminal_id and receipt_number, and a repeated
-    CommitCheque returns the first answer without counting anything twice.
+    cheque": discounts and points are computed, points to pay are held and
+    coupons reserved, nothing is counted yet), then CommitCheque once the
+    receipt is fiscalised. A committed receipt can be returned, whole or by
+    lines, with ReturnCheque, and voided with CancelCheque.
+
+    Authentication: every call carries the terminal's API key in the
+    `x-api-key` metadata header. A missing, wrong or revoked key is
+    UNAUTHENTICATED; a store outside the key's scope is PERMISSION_DENIED; too
+    many calls for the key is RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.
+
+    Retries: every mutating call is idempotent. A receipt is keyed by
+    terminal_id and receipt_number, a return by its return_id, a cancel by its
+    request_id: a repeated call returns the first answer and counts nothing
+    twice, and the same key with different content is FAILED_PRECONDITION
+    (RECEIPT_NUMBER_REUSED, RETURN_ID_REUSED). Retry UNAVAILABLE and
+    DEADLINE_EXCEEDED with the same request; never retry INVALID_ARGUMENT.
     """
 
     @staticmethod
@@ -143,6 +330,33 @@ class PosService:
             '/loyalty.gateway.v1.PosService/Identify',
             loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.IdentifyRequest.SerializeToString,
             loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.IdentifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterCustomer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/RegisterCustomer',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RegisterCustomerRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RegisterCustomerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -197,6 +411,195 @@ class PosService:
             '/loyalty.gateway.v1.PosService/CommitCheque',
             loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CommitChequeRequest.SerializeToString,
             loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CommitChequeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReturnCheque(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/ReturnCheque',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ReturnChequeRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ReturnChequeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelCheque(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/CancelCheque',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CancelChequeRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.CancelChequeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadOfflineCheques(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/UploadOfflineCheques',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.UploadOfflineChequesRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.UploadOfflineChequesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCustomerHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/ListCustomerHistory',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ListCustomerHistoryRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.ListCustomerHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGiftCardBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/GetGiftCardBalance',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.GetGiftCardBalanceRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.GetGiftCardBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PayWithGiftCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/PayWithGiftCard',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.PayWithGiftCardRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.PayWithGiftCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundGiftCardPayment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.gateway.v1.PosService/RefundGiftCardPayment',
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RefundGiftCardPaymentRequest.SerializeToString,
+            loyalty_dot_gateway_dot_v1_dot_pos__service__pb2.RefundGiftCardPaymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

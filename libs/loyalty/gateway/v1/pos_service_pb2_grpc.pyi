@@ -30,10 +30,22 @@ class PosServiceStub:
     """The API a cash register (or a sales channel) integrates against.
 
     A sale is two calls: CalculateCheque while the cashier scans (the "soft
-    cheque": discounts and points are computed, nothing is counted), then
-    CommitCheque once the receipt is fiscalised. Both are safe to retry: a
-    receipt is keyed by terminal_id and receipt_number, and a repeated
-    CommitCheque returns the first answer without counting anything twice.
+    cheque": discounts and points are computed, points to pay are held and
+    coupons reserved, nothing is counted yet), then CommitCheque once the
+    receipt is fiscalised. A committed receipt can be returned, whole or by
+    lines, with ReturnCheque, and voided with CancelCheque.
+
+    Authentication: every call carries the terminal's API key in the
+    `x-api-key` metadata header. A missing, wrong or revoked key is
+    UNAUTHENTICATED; a store outside the key's scope is PERMISSION_DENIED; too
+    many calls for the key is RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.
+
+    Retries: every mutating call is idempotent. A receipt is keyed by
+    terminal_id and receipt_number, a return by its return_id, a cancel by its
+    request_id: a repeated call returns the first answer and counts nothing
+    twice, and the same key with different content is FAILED_PRECONDITION
+    (RECEIPT_NUMBER_REUSED, RETURN_ID_REUSED). Retry UNAVAILABLE and
+    DEADLINE_EXCEEDED with the same request; never retry INVALID_ARGUMENT.
     """
 
     @_typing.overload
@@ -41,43 +53,147 @@ class PosServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PosServiceAsyncStub: ...
     Identify: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.IdentifyRequest, _pos_service_pb2.IdentifyResponse]
-    """Identifies a customer by card or phone and returns their balance (flagged
-    unavailable, rather than failing, when the ledger cannot answer in time).
+    """Identifies a customer by card, phone or app QR token and returns their
+    balance (flagged unavailable, rather than failing, when the ledger cannot
+    answer in time).
+    """
+    RegisterCustomer: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.RegisterCustomerRequest, _pos_service_pb2.RegisterCustomerResponse]
+    """Registers a customer at the register (deduplicated by phone) and,
+    optionally, binds a card handed out there.
     """
     CalculateCheque: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.CalculateChequeRequest, _pos_service_pb2.CalculateChequeResponse]
-    """Calculates discounts and points for a receipt being scanned."""
+    """Calculates discounts and points for a receipt being scanned, holds the
+    points the customer wants to pay with and reserves presented coupons.
+    Answers within the gateway's deadline budget: when a service behind it is
+    slow or down, the answer carries no loyalty effects and says so.
+    """
     CommitCheque: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.CommitChequeRequest, _pos_service_pb2.CommitChequeResponse]
-    """Confirms a fiscalised receipt: the points it earns are credited exactly once."""
+    """Confirms a fiscalised receipt: points paid are spent, points earned are
+    credited and coupons redeemed, each exactly once. Answers as soon as the
+    receipt is durable.
+    """
+    ReturnCheque: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.ReturnChequeRequest, _pos_service_pb2.ReturnChequeResponse]
+    """Returns a committed receipt, whole or by lines and quantities: points paid
+    on the returned part come back, points earned on it are taken back.
+    Several partial returns add up and never exceed the original.
+    """
+    CancelCheque: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.CancelChequeRequest, _pos_service_pb2.CancelChequeResponse]
+    """Voids a calculation (its hold and coupon reservations are released) or a
+    committed receipt (everything it did is reversed).
+    """
+    UploadOfflineCheques: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.UploadOfflineChequesRequest, _pos_service_pb2.UploadOfflineChequesResponse]
+    """Commits receipts made while the register could not reach the platform, in
+    the order given. See OfflineCheque for what applies offline.
+    """
+    ListCustomerHistory: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.ListCustomerHistoryRequest, _pos_service_pb2.ListCustomerHistoryResponse]
+    """Returns a customer's points history, newest first, for online channels and
+    the call centre.
+    """
+    GetGiftCardBalance: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.GetGiftCardBalanceRequest, _pos_service_pb2.GetGiftCardBalanceResponse]
+    """Reads a gift card's balance (before taking it as a payment)."""
+    PayWithGiftCard: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.PayWithGiftCardRequest, _pos_service_pb2.PayWithGiftCardResponse]
+    """Pays part of a receipt from a gift card, at once (before the receipt is
+    fiscalised): the amount is taken from the card or the call fails whole.
+    Several cards may pay one receipt.
+    """
+    RefundGiftCardPayment: _grpc.UnaryUnaryMultiCallable[_pos_service_pb2.RefundGiftCardPaymentRequest, _pos_service_pb2.RefundGiftCardPaymentResponse]
+    """Puts back on a gift card what a receipt paid from it: a cancelled payment or a
+    returned purchase. Never more than the receipt paid from the card.
+    """
 
 @_typing.type_check_only
 class PosServiceAsyncStub(PosServiceStub):
     """The API a cash register (or a sales channel) integrates against.
 
     A sale is two calls: CalculateCheque while the cashier scans (the "soft
-    cheque": discounts and points are computed, nothing is counted), then
-    CommitCheque once the receipt is fiscalised. Both are safe to retry: a
-    receipt is keyed by terminal_id and receipt_number, and a repeated
-    CommitCheque returns the first answer without counting anything twice.
+    cheque": discounts and points are computed, points to pay are held and
+    coupons reserved, nothing is counted yet), then CommitCheque once the
+    receipt is fiscalised. A committed receipt can be returned, whole or by
+    lines, with ReturnCheque, and voided with CancelCheque.
+
+    Authentication: every call carries the terminal's API key in the
+    `x-api-key` metadata header. A missing, wrong or revoked key is
+    UNAUTHENTICATED; a store outside the key's scope is PERMISSION_DENIED; too
+    many calls for the key is RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.
+
+    Retries: every mutating call is idempotent. A receipt is keyed by
+    terminal_id and receipt_number, a return by its return_id, a cancel by its
+    request_id: a repeated call returns the first answer and counts nothing
+    twice, and the same key with different content is FAILED_PRECONDITION
+    (RECEIPT_NUMBER_REUSED, RETURN_ID_REUSED). Retry UNAVAILABLE and
+    DEADLINE_EXCEEDED with the same request; never retry INVALID_ARGUMENT.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Identify: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.IdentifyRequest, _pos_service_pb2.IdentifyResponse]  # type: ignore[assignment]
-    """Identifies a customer by card or phone and returns their balance (flagged
-    unavailable, rather than failing, when the ledger cannot answer in time).
+    """Identifies a customer by card, phone or app QR token and returns their
+    balance (flagged unavailable, rather than failing, when the ledger cannot
+    answer in time).
+    """
+    RegisterCustomer: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.RegisterCustomerRequest, _pos_service_pb2.RegisterCustomerResponse]  # type: ignore[assignment]
+    """Registers a customer at the register (deduplicated by phone) and,
+    optionally, binds a card handed out there.
     """
     CalculateCheque: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.CalculateChequeRequest, _pos_service_pb2.CalculateChequeResponse]  # type: ignore[assignment]
-    """Calculates discounts and points for a receipt being scanned."""
+    """Calculates discounts and points for a receipt being scanned, holds the
+    points the customer wants to pay with and reserves presented coupons.
+    Answers within the gateway's deadline budget: when a service behind it is
+    slow or down, the answer carries no loyalty effects and says so.
+    """
     CommitCheque: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.CommitChequeRequest, _pos_service_pb2.CommitChequeResponse]  # type: ignore[assignment]
-    """Confirms a fiscalised receipt: the points it earns are credited exactly once."""
+    """Confirms a fiscalised receipt: points paid are spent, points earned are
+    credited and coupons redeemed, each exactly once. Answers as soon as the
+    receipt is durable.
+    """
+    ReturnCheque: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.ReturnChequeRequest, _pos_service_pb2.ReturnChequeResponse]  # type: ignore[assignment]
+    """Returns a committed receipt, whole or by lines and quantities: points paid
+    on the returned part come back, points earned on it are taken back.
+    Several partial returns add up and never exceed the original.
+    """
+    CancelCheque: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.CancelChequeRequest, _pos_service_pb2.CancelChequeResponse]  # type: ignore[assignment]
+    """Voids a calculation (its hold and coupon reservations are released) or a
+    committed receipt (everything it did is reversed).
+    """
+    UploadOfflineCheques: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.UploadOfflineChequesRequest, _pos_service_pb2.UploadOfflineChequesResponse]  # type: ignore[assignment]
+    """Commits receipts made while the register could not reach the platform, in
+    the order given. See OfflineCheque for what applies offline.
+    """
+    ListCustomerHistory: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.ListCustomerHistoryRequest, _pos_service_pb2.ListCustomerHistoryResponse]  # type: ignore[assignment]
+    """Returns a customer's points history, newest first, for online channels and
+    the call centre.
+    """
+    GetGiftCardBalance: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.GetGiftCardBalanceRequest, _pos_service_pb2.GetGiftCardBalanceResponse]  # type: ignore[assignment]
+    """Reads a gift card's balance (before taking it as a payment)."""
+    PayWithGiftCard: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.PayWithGiftCardRequest, _pos_service_pb2.PayWithGiftCardResponse]  # type: ignore[assignment]
+    """Pays part of a receipt from a gift card, at once (before the receipt is
+    fiscalised): the amount is taken from the card or the call fails whole.
+    Several cards may pay one receipt.
+    """
+    RefundGiftCardPayment: _aio.UnaryUnaryMultiCallable[_pos_service_pb2.RefundGiftCardPaymentRequest, _pos_service_pb2.RefundGiftCardPaymentResponse]  # type: ignore[assignment]
+    """Puts back on a gift card what a receipt paid from it: a cancelled payment or a
+    returned purchase. Never more than the receipt paid from the card.
+    """
 
 class PosServiceServicer(metaclass=_abc_1.ABCMeta):
     """The API a cash register (or a sales channel) integrates against.
 
     A sale is two calls: CalculateCheque while the cashier scans (the "soft
-    cheque": discounts and points are computed, nothing is counted), then
-    CommitCheque once the receipt is fiscalised. Both are safe to retry: a
-    receipt is keyed by terminal_id and receipt_number, and a repeated
-    CommitCheque returns the first answer without counting anything twice.
+    cheque": discounts and points are computed, points to pay are held and
+    coupons reserved, nothing is counted yet), then CommitCheque once the
+    receipt is fiscalised. A committed receipt can be returned, whole or by
+    lines, with ReturnCheque, and voided with CancelCheque.
+
+    Authentication: every call carries the terminal's API key in the
+    `x-api-key` metadata header. A missing, wrong or revoked key is
+    UNAUTHENTICATED; a store outside the key's scope is PERMISSION_DENIED; too
+    many calls for the key is RESOURCE_EXHAUSTED with a google.rpc.RetryInfo.
+
+    Retries: every mutating call is idempotent. A receipt is keyed by
+    terminal_id and receipt_number, a return by its return_id, a cancel by its
+    request_id: a repeated call returns the first answer and counts nothing
+    twice, and the same key with different content is FAILED_PRECONDITION
+    (RECEIPT_NUMBER_REUSED, RETURN_ID_REUSED). Retry UNAVAILABLE and
+    DEADLINE_EXCEEDED with the same request; never retry INVALID_ARGUMENT.
     """
 
     @_abc_1.abstractmethod
@@ -86,8 +202,19 @@ class PosServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _pos_service_pb2.IdentifyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_pos_service_pb2.IdentifyResponse, _abc.Awaitable[_pos_service_pb2.IdentifyResponse]]:
-        """Identifies a customer by card or phone and returns their balance (flagged
-        unavailable, rather than failing, when the ledger cannot answer in time).
+        """Identifies a customer by card, phone or app QR token and returns their
+        balance (flagged unavailable, rather than failing, when the ledger cannot
+        answer in time).
+        """
+
+    @_abc_1.abstractmethod
+    def RegisterCustomer(
+        self,
+        request: _pos_service_pb2.RegisterCustomerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.RegisterCustomerResponse, _abc.Awaitable[_pos_service_pb2.RegisterCustomerResponse]]:
+        """Registers a customer at the register (deduplicated by phone) and,
+        optionally, binds a card handed out there.
         """
 
     @_abc_1.abstractmethod
@@ -96,7 +223,11 @@ class PosServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _pos_service_pb2.CalculateChequeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_pos_service_pb2.CalculateChequeResponse, _abc.Awaitable[_pos_service_pb2.CalculateChequeResponse]]:
-        """Calculates discounts and points for a receipt being scanned."""
+        """Calculates discounts and points for a receipt being scanned, holds the
+        points the customer wants to pay with and reserves presented coupons.
+        Answers within the gateway's deadline budget: when a service behind it is
+        slow or down, the answer carries no loyalty effects and says so.
+        """
 
     @_abc_1.abstractmethod
     def CommitCheque(
@@ -104,6 +235,79 @@ class PosServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _pos_service_pb2.CommitChequeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_pos_service_pb2.CommitChequeResponse, _abc.Awaitable[_pos_service_pb2.CommitChequeResponse]]:
-        """Confirms a fiscalised receipt: the points it earns are credited exactly once."""
+        """Confirms a fiscalised receipt: points paid are spent, points earned are
+        credited and coupons redeemed, each exactly once. Answers as soon as the
+        receipt is durable.
+        """
+
+    @_abc_1.abstractmethod
+    def ReturnCheque(
+        self,
+        request: _pos_service_pb2.ReturnChequeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.ReturnChequeResponse, _abc.Awaitable[_pos_service_pb2.ReturnChequeResponse]]:
+        """Returns a committed receipt, whole or by lines and quantities: points paid
+        on the returned part come back, points earned on it are taken back.
+        Several partial returns add up and never exceed the original.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelCheque(
+        self,
+        request: _pos_service_pb2.CancelChequeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.CancelChequeResponse, _abc.Awaitable[_pos_service_pb2.CancelChequeResponse]]:
+        """Voids a calculation (its hold and coupon reservations are released) or a
+        committed receipt (everything it did is reversed).
+        """
+
+    @_abc_1.abstractmethod
+    def UploadOfflineCheques(
+        self,
+        request: _pos_service_pb2.UploadOfflineChequesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.UploadOfflineChequesResponse, _abc.Awaitable[_pos_service_pb2.UploadOfflineChequesResponse]]:
+        """Commits receipts made while the register could not reach the platform, in
+        the order given. See OfflineCheque for what applies offline.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCustomerHistory(
+        self,
+        request: _pos_service_pb2.ListCustomerHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.ListCustomerHistoryResponse, _abc.Awaitable[_pos_service_pb2.ListCustomerHistoryResponse]]:
+        """Returns a customer's points history, newest first, for online channels and
+        the call centre.
+        """
+
+    @_abc_1.abstractmethod
+    def GetGiftCardBalance(
+        self,
+        request: _pos_service_pb2.GetGiftCardBalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.GetGiftCardBalanceResponse, _abc.Awaitable[_pos_service_pb2.GetGiftCardBalanceResponse]]:
+        """Reads a gift card's balance (before taking it as a payment)."""
+
+    @_abc_1.abstractmethod
+    def PayWithGiftCard(
+        self,
+        request: _pos_service_pb2.PayWithGiftCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.PayWithGiftCardResponse, _abc.Awaitable[_pos_service_pb2.PayWithGiftCardResponse]]:
+        """Pays part of a receipt from a gift card, at once (before the receipt is
+        fiscalised): the amount is taken from the card or the call fails whole.
+        Several cards may pay one receipt.
+        """
+
+    @_abc_1.abstractmethod
+    def RefundGiftCardPayment(
+        self,
+        request: _pos_service_pb2.RefundGiftCardPaymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pos_service_pb2.RefundGiftCardPaymentResponse, _abc.Awaitable[_pos_service_pb2.RefundGiftCardPaymentResponse]]:
+        """Puts back on a gift card what a receipt paid from it: a cancelled payment or a
+        returned purchase. Never more than the receipt paid from the card.
+        """
 
 def add_PosServiceServicer_to_server(servicer: PosServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

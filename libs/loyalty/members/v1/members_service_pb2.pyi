@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -31,7 +32,7 @@ class _MemberStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemberSt
     MEMBER_STATUS_ACTIVE: _MemberStatus.ValueType  # 1
     """Earns and spends points."""
     MEMBER_STATUS_BLOCKED: _MemberStatus.ValueType  # 2
-    """Blocked by staff: identified, but neither earns nor spends."""
+    """Blocked by staff (or erased): identification is refused with MEMBER_BLOCKED."""
 
 class MemberStatus(_MemberStatus, metaclass=_MemberStatusEnumTypeWrapper):
     """Whether a member may take part in the program."""
@@ -41,7 +42,7 @@ MEMBER_STATUS_UNSPECIFIED: MemberStatus.ValueType  # 0
 MEMBER_STATUS_ACTIVE: MemberStatus.ValueType  # 1
 """Earns and spends points."""
 MEMBER_STATUS_BLOCKED: MemberStatus.ValueType  # 2
-"""Blocked by staff: identified, but neither earns nor spends."""
+"""Blocked by staff (or erased): identification is refused with MEMBER_BLOCKED."""
 Global___MemberStatus: _TypeAlias = MemberStatus  # noqa: Y015
 
 class _CardStatus:
@@ -56,6 +57,14 @@ class _CardStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CardStatus
     """Identifies its member at the register."""
     CARD_STATUS_BLOCKED: _CardStatus.ValueType  # 2
     """Blocked (lost, stolen, fraud); identification by it is refused."""
+    CARD_STATUS_REPLACED: _CardStatus.ValueType  # 3
+    """Replaced by another card of the same member; identification by it is refused."""
+    CARD_STATUS_EXPIRED: _CardStatus.ValueType  # 4
+    """Past its expiry date; identification by it is refused."""
+    CARD_STATUS_UNISSUED: _CardStatus.ValueType  # 5
+    """Emitted in a batch and not yet issued to anyone; identification by it is
+    refused with CARD_NOT_ISSUED.
+    """
 
 class CardStatus(_CardStatus, metaclass=_CardStatusEnumTypeWrapper):
     """The state of a loyalty card."""
@@ -66,7 +75,43 @@ CARD_STATUS_ACTIVE: CardStatus.ValueType  # 1
 """Identifies its member at the register."""
 CARD_STATUS_BLOCKED: CardStatus.ValueType  # 2
 """Blocked (lost, stolen, fraud); identification by it is refused."""
+CARD_STATUS_REPLACED: CardStatus.ValueType  # 3
+"""Replaced by another card of the same member; identification by it is refused."""
+CARD_STATUS_EXPIRED: CardStatus.ValueType  # 4
+"""Past its expiry date; identification by it is refused."""
+CARD_STATUS_UNISSUED: CardStatus.ValueType  # 5
+"""Emitted in a batch and not yet issued to anyone; identification by it is
+refused with CARD_NOT_ISSUED.
+"""
 Global___CardStatus: _TypeAlias = CardStatus  # noqa: Y015
+
+class _ParticipationType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParticipationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParticipationType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARTICIPATION_TYPE_UNSPECIFIED: _ParticipationType.ValueType  # 0
+    """Never used."""
+    PARTICIPATION_TYPE_PERSONAL: _ParticipationType.ValueType  # 1
+    """A person with their own points account."""
+    PARTICIPATION_TYPE_FAMILY: _ParticipationType.ValueType  # 2
+    """A person sharing a household's pooled points account."""
+    PARTICIPATION_TYPE_ANONYMOUS: _ParticipationType.ValueType  # 3
+    """A card holder without a profile (or a member whose data was erased)."""
+
+class ParticipationType(_ParticipationType, metaclass=_ParticipationTypeEnumTypeWrapper):
+    """How a member takes part in the program."""
+
+PARTICIPATION_TYPE_UNSPECIFIED: ParticipationType.ValueType  # 0
+"""Never used."""
+PARTICIPATION_TYPE_PERSONAL: ParticipationType.ValueType  # 1
+"""A person with their own points account."""
+PARTICIPATION_TYPE_FAMILY: ParticipationType.ValueType  # 2
+"""A person sharing a household's pooled points account."""
+PARTICIPATION_TYPE_ANONYMOUS: ParticipationType.ValueType  # 3
+"""A card holder without a profile (or a member whose data was erased)."""
+Global___ParticipationType: _TypeAlias = ParticipationType  # noqa: Y015
 
 class _RegistrationChannel:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -144,6 +189,30 @@ CONTACT_CHANNEL_TELEGRAM: ContactChannel.ValueType  # 5
 """Telegram message to the linked chat."""
 Global___ContactChannel: _TypeAlias = ContactChannel  # noqa: Y015
 
+class _CardBatchStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CardBatchStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CardBatchStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CARD_BATCH_STATUS_UNSPECIFIED: _CardBatchStatus.ValueType  # 0
+    """Never used."""
+    CARD_BATCH_STATUS_PENDING: _CardBatchStatus.ValueType  # 1
+    """Waiting for, or being written by, the emission job."""
+    CARD_BATCH_STATUS_DONE: _CardBatchStatus.ValueType  # 2
+    """Every number of the range is written."""
+
+class CardBatchStatus(_CardBatchStatus, metaclass=_CardBatchStatusEnumTypeWrapper):
+    """The state of a card batch."""
+
+CARD_BATCH_STATUS_UNSPECIFIED: CardBatchStatus.ValueType  # 0
+"""Never used."""
+CARD_BATCH_STATUS_PENDING: CardBatchStatus.ValueType  # 1
+"""Waiting for, or being written by, the emission job."""
+CARD_BATCH_STATUS_DONE: CardBatchStatus.ValueType  # 2
+"""Every number of the range is written."""
+Global___CardBatchStatus: _TypeAlias = CardBatchStatus  # noqa: Y015
+
 @_typing.final
 class Member(_message.Message):
     """A program member."""
@@ -166,6 +235,11 @@ class Member(_message.Message):
     BIRTH_DATE_FIELD_NUMBER: _builtins.int
     PUSH_TOKEN_FIELD_NUMBER: _builtins.int
     TELEGRAM_CHAT_ID_FIELD_NUMBER: _builtins.int
+    PARTICIPATION_TYPE_FIELD_NUMBER: _builtins.int
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    BLOCK_REASON_FIELD_NUMBER: _builtins.int
+    ERASE_TIME_FIELD_NUMBER: _builtins.int
+    TIER_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id, assigned at registration."""
     phone: _builtins.str
@@ -198,6 +272,12 @@ class Member(_message.Message):
     """Push notification token of the member's app installation; empty when none."""
     telegram_chat_id: _builtins.str
     """Telegram chat id the member linked; empty when none."""
+    participation_type: Global___ParticipationType.ValueType
+    """How the member takes part: personal, family (in a household) or anonymous."""
+    household_id: _builtins.str
+    """The household the member belongs to; empty when none."""
+    block_reason: _builtins.str
+    """Why the member was blocked; empty when active."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the member registered."""
@@ -207,6 +287,14 @@ class Member(_message.Message):
         """The member's consents, one per channel they have answered for; a channel
         without a granted consent receives no marketing messages.
         """
+
+    @_builtins.property
+    def erase_time(self) -> _timestamp_pb2.Timestamp:
+        """When the member's personal data was erased; unset for a live profile."""
+
+    @_builtins.property
+    def tier_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the current tier ends unless requalified; unset when it does not lapse."""
 
     def __init__(
         self,
@@ -227,10 +315,15 @@ class Member(_message.Message):
         birth_date: _builtins.str = ...,
         push_token: _builtins.str = ...,
         telegram_chat_id: _builtins.str = ...,
+        participation_type: Global___ParticipationType.ValueType = ...,
+        household_id: _builtins.str = ...,
+        block_reason: _builtins.str = ...,
+        erase_time: _timestamp_pb2.Timestamp | None = ...,
+        tier_expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "erase_time", b"erase_time", "tier_expire_time", b"tier_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "birth_date", b"birth_date", "consents", b"consents", "create_time", b"create_time", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "locale", b"locale", "member_id", b"member_id", "phone", b"phone", "push_token", b"push_token", "registration_channel", b"registration_channel", "status", b"status", "telegram_chat_id", b"telegram_chat_id", "tier", b"tier", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "birth_date", b"birth_date", "block_reason", b"block_reason", "consents", b"consents", "create_time", b"create_time", "email", b"email", "erase_time", b"erase_time", "first_name", b"first_name", "household_id", b"household_id", "last_name", b"last_name", "locale", b"locale", "member_id", b"member_id", "participation_type", b"participation_type", "phone", b"phone", "push_token", b"push_token", "registration_channel", b"registration_channel", "status", b"status", "telegram_chat_id", b"telegram_chat_id", "tier", b"tier", "tier_expire_time", b"tier_expire_time", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -282,15 +375,29 @@ class Card(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ISSUE_TIME_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    BLOCK_REASON_FIELD_NUMBER: _builtins.int
+    REPLACED_BY_FIELD_NUMBER: _builtins.int
     card_number: _builtins.str
     """The card number printed on the card and encoded in its barcode."""
     member_id: _builtins.str
-    """The member the card belongs to."""
+    """The member the card belongs to; empty for an unissued card."""
     status: Global___CardStatus.ValueType
     """The card's state."""
+    card_type: _builtins.str
+    """The card type code, e.g. "standard", "vip"."""
+    block_reason: _builtins.str
+    """Why the card was blocked or replaced; empty for an active card."""
+    replaced_by: _builtins.str
+    """The card that replaced this one; empty unless replaced."""
     @_builtins.property
     def issue_time(self) -> _timestamp_pb2.Timestamp:
         """When the card was issued."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the card expires; unset when it does not."""
 
     def __init__(
         self,
@@ -299,14 +406,290 @@ class Card(_message.Message):
         member_id: _builtins.str = ...,
         status: Global___CardStatus.ValueType = ...,
         issue_time: _timestamp_pb2.Timestamp | None = ...,
+        card_type: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        block_reason: _builtins.str = ...,
+        replaced_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["issue_time", b"issue_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "issue_time", b"issue_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "issue_time", b"issue_time", "member_id", b"member_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_reason", b"block_reason", "card_number", b"card_number", "card_type", b"card_type", "expire_time", b"expire_time", "issue_time", b"issue_time", "member_id", b"member_id", "replaced_by", b"replaced_by", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Card: _TypeAlias = Card  # noqa: Y015
+
+@_typing.final
+class CardType(_message.Message):
+    """A kind of card with static parameters ("Standard", "VIP")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """Stable code, lower case, e.g. "vip"."""
+    name: _builtins.str
+    """Display name."""
+    validity_days: _builtins.int
+    """Days a card of this type is valid from issue; 0 for no expiry."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        validity_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "validity_days", b"validity_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CardType: _TypeAlias = CardType  # noqa: Y015
+
+@_typing.final
+class CardBatch(_message.Message):
+    """A batch of emitted card numbers: prefix + sequence (zero-padded) + Luhn digit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_DIGITS_FIELD_NUMBER: _builtins.int
+    EMITTED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The batch id."""
+    card_type: _builtins.str
+    """The card type of the emitted cards."""
+    prefix: _builtins.str
+    """Leading digits of every number."""
+    first_sequence: _builtins.int
+    """The first sequence number of the range."""
+    count: _builtins.int
+    """How many numbers the range holds."""
+    sequence_digits: _builtins.int
+    """Digits of the sequence part (numbers are prefix + sequence + check digit)."""
+    emitted: _builtins.int
+    """How many numbers are written so far."""
+    skipped: _builtins.int
+    """Numbers skipped because a card with that number already existed."""
+    status: Global___CardBatchStatus.ValueType
+    """The batch's state."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the batch was ordered."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        card_type: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        first_sequence: _builtins.int = ...,
+        count: _builtins.int = ...,
+        sequence_digits: _builtins.int = ...,
+        emitted: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        status: Global___CardBatchStatus.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "card_type", b"card_type", "count", b"count", "create_time", b"create_time", "emitted", b"emitted", "first_sequence", b"first_sequence", "prefix", b"prefix", "sequence_digits", b"sequence_digits", "skipped", b"skipped", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CardBatch: _TypeAlias = CardBatch  # noqa: Y015
+
+@_typing.final
+class TierDefinition(_message.Message):
+    """A tier and how a member qualifies for it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SPEND_THRESHOLD_MINOR_FIELD_NUMBER: _builtins.int
+    WINDOW_MONTHS_FIELD_NUMBER: _builtins.int
+    DURATION_DAYS_FIELD_NUMBER: _builtins.int
+    DOWNGRADE_AFTER_INACTIVE_DAYS_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """Stable code, e.g. "premium"; "basic" (rank 0) is the tier of every new member."""
+    name: _builtins.str
+    """Display name."""
+    rank: _builtins.int
+    """Order of tiers; a higher rank is a better tier. Must be positive."""
+    spend_threshold_minor: _builtins.int
+    """Purchases (paid amount net of returns, minor units) needed within the window."""
+    window_months: _builtins.int
+    """The window the spend counts over: the last N months; 0 for all time."""
+    duration_days: _builtins.int
+    """Days the tier lasts after the member last qualified; 0 while they qualify."""
+    downgrade_after_inactive_days: _builtins.int
+    """The member drops out of the tier after this many days without a purchase;
+    0 to never.
+    """
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        spend_threshold_minor: _builtins.int = ...,
+        window_months: _builtins.int = ...,
+        duration_days: _builtins.int = ...,
+        downgrade_after_inactive_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "downgrade_after_inactive_days", b"downgrade_after_inactive_days", "duration_days", b"duration_days", "name", b"name", "rank", b"rank", "spend_threshold_minor", b"spend_threshold_minor", "window_months", b"window_months"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierDefinition: _TypeAlias = TierDefinition  # noqa: Y015
+
+@_typing.final
+class TierChange(_message.Message):
+    """One change of a member's tier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_TIER_FIELD_NUMBER: _builtins.int
+    NEW_TIER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    old_tier: _builtins.str
+    """The previous tier code."""
+    new_tier: _builtins.str
+    """The new tier code."""
+    reason: _builtins.str
+    """Why: "qualified", "expired", "inactive", "returned"."""
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When it changed."""
+
+    def __init__(
+        self,
+        *,
+        old_tier: _builtins.str = ...,
+        new_tier: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "new_tier", b"new_tier", "old_tier", b"old_tier", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierChange: _TypeAlias = TierChange  # noqa: Y015
+
+@_typing.final
+class Household(_message.Message):
+    """A household: members sharing one pooled points account keyed by household_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    OWNER_MEMBER_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_IDS_FIELD_NUMBER: _builtins.int
+    household_id: _builtins.str
+    """The household id, also the holder id of the pooled points account."""
+    name: _builtins.str
+    """Display name."""
+    owner_member_id: _builtins.str
+    """The member who created it."""
+    @_builtins.property
+    def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Current members, owner included."""
+
+    def __init__(
+        self,
+        *,
+        household_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        owner_member_id: _builtins.str = ...,
+        member_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household_id", b"household_id", "member_ids", b"member_ids", "name", b"name", "owner_member_id", b"owner_member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Household: _TypeAlias = Household  # noqa: Y015
+
+@_typing.final
+class Segment(_message.Message):
+    """A group of members for targeting."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """Stable code, e.g. "employees"."""
+    name: _builtins.str
+    """Display name."""
+    size: _builtins.int
+    """How many members are in it."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Segment: _TypeAlias = Segment  # noqa: Y015
+
+@_typing.final
+class Partner(_message.Message):
+    """A partner of a coalition program and the stores it owns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STORE_IDS_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """Stable partner id."""
+    name: _builtins.str
+    """Display name."""
+    @_builtins.property
+    def store_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the stores (as the registers send store_id) the partner owns."""
+
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        store_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "partner_id", b"partner_id", "store_ids", b"store_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Partner: _TypeAlias = Partner  # noqa: Y015
 
 @_typing.final
 class MemberContext(_message.Message):
@@ -320,6 +703,8 @@ class MemberContext(_message.Message):
     SEGMENTS_FIELD_NUMBER: _builtins.int
     ACCOUNT_HOLDER_ID_FIELD_NUMBER: _builtins.int
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id."""
     status: Global___MemberStatus.ValueType
@@ -330,6 +715,10 @@ class MemberContext(_message.Message):
     """The points account holder (member or household id)."""
     card_number: _builtins.str
     """The card the member was identified by; empty when identified by phone."""
+    card_type: _builtins.str
+    """Type code of that card; empty when identified without a card."""
+    household_id: _builtins.str
+    """The member's household; empty when none."""
     @_builtins.property
     def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Codes of the segments the member is in."""
@@ -343,10 +732,12 @@ class MemberContext(_message.Message):
         segments: _abc.Iterable[_builtins.str] | None = ...,
         account_holder_id: _builtins.str = ...,
         card_number: _builtins.str = ...,
+        card_type: _builtins.str = ...,
+        household_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "card_number", b"card_number", "member_id", b"member_id", "segments", b"segments", "status", b"status", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "card_number", b"card_number", "card_type", b"card_type", "household_id", b"household_id", "member_id", b"member_id", "segments", b"segments", "status", b"status", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,6 +756,11 @@ class RegisterMemberRequest(_message.Message):
     LAST_NAME_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     REFERRAL_CODE_FIELD_NUMBER: _builtins.int
+    CONSENTS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    BIRTH_DATE_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key; a repeat with the same key returns the first result."""
     phone: _builtins.str
@@ -379,6 +775,20 @@ class RegisterMemberRequest(_message.Message):
     """Where the registration came from."""
     referral_code: _builtins.str
     """The referral code of the member who invited this one; optional."""
+    time_zone: _builtins.str
+    """IANA time zone; optional."""
+    locale: _builtins.str
+    """BCP 47 locale; optional."""
+    birth_date: _builtins.str
+    """Birth date as YYYY-MM-DD; optional."""
+    card_number: _builtins.str
+    """An anonymous card the person already holds: its anonymous member becomes
+    this person, keeping the card's history. Optional.
+    """
+    @_builtins.property
+    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]:
+        """Consents given while registering; update_time is set by the service."""
+
     def __init__(
         self,
         *,
@@ -389,10 +799,15 @@ class RegisterMemberRequest(_message.Message):
         last_name: _builtins.str = ...,
         channel: Global___RegistrationChannel.ValueType = ...,
         referral_code: _builtins.str = ...,
+        consents: _abc.Iterable[Global___Consent] | None = ...,
+        time_zone: _builtins.str = ...,
+        locale: _builtins.str = ...,
+        birth_date: _builtins.str = ...,
+        card_number: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "phone", b"phone", "referral_code", b"referral_code", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["birth_date", b"birth_date", "card_number", b"card_number", "channel", b"channel", "consents", b"consents", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "locale", b"locale", "phone", b"phone", "referral_code", b"referral_code", "request_id", b"request_id", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -481,22 +896,28 @@ class IssueCardRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key."""
     member_id: _builtins.str
     """The member to issue the card to."""
     card_number: _builtins.str
-    """A pre-printed card number (digits, with a valid Luhn check digit); empty to generate one."""
+    """A pre-printed card number (digits, with a valid Luhn check digit); empty to generate one.
+    A number from an emitted batch is bound to the member.
+    """
+    card_type: _builtins.str
+    """Card type code; empty for "standard"."""
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         member_id: _builtins.str = ...,
         card_number: _builtins.str = ...,
+        card_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "card_type", b"card_type", "member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -534,21 +955,25 @@ class IdentifyMemberRequest(_message.Message):
 
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
     PHONE_FIELD_NUMBER: _builtins.int
+    QR_TOKEN_FIELD_NUMBER: _builtins.int
     card_number: _builtins.str
     """A card number as scanned."""
     phone: _builtins.str
     """A phone number in any common notation."""
+    qr_token: _builtins.str
+    """A token from IssueQrToken, as read from the app's QR code."""
     def __init__(
         self,
         *,
         card_number: _builtins.str = ...,
         phone: _builtins.str = ...,
+        qr_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "identifier", b"identifier", "phone", b"phone"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "identifier", b"identifier", "phone", b"phone", "qr_token", b"qr_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "identifier", b"identifier", "phone", b"phone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "identifier", b"identifier", "phone", b"phone", "qr_token", b"qr_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_identifier: _TypeAlias = _typing.Literal["card_number", "phone"]  # noqa: Y015
+    _WhichOneofReturnType_identifier: _TypeAlias = _typing.Literal["card_number", "phone", "qr_token"]  # noqa: Y015
     _WhichOneofArgType_identifier: _TypeAlias = _typing.Literal["identifier", b"identifier"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_identifier) -> _WhichOneofReturnType_identifier | None: ...
 
@@ -577,3 +1002,1480 @@ class IdentifyMemberResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IdentifyMemberResponse: _TypeAlias = IdentifyMemberResponse  # noqa: Y015
+
+@_typing.final
+class UpdateMemberRequest(_message.Message):
+    """Request of UpdateMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The member to change; member.member_id is ignored."""
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The new values of the fields named in update_mask."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: phone, email, first_name, last_name, time_zone, locale,
+        birth_date, push_token, telegram_chat_id, consents. For consents, each
+        channel listed is set; channels not listed keep their answer.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        member: Global___Member | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member", "member_id", b"member_id", "request_id", b"request_id", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMemberRequest: _TypeAlias = UpdateMemberRequest  # noqa: Y015
+
+@_typing.final
+class UpdateMemberResponse(_message.Message):
+    """Response of UpdateMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member after the change."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMemberResponse: _TypeAlias = UpdateMemberResponse  # noqa: Y015
+
+@_typing.final
+class BlockMemberRequest(_message.Message):
+    """Request of BlockMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The member to block."""
+    reason: _builtins.str
+    """Why, for the audit trail. Required."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockMemberRequest: _TypeAlias = BlockMemberRequest  # noqa: Y015
+
+@_typing.final
+class BlockMemberResponse(_message.Message):
+    """Response of BlockMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member after the change."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockMemberResponse: _TypeAlias = BlockMemberResponse  # noqa: Y015
+
+@_typing.final
+class UnblockMemberRequest(_message.Message):
+    """Request of UnblockMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The member to unblock."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockMemberRequest: _TypeAlias = UnblockMemberRequest  # noqa: Y015
+
+@_typing.final
+class UnblockMemberResponse(_message.Message):
+    """Response of UnblockMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member after the change."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockMemberResponse: _TypeAlias = UnblockMemberResponse  # noqa: Y015
+
+@_typing.final
+class EraseMemberRequest(_message.Message):
+    """Request of EraseMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The member whose personal data is erased."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseMemberRequest: _TypeAlias = EraseMemberRequest  # noqa: Y015
+
+@_typing.final
+class EraseMemberResponse(_message.Message):
+    """Response of EraseMember."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member after erasure: an id without personal data."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseMemberResponse: _TypeAlias = EraseMemberResponse  # noqa: Y015
+
+@_typing.final
+class IssueAnonymousCardRequest(_message.Message):
+    """Request of IssueAnonymousCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    card_number: _builtins.str
+    """A pre-printed or emitted card number; empty to generate one."""
+    card_type: _builtins.str
+    """Card type code; empty for "standard"."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        card_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "card_type", b"card_type", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueAnonymousCardRequest: _TypeAlias = IssueAnonymousCardRequest  # noqa: Y015
+
+@_typing.final
+class IssueAnonymousCardResponse(_message.Message):
+    """Response of IssueAnonymousCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card(self) -> Global___Card:
+        """The issued card; its member_id is the anonymous member."""
+
+    def __init__(
+        self,
+        *,
+        card: Global___Card | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueAnonymousCardResponse: _TypeAlias = IssueAnonymousCardResponse  # noqa: Y015
+
+@_typing.final
+class BlockCardRequest(_message.Message):
+    """Request of BlockCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    card_number: _builtins.str
+    """The card to block."""
+    reason: _builtins.str
+    """Why, e.g. "lost". Required."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockCardRequest: _TypeAlias = BlockCardRequest  # noqa: Y015
+
+@_typing.final
+class BlockCardResponse(_message.Message):
+    """Response of BlockCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card(self) -> Global___Card:
+        """The card after the change."""
+
+    def __init__(
+        self,
+        *,
+        card: Global___Card | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockCardResponse: _TypeAlias = BlockCardResponse  # noqa: Y015
+
+@_typing.final
+class UnblockCardRequest(_message.Message):
+    """Request of UnblockCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    card_number: _builtins.str
+    """The card to unblock."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockCardRequest: _TypeAlias = UnblockCardRequest  # noqa: Y015
+
+@_typing.final
+class UnblockCardResponse(_message.Message):
+    """Response of UnblockCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card(self) -> Global___Card:
+        """The card after the change."""
+
+    def __init__(
+        self,
+        *,
+        card: Global___Card | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockCardResponse: _TypeAlias = UnblockCardResponse  # noqa: Y015
+
+@_typing.final
+class ReplaceCardRequest(_message.Message):
+    """Request of ReplaceCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    NEW_CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    card_number: _builtins.str
+    """The card being replaced."""
+    new_card_number: _builtins.str
+    """The new card's number (pre-printed or emitted); empty to generate one."""
+    reason: _builtins.str
+    """Why, e.g. "lost", "damaged". Required."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        new_card_number: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "new_card_number", b"new_card_number", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaceCardRequest: _TypeAlias = ReplaceCardRequest  # noqa: Y015
+
+@_typing.final
+class ReplaceCardResponse(_message.Message):
+    """Response of ReplaceCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_CARD_FIELD_NUMBER: _builtins.int
+    NEW_CARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def old_card(self) -> Global___Card:
+        """The old card, now replaced."""
+
+    @_builtins.property
+    def new_card(self) -> Global___Card:
+        """The new, active card."""
+
+    def __init__(
+        self,
+        *,
+        old_card: Global___Card | None = ...,
+        new_card: Global___Card | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["new_card", b"new_card", "old_card", b"old_card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_card", b"new_card", "old_card", b"old_card"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaceCardResponse: _TypeAlias = ReplaceCardResponse  # noqa: Y015
+
+@_typing.final
+class ListMemberCardsRequest(_message.Message):
+    """Request of ListMemberCards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemberCardsRequest: _TypeAlias = ListMemberCardsRequest  # noqa: Y015
+
+@_typing.final
+class ListMemberCardsResponse(_message.Message):
+    """Response of ListMemberCards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Card]:
+        """The member's cards, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        cards: _abc.Iterable[Global___Card] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cards", b"cards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemberCardsResponse: _TypeAlias = ListMemberCardsResponse  # noqa: Y015
+
+@_typing.final
+class SetCardTypeRequest(_message.Message):
+    """Request of SetCardType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def card_type(self) -> Global___CardType:
+        """The card type."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_type: Global___CardType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card_type", b"card_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_type", b"card_type", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCardTypeRequest: _TypeAlias = SetCardTypeRequest  # noqa: Y015
+
+@_typing.final
+class SetCardTypeResponse(_message.Message):
+    """Response of SetCardType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card_type(self) -> Global___CardType:
+        """The card type as stored."""
+
+    def __init__(
+        self,
+        *,
+        card_type: Global___CardType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card_type", b"card_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_type", b"card_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetCardTypeResponse: _TypeAlias = SetCardTypeResponse  # noqa: Y015
+
+@_typing.final
+class ListCardTypesRequest(_message.Message):
+    """Request of ListCardTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCardTypesRequest: _TypeAlias = ListCardTypesRequest  # noqa: Y015
+
+@_typing.final
+class ListCardTypesResponse(_message.Message):
+    """Response of ListCardTypes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___CardType]:
+        """Every card type."""
+
+    def __init__(
+        self,
+        *,
+        card_types: _abc.Iterable[Global___CardType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_types", b"card_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCardTypesResponse: _TypeAlias = ListCardTypesResponse  # noqa: Y015
+
+@_typing.final
+class EmitCardBatchRequest(_message.Message):
+    """Request of EmitCardBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    SEQUENCE_DIGITS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    card_type: _builtins.str
+    """Card type of the emitted cards; empty for "standard"."""
+    prefix: _builtins.str
+    """Leading digits of every number, 1 to 8 digits."""
+    first_sequence: _builtins.int
+    """The first sequence number."""
+    count: _builtins.int
+    """How many numbers, 1 to 10,000,000."""
+    sequence_digits: _builtins.int
+    """Digits of the sequence part; numbers have prefix + this + 1 digits (at most 19)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_type: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        first_sequence: _builtins.int = ...,
+        count: _builtins.int = ...,
+        sequence_digits: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_type", b"card_type", "count", b"count", "first_sequence", b"first_sequence", "prefix", b"prefix", "request_id", b"request_id", "sequence_digits", b"sequence_digits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmitCardBatchRequest: _TypeAlias = EmitCardBatchRequest  # noqa: Y015
+
+@_typing.final
+class EmitCardBatchResponse(_message.Message):
+    """Response of EmitCardBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batch(self) -> Global___CardBatch:
+        """The ordered batch."""
+
+    def __init__(
+        self,
+        *,
+        batch: Global___CardBatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmitCardBatchResponse: _TypeAlias = EmitCardBatchResponse  # noqa: Y015
+
+@_typing.final
+class GetCardBatchRequest(_message.Message):
+    """Request of GetCardBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The batch id."""
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCardBatchRequest: _TypeAlias = GetCardBatchRequest  # noqa: Y015
+
+@_typing.final
+class GetCardBatchResponse(_message.Message):
+    """Response of GetCardBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batch(self) -> Global___CardBatch:
+        """The batch."""
+
+    def __init__(
+        self,
+        *,
+        batch: Global___CardBatch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCardBatchResponse: _TypeAlias = GetCardBatchResponse  # noqa: Y015
+
+@_typing.final
+class IssueQrTokenRequest(_message.Message):
+    """Request of IssueQrToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member the app belongs to."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueQrTokenRequest: _TypeAlias = IssueQrTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssueQrTokenResponse(_message.Message):
+    """Response of IssueQrToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QR_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    qr_token: _builtins.str
+    """The token to show as a QR code."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops being accepted."""
+
+    def __init__(
+        self,
+        *,
+        qr_token: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "qr_token", b"qr_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueQrTokenResponse: _TypeAlias = IssueQrTokenResponse  # noqa: Y015
+
+@_typing.final
+class SetTierDefinitionRequest(_message.Message):
+    """Request of SetTierDefinition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def tier(self) -> Global___TierDefinition:
+        """The tier."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        tier: Global___TierDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tier", b"tier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTierDefinitionRequest: _TypeAlias = SetTierDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class SetTierDefinitionResponse(_message.Message):
+    """Response of SetTierDefinition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tier(self) -> Global___TierDefinition:
+        """The tier as stored."""
+
+    def __init__(
+        self,
+        *,
+        tier: Global___TierDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tier", b"tier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTierDefinitionResponse: _TypeAlias = SetTierDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class ListTierDefinitionsRequest(_message.Message):
+    """Request of ListTierDefinitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTierDefinitionsRequest: _TypeAlias = ListTierDefinitionsRequest  # noqa: Y015
+
+@_typing.final
+class ListTierDefinitionsResponse(_message.Message):
+    """Response of ListTierDefinitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierDefinition]:
+        """Every tier, lowest rank first."""
+
+    def __init__(
+        self,
+        *,
+        tiers: _abc.Iterable[Global___TierDefinition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTierDefinitionsResponse: _TypeAlias = ListTierDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class ListTierHistoryRequest(_message.Message):
+    """Request of ListTierHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTierHistoryRequest: _TypeAlias = ListTierHistoryRequest  # noqa: Y015
+
+@_typing.final
+class ListTierHistoryResponse(_message.Message):
+    """Response of ListTierHistory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierChange]:
+        """The member's tier changes, newest first."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___TierChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTierHistoryResponse: _TypeAlias = ListTierHistoryResponse  # noqa: Y015
+
+@_typing.final
+class GetMemberStatisticsRequest(_message.Message):
+    """Request of GetMemberStatistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemberStatisticsRequest: _TypeAlias = GetMemberStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class GetMemberStatisticsResponse(_message.Message):
+    """Response of GetMemberStatistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURCHASE_COUNT_FIELD_NUMBER: _builtins.int
+    TOTAL_SPEND_MINOR_FIELD_NUMBER: _builtins.int
+    SPEND_LAST_30_DAYS_MINOR_FIELD_NUMBER: _builtins.int
+    SPEND_LAST_365_DAYS_MINOR_FIELD_NUMBER: _builtins.int
+    FIRST_PURCHASE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_PURCHASE_TIME_FIELD_NUMBER: _builtins.int
+    purchase_count: _builtins.int
+    """Receipts the member paid (returns do not reduce the count)."""
+    total_spend_minor: _builtins.int
+    """Paid amount over all time net of returns, minor units."""
+    spend_last_30_days_minor: _builtins.int
+    """Net spend over the last 30 days, minor units."""
+    spend_last_365_days_minor: _builtins.int
+    """Net spend over the last 365 days, minor units."""
+    @_builtins.property
+    def first_purchase_time(self) -> _timestamp_pb2.Timestamp:
+        """The first purchase; unset when none."""
+
+    @_builtins.property
+    def last_purchase_time(self) -> _timestamp_pb2.Timestamp:
+        """The last purchase; unset when none."""
+
+    def __init__(
+        self,
+        *,
+        purchase_count: _builtins.int = ...,
+        total_spend_minor: _builtins.int = ...,
+        spend_last_30_days_minor: _builtins.int = ...,
+        spend_last_365_days_minor: _builtins.int = ...,
+        first_purchase_time: _timestamp_pb2.Timestamp | None = ...,
+        last_purchase_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_purchase_time", b"first_purchase_time", "last_purchase_time", b"last_purchase_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_purchase_time", b"first_purchase_time", "last_purchase_time", b"last_purchase_time", "purchase_count", b"purchase_count", "spend_last_30_days_minor", b"spend_last_30_days_minor", "spend_last_365_days_minor", b"spend_last_365_days_minor", "total_spend_minor", b"total_spend_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemberStatisticsResponse: _TypeAlias = GetMemberStatisticsResponse  # noqa: Y015
+
+@_typing.final
+class CreateHouseholdRequest(_message.Message):
+    """Request of CreateHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OWNER_MEMBER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    owner_member_id: _builtins.str
+    """The member creating it, its first member."""
+    name: _builtins.str
+    """Display name; optional."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        owner_member_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "owner_member_id", b"owner_member_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateHouseholdRequest: _TypeAlias = CreateHouseholdRequest  # noqa: Y015
+
+@_typing.final
+class CreateHouseholdResponse(_message.Message):
+    """Response of CreateHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOUSEHOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def household(self) -> Global___Household:
+        """The household."""
+
+    def __init__(
+        self,
+        *,
+        household: Global___Household | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["household", b"household"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household", b"household"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateHouseholdResponse: _TypeAlias = CreateHouseholdResponse  # noqa: Y015
+
+@_typing.final
+class JoinHouseholdRequest(_message.Message):
+    """Request of JoinHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    household_id: _builtins.str
+    """The household to join."""
+    member_id: _builtins.str
+    """The member joining; must not be in another household."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        household_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household_id", b"household_id", "member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinHouseholdRequest: _TypeAlias = JoinHouseholdRequest  # noqa: Y015
+
+@_typing.final
+class JoinHouseholdResponse(_message.Message):
+    """Response of JoinHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOUSEHOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def household(self) -> Global___Household:
+        """The household after the change."""
+
+    def __init__(
+        self,
+        *,
+        household: Global___Household | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["household", b"household"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household", b"household"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinHouseholdResponse: _TypeAlias = JoinHouseholdResponse  # noqa: Y015
+
+@_typing.final
+class LeaveHouseholdRequest(_message.Message):
+    """Request of LeaveHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The member leaving their household."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveHouseholdRequest: _TypeAlias = LeaveHouseholdRequest  # noqa: Y015
+
+@_typing.final
+class LeaveHouseholdResponse(_message.Message):
+    """Response of LeaveHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def member(self) -> Global___Member:
+        """The member after the change (account_holder_id is their own id again)."""
+
+    def __init__(
+        self,
+        *,
+        member: Global___Member | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveHouseholdResponse: _TypeAlias = LeaveHouseholdResponse  # noqa: Y015
+
+@_typing.final
+class GetHouseholdRequest(_message.Message):
+    """Request of GetHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    household_id: _builtins.str
+    """The household id."""
+    def __init__(
+        self,
+        *,
+        household_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household_id", b"household_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHouseholdRequest: _TypeAlias = GetHouseholdRequest  # noqa: Y015
+
+@_typing.final
+class GetHouseholdResponse(_message.Message):
+    """Response of GetHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOUSEHOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def household(self) -> Global___Household:
+        """The household."""
+
+    def __init__(
+        self,
+        *,
+        household: Global___Household | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["household", b"household"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household", b"household"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHouseholdResponse: _TypeAlias = GetHouseholdResponse  # noqa: Y015
+
+@_typing.final
+class CreateSegmentRequest(_message.Message):
+    """Request of CreateSegment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    code: _builtins.str
+    """Stable code: lower case letters, digits, '_' and '-'."""
+    name: _builtins.str
+    """Display name."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSegmentRequest: _TypeAlias = CreateSegmentRequest  # noqa: Y015
+
+@_typing.final
+class CreateSegmentResponse(_message.Message):
+    """Response of CreateSegment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def segment(self) -> Global___Segment:
+        """The segment."""
+
+    def __init__(
+        self,
+        *,
+        segment: Global___Segment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSegmentResponse: _TypeAlias = CreateSegmentResponse  # noqa: Y015
+
+@_typing.final
+class AddSegmentMembersRequest(_message.Message):
+    """Request of AddSegmentMembers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MEMBER_IDS_FIELD_NUMBER: _builtins.int
+    PHONES_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    code: _builtins.str
+    """The segment code."""
+    @_builtins.property
+    def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members to add by id."""
+
+    @_builtins.property
+    def phones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members to add by phone (an imported list); unknown phones are counted, not added."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        member_ids: _abc.Iterable[_builtins.str] | None = ...,
+        phones: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "member_ids", b"member_ids", "phones", b"phones", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddSegmentMembersRequest: _TypeAlias = AddSegmentMembersRequest  # noqa: Y015
+
+@_typing.final
+class AddSegmentMembersResponse(_message.Message):
+    """Response of AddSegmentMembers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    added: _builtins.int
+    """How many given members were not yet in it."""
+    unknown: _builtins.int
+    """Ids and phones that matched no member."""
+    @_builtins.property
+    def segment(self) -> Global___Segment:
+        """The segment after the change."""
+
+    def __init__(
+        self,
+        *,
+        segment: Global___Segment | None = ...,
+        added: _builtins.int = ...,
+        unknown: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "segment", b"segment", "unknown", b"unknown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddSegmentMembersResponse: _TypeAlias = AddSegmentMembersResponse  # noqa: Y015
+
+@_typing.final
+class RemoveSegmentMembersRequest(_message.Message):
+    """Request of RemoveSegmentMembers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MEMBER_IDS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    code: _builtins.str
+    """The segment code."""
+    @_builtins.property
+    def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Members to remove."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+        member_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "member_ids", b"member_ids", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveSegmentMembersRequest: _TypeAlias = RemoveSegmentMembersRequest  # noqa: Y015
+
+@_typing.final
+class RemoveSegmentMembersResponse(_message.Message):
+    """Response of RemoveSegmentMembers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def segment(self) -> Global___Segment:
+        """The segment after the change."""
+
+    def __init__(
+        self,
+        *,
+        segment: Global___Segment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveSegmentMembersResponse: _TypeAlias = RemoveSegmentMembersResponse  # noqa: Y015
+
+@_typing.final
+class GetSegmentRequest(_message.Message):
+    """Request of GetSegment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The segment code."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSegmentRequest: _TypeAlias = GetSegmentRequest  # noqa: Y015
+
+@_typing.final
+class GetSegmentResponse(_message.Message):
+    """Response of GetSegment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def segment(self) -> Global___Segment:
+        """The segment."""
+
+    def __init__(
+        self,
+        *,
+        segment: Global___Segment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSegmentResponse: _TypeAlias = GetSegmentResponse  # noqa: Y015
+
+@_typing.final
+class SetPartnerRequest(_message.Message):
+    """Request of SetPartner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARTNER_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def partner(self) -> Global___Partner:
+        """The partner and its stores; the stores listed replace the partner's stores."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        partner: Global___Partner | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPartnerRequest: _TypeAlias = SetPartnerRequest  # noqa: Y015
+
+@_typing.final
+class SetPartnerResponse(_message.Message):
+    """Response of SetPartner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def partner(self) -> Global___Partner:
+        """The partner as stored."""
+
+    def __init__(
+        self,
+        *,
+        partner: Global___Partner | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPartnerResponse: _TypeAlias = SetPartnerResponse  # noqa: Y015
+
+@_typing.final
+class GetPartnerRequest(_message.Message):
+    """Request of GetPartner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner id."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner_id", b"partner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerRequest: _TypeAlias = GetPartnerRequest  # noqa: Y015
+
+@_typing.final
+class GetPartnerResponse(_message.Message):
+    """Response of GetPartner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def partner(self) -> Global___Partner:
+        """The partner."""
+
+    def __init__(
+        self,
+        *,
+        partner: Global___Partner | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner", b"partner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerResponse: _TypeAlias = GetPartnerResponse  # noqa: Y015

@@ -56,6 +56,146 @@ class MembersServiceStub:
                 request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IdentifyMemberRequest.SerializeToString,
                 response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IdentifyMemberResponse.FromString,
                 _registered_method=True)
+        self.UpdateMember = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/UpdateMember',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UpdateMemberRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UpdateMemberResponse.FromString,
+                _registered_method=True)
+        self.BlockMember = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/BlockMember',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockMemberRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockMemberResponse.FromString,
+                _registered_method=True)
+        self.UnblockMember = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/UnblockMember',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockMemberRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockMemberResponse.FromString,
+                _registered_method=True)
+        self.EraseMember = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/EraseMember',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EraseMemberRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EraseMemberResponse.FromString,
+                _registered_method=True)
+        self.IssueAnonymousCard = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/IssueAnonymousCard',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueAnonymousCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueAnonymousCardResponse.FromString,
+                _registered_method=True)
+        self.BlockCard = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/BlockCard',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockCardResponse.FromString,
+                _registered_method=True)
+        self.UnblockCard = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/UnblockCard',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockCardResponse.FromString,
+                _registered_method=True)
+        self.ReplaceCard = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ReplaceCard',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ReplaceCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ReplaceCardResponse.FromString,
+                _registered_method=True)
+        self.ListMemberCards = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ListMemberCards',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListMemberCardsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListMemberCardsResponse.FromString,
+                _registered_method=True)
+        self.SetCardType = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/SetCardType',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetCardTypeRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetCardTypeResponse.FromString,
+                _registered_method=True)
+        self.ListCardTypes = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ListCardTypes',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListCardTypesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListCardTypesResponse.FromString,
+                _registered_method=True)
+        self.EmitCardBatch = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/EmitCardBatch',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EmitCardBatchRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EmitCardBatchResponse.FromString,
+                _registered_method=True)
+        self.GetCardBatch = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/GetCardBatch',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetCardBatchRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetCardBatchResponse.FromString,
+                _registered_method=True)
+        self.IssueQrToken = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/IssueQrToken',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueQrTokenRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueQrTokenResponse.FromString,
+                _registered_method=True)
+        self.SetTierDefinition = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/SetTierDefinition',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetTierDefinitionRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetTierDefinitionResponse.FromString,
+                _registered_method=True)
+        self.ListTierDefinitions = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ListTierDefinitions',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierDefinitionsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.ListTierHistory = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ListTierHistory',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierHistoryRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierHistoryResponse.FromString,
+                _registered_method=True)
+        self.GetMemberStatistics = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/GetMemberStatistics',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetMemberStatisticsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetMemberStatisticsResponse.FromString,
+                _registered_method=True)
+        self.CreateHousehold = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/CreateHousehold',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateHouseholdRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateHouseholdResponse.FromString,
+                _registered_method=True)
+        self.JoinHousehold = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/JoinHousehold',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.JoinHouseholdRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.JoinHouseholdResponse.FromString,
+                _registered_method=True)
+        self.LeaveHousehold = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/LeaveHousehold',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LeaveHouseholdRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LeaveHouseholdResponse.FromString,
+                _registered_method=True)
+        self.GetHousehold = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/GetHousehold',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetHouseholdRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetHouseholdResponse.FromString,
+                _registered_method=True)
+        self.CreateSegment = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/CreateSegment',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateSegmentRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateSegmentResponse.FromString,
+                _registered_method=True)
+        self.AddSegmentMembers = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/AddSegmentMembers',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AddSegmentMembersRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AddSegmentMembersResponse.FromString,
+                _registered_method=True)
+        self.RemoveSegmentMembers = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/RemoveSegmentMembers',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.RemoveSegmentMembersRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.RemoveSegmentMembersResponse.FromString,
+                _registered_method=True)
+        self.GetSegment = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/GetSegment',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetSegmentRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetSegmentResponse.FromString,
+                _registered_method=True)
+        self.SetPartner = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/SetPartner',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerResponse.FromString,
+                _registered_method=True)
+        self.GetPartner = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/GetPartner',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerResponse.FromString,
+                _registered_method=True)
 
 
 class MembersServiceServicer:
@@ -86,8 +226,213 @@ class MembersServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IdentifyMember(self, request, context):
-        """Finds the member behind a card number or a phone and returns the context
-        the gateway and the rules need.
+        """Finds the member behind a card number, a phone or an app QR token and returns
+        the context the gateway and the rules need. Blocked members and blocked,
+        replaced, expired or unissued cards are refused with FAILED_PRECONDITION
+        (MEMBER_BLOCKED, CARD_BLOCKED, CARD_REPLACED, CARD_EXPIRED, CARD_NOT_ISSUED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMember(self, request, context):
+        """Changes the profile fields named in the update mask; emits member.updated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockMember(self, request, context):
+        """Blocks a member: identification is refused with MEMBER_BLOCKED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockMember(self, request, context):
+        """Lifts a member's block.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseMember(self, request, context):
+        """Erases a member's personal data on request; the member id stays, anonymous,
+        so the ledger and purchase statistics are kept. Emits member.erased.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueAnonymousCard(self, request, context):
+        """Issues a card without a profile (sold or handed out at the register); the
+        holder is an anonymous member whom RegisterMember with the card number later
+        turns into a person, keeping the card's history.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlockCard(self, request, context):
+        """Blocks a card (lost, stolen, fraud); emits card.blocked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockCard(self, request, context):
+        """Makes a blocked card active again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplaceCard(self, request, context):
+        """Replaces a card: the old one is marked replaced, the new one identifies the
+        same member, so balance and history stay. Emits card.replaced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMemberCards(self, request, context):
+        """Every card a member has had, replaced and blocked ones included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetCardType(self, request, context):
+        """Defines a card type or changes its parameters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCardTypes(self, request, context):
+        """Every card type.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmitCardBatch(self, request, context):
+        """Orders a batch of card numbers (a range with a Luhn check digit); a
+        background job writes them as unissued stock. Poll GetCardBatch for progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCardBatch(self, request, context):
+        """The state of a card batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueQrToken(self, request, context):
+        """Issues a short-lived signed token the member's app shows as a QR code;
+        IdentifyMember accepts it instead of a card.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTierDefinition(self, request, context):
+        """Defines a tier or changes its qualification rule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTierDefinitions(self, request, context):
+        """Every tier, lowest rank first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTierHistory(self, request, context):
+        """A member's tier changes, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMemberStatistics(self, request, context):
+        """A member's purchase statistics, kept from the gateway's receipts and returns.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateHousehold(self, request, context):
+        """Creates a household (a pooled family account) with its owner as first member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinHousehold(self, request, context):
+        """Adds a member to a household; their points account becomes the household's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveHousehold(self, request, context):
+        """Takes a member out of their household; the pooled points stay with the
+        household and the member earns on their own account again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHousehold(self, request, context):
+        """A household and its members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSegment(self, request, context):
+        """Creates a static segment (a list kept by hand or imported).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddSegmentMembers(self, request, context):
+        """Adds members to a static segment, by id or by phone (an imported list).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSegmentMembers(self, request, context):
+        """Removes members from a static segment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSegment(self, request, context):
+        """A segment and its size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPartner(self, request, context):
+        """Registers a partner and the stores it owns, or replaces them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPartner(self, request, context):
+        """A partner and its stores.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +460,146 @@ def add_MembersServiceServicer_to_server(servicer, server):
                     servicer.IdentifyMember,
                     request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IdentifyMemberRequest.FromString,
                     response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IdentifyMemberResponse.SerializeToString,
+            ),
+            'UpdateMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMember,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UpdateMemberRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UpdateMemberResponse.SerializeToString,
+            ),
+            'BlockMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockMember,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockMemberRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockMemberResponse.SerializeToString,
+            ),
+            'UnblockMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockMember,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockMemberRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockMemberResponse.SerializeToString,
+            ),
+            'EraseMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseMember,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EraseMemberRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EraseMemberResponse.SerializeToString,
+            ),
+            'IssueAnonymousCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueAnonymousCard,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueAnonymousCardRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueAnonymousCardResponse.SerializeToString,
+            ),
+            'BlockCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockCard,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockCardRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockCardResponse.SerializeToString,
+            ),
+            'UnblockCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockCard,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockCardRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockCardResponse.SerializeToString,
+            ),
+            'ReplaceCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaceCard,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ReplaceCardRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ReplaceCardResponse.SerializeToString,
+            ),
+            'ListMemberCards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMemberCards,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListMemberCardsRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListMemberCardsResponse.SerializeToString,
+            ),
+            'SetCardType': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCardType,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetCardTypeRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetCardTypeResponse.SerializeToString,
+            ),
+            'ListCardTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCardTypes,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListCardTypesRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListCardTypesResponse.SerializeToString,
+            ),
+            'EmitCardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmitCardBatch,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EmitCardBatchRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.EmitCardBatchResponse.SerializeToString,
+            ),
+            'GetCardBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCardBatch,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetCardBatchRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetCardBatchResponse.SerializeToString,
+            ),
+            'IssueQrToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueQrToken,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueQrTokenRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueQrTokenResponse.SerializeToString,
+            ),
+            'SetTierDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTierDefinition,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetTierDefinitionRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetTierDefinitionResponse.SerializeToString,
+            ),
+            'ListTierDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTierDefinitions,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierDefinitionsRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierDefinitionsResponse.SerializeToString,
+            ),
+            'ListTierHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTierHistory,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierHistoryRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierHistoryResponse.SerializeToString,
+            ),
+            'GetMemberStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMemberStatistics,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetMemberStatisticsRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetMemberStatisticsResponse.SerializeToString,
+            ),
+            'CreateHousehold': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateHousehold,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateHouseholdRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateHouseholdResponse.SerializeToString,
+            ),
+            'JoinHousehold': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinHousehold,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.JoinHouseholdRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.JoinHouseholdResponse.SerializeToString,
+            ),
+            'LeaveHousehold': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveHousehold,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LeaveHouseholdRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LeaveHouseholdResponse.SerializeToString,
+            ),
+            'GetHousehold': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHousehold,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetHouseholdRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetHouseholdResponse.SerializeToString,
+            ),
+            'CreateSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSegment,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateSegmentRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateSegmentResponse.SerializeToString,
+            ),
+            'AddSegmentMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddSegmentMembers,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AddSegmentMembersRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AddSegmentMembersResponse.SerializeToString,
+            ),
+            'RemoveSegmentMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSegmentMembers,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.RemoveSegmentMembersRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.RemoveSegmentMembersResponse.SerializeToString,
+            ),
+            'GetSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSegment,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetSegmentRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetSegmentResponse.SerializeToString,
+            ),
+            'SetPartner': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPartner,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerResponse.SerializeToString,
+            ),
+            'GetPartner': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPartner,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +712,762 @@ class MembersService:
             '/loyalty.members.v1.MembersService/IdentifyMember',
             loyalty_dot_members_dot_v1_dot_members__service__pb2.IdentifyMemberRequest.SerializeToString,
             loyalty_dot_members_dot_v1_dot_members__service__pb2.IdentifyMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/UpdateMember',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.UpdateMemberRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.UpdateMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/BlockMember',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockMemberRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/UnblockMember',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockMemberRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/EraseMember',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.EraseMemberRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.EraseMemberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueAnonymousCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/IssueAnonymousCard',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueAnonymousCardRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueAnonymousCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/BlockCard',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockCardRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.BlockCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/UnblockCard',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockCardRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.UnblockCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaceCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ReplaceCard',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ReplaceCardRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ReplaceCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMemberCards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ListMemberCards',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListMemberCardsRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListMemberCardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCardType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/SetCardType',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetCardTypeRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetCardTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCardTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ListCardTypes',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListCardTypesRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListCardTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmitCardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/EmitCardBatch',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.EmitCardBatchRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.EmitCardBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCardBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/GetCardBatch',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetCardBatchRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetCardBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueQrToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/IssueQrToken',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueQrTokenRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.IssueQrTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTierDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/SetTierDefinition',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetTierDefinitionRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetTierDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTierDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ListTierDefinitions',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierDefinitionsRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTierHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ListTierHistory',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierHistoryRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListTierHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMemberStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/GetMemberStatistics',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetMemberStatisticsRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetMemberStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateHousehold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/CreateHousehold',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateHouseholdRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateHouseholdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinHousehold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/JoinHousehold',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.JoinHouseholdRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.JoinHouseholdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveHousehold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/LeaveHousehold',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.LeaveHouseholdRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.LeaveHouseholdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHousehold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/GetHousehold',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetHouseholdRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetHouseholdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/CreateSegment',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateSegmentRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.CreateSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddSegmentMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/AddSegmentMembers',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.AddSegmentMembersRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.AddSegmentMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSegmentMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/RemoveSegmentMembers',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.RemoveSegmentMembersRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.RemoveSegmentMembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/GetSegment',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetSegmentRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPartner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/SetPartner',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPartner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/GetPartner',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerResponse.FromString,
             options,
             channel_credentials,
             insecure,

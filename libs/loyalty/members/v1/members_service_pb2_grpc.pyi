@@ -44,9 +44,80 @@ class MembersServiceStub:
     IssueCard: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.IssueCardRequest, _members_service_pb2.IssueCardResponse]
     """Issues a card to a member; the number is generated when not given."""
     IdentifyMember: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.IdentifyMemberRequest, _members_service_pb2.IdentifyMemberResponse]
-    """Finds the member behind a card number or a phone and returns the context
-    the gateway and the rules need.
+    """Finds the member behind a card number, a phone or an app QR token and returns
+    the context the gateway and the rules need. Blocked members and blocked,
+    replaced, expired or unissued cards are refused with FAILED_PRECONDITION
+    (MEMBER_BLOCKED, CARD_BLOCKED, CARD_REPLACED, CARD_EXPIRED, CARD_NOT_ISSUED).
     """
+    UpdateMember: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.UpdateMemberRequest, _members_service_pb2.UpdateMemberResponse]
+    """Changes the profile fields named in the update mask; emits member.updated."""
+    BlockMember: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.BlockMemberRequest, _members_service_pb2.BlockMemberResponse]
+    """Blocks a member: identification is refused with MEMBER_BLOCKED."""
+    UnblockMember: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.UnblockMemberRequest, _members_service_pb2.UnblockMemberResponse]
+    """Lifts a member's block."""
+    EraseMember: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.EraseMemberRequest, _members_service_pb2.EraseMemberResponse]
+    """Erases a member's personal data on request; the member id stays, anonymous,
+    so the ledger and purchase statistics are kept. Emits member.erased.
+    """
+    IssueAnonymousCard: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.IssueAnonymousCardRequest, _members_service_pb2.IssueAnonymousCardResponse]
+    """Issues a card without a profile (sold or handed out at the register); the
+    holder is an anonymous member whom RegisterMember with the card number later
+    turns into a person, keeping the card's history.
+    """
+    BlockCard: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.BlockCardRequest, _members_service_pb2.BlockCardResponse]
+    """Blocks a card (lost, stolen, fraud); emits card.blocked."""
+    UnblockCard: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.UnblockCardRequest, _members_service_pb2.UnblockCardResponse]
+    """Makes a blocked card active again."""
+    ReplaceCard: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ReplaceCardRequest, _members_service_pb2.ReplaceCardResponse]
+    """Replaces a card: the old one is marked replaced, the new one identifies the
+    same member, so balance and history stay. Emits card.replaced.
+    """
+    ListMemberCards: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ListMemberCardsRequest, _members_service_pb2.ListMemberCardsResponse]
+    """Every card a member has had, replaced and blocked ones included."""
+    SetCardType: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.SetCardTypeRequest, _members_service_pb2.SetCardTypeResponse]
+    """Defines a card type or changes its parameters."""
+    ListCardTypes: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ListCardTypesRequest, _members_service_pb2.ListCardTypesResponse]
+    """Every card type."""
+    EmitCardBatch: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.EmitCardBatchRequest, _members_service_pb2.EmitCardBatchResponse]
+    """Orders a batch of card numbers (a range with a Luhn check digit); a
+    background job writes them as unissued stock. Poll GetCardBatch for progress.
+    """
+    GetCardBatch: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.GetCardBatchRequest, _members_service_pb2.GetCardBatchResponse]
+    """The state of a card batch."""
+    IssueQrToken: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.IssueQrTokenRequest, _members_service_pb2.IssueQrTokenResponse]
+    """Issues a short-lived signed token the member's app shows as a QR code;
+    IdentifyMember accepts it instead of a card.
+    """
+    SetTierDefinition: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.SetTierDefinitionRequest, _members_service_pb2.SetTierDefinitionResponse]
+    """Defines a tier or changes its qualification rule."""
+    ListTierDefinitions: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ListTierDefinitionsRequest, _members_service_pb2.ListTierDefinitionsResponse]
+    """Every tier, lowest rank first."""
+    ListTierHistory: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ListTierHistoryRequest, _members_service_pb2.ListTierHistoryResponse]
+    """A member's tier changes, newest first."""
+    GetMemberStatistics: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.GetMemberStatisticsRequest, _members_service_pb2.GetMemberStatisticsResponse]
+    """A member's purchase statistics, kept from the gateway's receipts and returns."""
+    CreateHousehold: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.CreateHouseholdRequest, _members_service_pb2.CreateHouseholdResponse]
+    """Creates a household (a pooled family account) with its owner as first member."""
+    JoinHousehold: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.JoinHouseholdRequest, _members_service_pb2.JoinHouseholdResponse]
+    """Adds a member to a household; their points account becomes the household's."""
+    LeaveHousehold: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.LeaveHouseholdRequest, _members_service_pb2.LeaveHouseholdResponse]
+    """Takes a member out of their household; the pooled points stay with the
+    household and the member earns on their own account again.
+    """
+    GetHousehold: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.GetHouseholdRequest, _members_service_pb2.GetHouseholdResponse]
+    """A household and its members."""
+    CreateSegment: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.CreateSegmentRequest, _members_service_pb2.CreateSegmentResponse]
+    """Creates a static segment (a list kept by hand or imported)."""
+    AddSegmentMembers: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.AddSegmentMembersRequest, _members_service_pb2.AddSegmentMembersResponse]
+    """Adds members to a static segment, by id or by phone (an imported list)."""
+    RemoveSegmentMembers: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.RemoveSegmentMembersRequest, _members_service_pb2.RemoveSegmentMembersResponse]
+    """Removes members from a static segment."""
+    GetSegment: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.GetSegmentRequest, _members_service_pb2.GetSegmentResponse]
+    """A segment and its size."""
+    SetPartner: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.SetPartnerRequest, _members_service_pb2.SetPartnerResponse]
+    """Registers a partner and the stores it owns, or replaces them."""
+    GetPartner: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.GetPartnerRequest, _members_service_pb2.GetPartnerResponse]
+    """A partner and its stores."""
 
 @_typing.type_check_only
 class MembersServiceAsyncStub(MembersServiceStub):
@@ -64,9 +135,80 @@ class MembersServiceAsyncStub(MembersServiceStub):
     IssueCard: _aio.UnaryUnaryMultiCallable[_members_service_pb2.IssueCardRequest, _members_service_pb2.IssueCardResponse]  # type: ignore[assignment]
     """Issues a card to a member; the number is generated when not given."""
     IdentifyMember: _aio.UnaryUnaryMultiCallable[_members_service_pb2.IdentifyMemberRequest, _members_service_pb2.IdentifyMemberResponse]  # type: ignore[assignment]
-    """Finds the member behind a card number or a phone and returns the context
-    the gateway and the rules need.
+    """Finds the member behind a card number, a phone or an app QR token and returns
+    the context the gateway and the rules need. Blocked members and blocked,
+    replaced, expired or unissued cards are refused with FAILED_PRECONDITION
+    (MEMBER_BLOCKED, CARD_BLOCKED, CARD_REPLACED, CARD_EXPIRED, CARD_NOT_ISSUED).
     """
+    UpdateMember: _aio.UnaryUnaryMultiCallable[_members_service_pb2.UpdateMemberRequest, _members_service_pb2.UpdateMemberResponse]  # type: ignore[assignment]
+    """Changes the profile fields named in the update mask; emits member.updated."""
+    BlockMember: _aio.UnaryUnaryMultiCallable[_members_service_pb2.BlockMemberRequest, _members_service_pb2.BlockMemberResponse]  # type: ignore[assignment]
+    """Blocks a member: identification is refused with MEMBER_BLOCKED."""
+    UnblockMember: _aio.UnaryUnaryMultiCallable[_members_service_pb2.UnblockMemberRequest, _members_service_pb2.UnblockMemberResponse]  # type: ignore[assignment]
+    """Lifts a member's block."""
+    EraseMember: _aio.UnaryUnaryMultiCallable[_members_service_pb2.EraseMemberRequest, _members_service_pb2.EraseMemberResponse]  # type: ignore[assignment]
+    """Erases a member's personal data on request; the member id stays, anonymous,
+    so the ledger and purchase statistics are kept. Emits member.erased.
+    """
+    IssueAnonymousCard: _aio.UnaryUnaryMultiCallable[_members_service_pb2.IssueAnonymousCardRequest, _members_service_pb2.IssueAnonymousCardResponse]  # type: ignore[assignment]
+    """Issues a card without a profile (sold or handed out at the register); the
+    holder is an anonymous member whom RegisterMember with the card number later
+    turns into a person, keeping the card's history.
+    """
+    BlockCard: _aio.UnaryUnaryMultiCallable[_members_service_pb2.BlockCardRequest, _members_service_pb2.BlockCardResponse]  # type: ignore[assignment]
+    """Blocks a card (lost, stolen, fraud); emits card.blocked."""
+    UnblockCard: _aio.UnaryUnaryMultiCallable[_members_service_pb2.UnblockCardRequest, _members_service_pb2.UnblockCardResponse]  # type: ignore[assignment]
+    """Makes a blocked card active again."""
+    ReplaceCard: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ReplaceCardRequest, _members_service_pb2.ReplaceCardResponse]  # type: ignore[assignment]
+    """Replaces a card: the old one is marked replaced, the new one identifies the
+    same member, so balance and history stay. Emits card.replaced.
+    """
+    ListMemberCards: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ListMemberCardsRequest, _members_service_pb2.ListMemberCardsResponse]  # type: ignore[assignment]
+    """Every card a member has had, replaced and blocked ones included."""
+    SetCardType: _aio.UnaryUnaryMultiCallable[_members_service_pb2.SetCardTypeRequest, _members_service_pb2.SetCardTypeResponse]  # type: ignore[assignment]
+    """Defines a card type or changes its parameters."""
+    ListCardTypes: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ListCardTypesRequest, _members_service_pb2.ListCardTypesResponse]  # type: ignore[assignment]
+    """Every card type."""
+    EmitCardBatch: _aio.UnaryUnaryMultiCallable[_members_service_pb2.EmitCardBatchRequest, _members_service_pb2.EmitCardBatchResponse]  # type: ignore[assignment]
+    """Orders a batch of card numbers (a range with a Luhn check digit); a
+    background job writes them as unissued stock. Poll GetCardBatch for progress.
+    """
+    GetCardBatch: _aio.UnaryUnaryMultiCallable[_members_service_pb2.GetCardBatchRequest, _members_service_pb2.GetCardBatchResponse]  # type: ignore[assignment]
+    """The state of a card batch."""
+    IssueQrToken: _aio.UnaryUnaryMultiCallable[_members_service_pb2.IssueQrTokenRequest, _members_service_pb2.IssueQrTokenResponse]  # type: ignore[assignment]
+    """Issues a short-lived signed token the member's app shows as a QR code;
+    IdentifyMember accepts it instead of a card.
+    """
+    SetTierDefinition: _aio.UnaryUnaryMultiCallable[_members_service_pb2.SetTierDefinitionRequest, _members_service_pb2.SetTierDefinitionResponse]  # type: ignore[assignment]
+    """Defines a tier or changes its qualification rule."""
+    ListTierDefinitions: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ListTierDefinitionsRequest, _members_service_pb2.ListTierDefinitionsResponse]  # type: ignore[assignment]
+    """Every tier, lowest rank first."""
+    ListTierHistory: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ListTierHistoryRequest, _members_service_pb2.ListTierHistoryResponse]  # type: ignore[assignment]
+    """A member's tier changes, newest first."""
+    GetMemberStatistics: _aio.UnaryUnaryMultiCallable[_members_service_pb2.GetMemberStatisticsRequest, _members_service_pb2.GetMemberStatisticsResponse]  # type: ignore[assignment]
+    """A member's purchase statistics, kept from the gateway's receipts and returns."""
+    CreateHousehold: _aio.UnaryUnaryMultiCallable[_members_service_pb2.CreateHouseholdRequest, _members_service_pb2.CreateHouseholdResponse]  # type: ignore[assignment]
+    """Creates a household (a pooled family account) with its owner as first member."""
+    JoinHousehold: _aio.UnaryUnaryMultiCallable[_members_service_pb2.JoinHouseholdRequest, _members_service_pb2.JoinHouseholdResponse]  # type: ignore[assignment]
+    """Adds a member to a household; their points account becomes the household's."""
+    LeaveHousehold: _aio.UnaryUnaryMultiCallable[_members_service_pb2.LeaveHouseholdRequest, _members_service_pb2.LeaveHouseholdResponse]  # type: ignore[assignment]
+    """Takes a member out of their household; the pooled points stay with the
+    household and the member earns on their own account again.
+    """
+    GetHousehold: _aio.UnaryUnaryMultiCallable[_members_service_pb2.GetHouseholdRequest, _members_service_pb2.GetHouseholdResponse]  # type: ignore[assignment]
+    """A household and its members."""
+    CreateSegment: _aio.UnaryUnaryMultiCallable[_members_service_pb2.CreateSegmentRequest, _members_service_pb2.CreateSegmentResponse]  # type: ignore[assignment]
+    """Creates a static segment (a list kept by hand or imported)."""
+    AddSegmentMembers: _aio.UnaryUnaryMultiCallable[_members_service_pb2.AddSegmentMembersRequest, _members_service_pb2.AddSegmentMembersResponse]  # type: ignore[assignment]
+    """Adds members to a static segment, by id or by phone (an imported list)."""
+    RemoveSegmentMembers: _aio.UnaryUnaryMultiCallable[_members_service_pb2.RemoveSegmentMembersRequest, _members_service_pb2.RemoveSegmentMembersResponse]  # type: ignore[assignment]
+    """Removes members from a static segment."""
+    GetSegment: _aio.UnaryUnaryMultiCallable[_members_service_pb2.GetSegmentRequest, _members_service_pb2.GetSegmentResponse]  # type: ignore[assignment]
+    """A segment and its size."""
+    SetPartner: _aio.UnaryUnaryMultiCallable[_members_service_pb2.SetPartnerRequest, _members_service_pb2.SetPartnerResponse]  # type: ignore[assignment]
+    """Registers a partner and the stores it owns, or replaces them."""
+    GetPartner: _aio.UnaryUnaryMultiCallable[_members_service_pb2.GetPartnerRequest, _members_service_pb2.GetPartnerResponse]  # type: ignore[assignment]
+    """A partner and its stores."""
 
 class MembersServiceServicer(metaclass=_abc_1.ABCMeta):
     """The single customer base: members, their identifiers (phones, cards) and the
@@ -105,8 +247,247 @@ class MembersServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _members_service_pb2.IdentifyMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_members_service_pb2.IdentifyMemberResponse, _abc.Awaitable[_members_service_pb2.IdentifyMemberResponse]]:
-        """Finds the member behind a card number or a phone and returns the context
-        the gateway and the rules need.
+        """Finds the member behind a card number, a phone or an app QR token and returns
+        the context the gateway and the rules need. Blocked members and blocked,
+        replaced, expired or unissued cards are refused with FAILED_PRECONDITION
+        (MEMBER_BLOCKED, CARD_BLOCKED, CARD_REPLACED, CARD_EXPIRED, CARD_NOT_ISSUED).
         """
+
+    @_abc_1.abstractmethod
+    def UpdateMember(
+        self,
+        request: _members_service_pb2.UpdateMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.UpdateMemberResponse, _abc.Awaitable[_members_service_pb2.UpdateMemberResponse]]:
+        """Changes the profile fields named in the update mask; emits member.updated."""
+
+    @_abc_1.abstractmethod
+    def BlockMember(
+        self,
+        request: _members_service_pb2.BlockMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.BlockMemberResponse, _abc.Awaitable[_members_service_pb2.BlockMemberResponse]]:
+        """Blocks a member: identification is refused with MEMBER_BLOCKED."""
+
+    @_abc_1.abstractmethod
+    def UnblockMember(
+        self,
+        request: _members_service_pb2.UnblockMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.UnblockMemberResponse, _abc.Awaitable[_members_service_pb2.UnblockMemberResponse]]:
+        """Lifts a member's block."""
+
+    @_abc_1.abstractmethod
+    def EraseMember(
+        self,
+        request: _members_service_pb2.EraseMemberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.EraseMemberResponse, _abc.Awaitable[_members_service_pb2.EraseMemberResponse]]:
+        """Erases a member's personal data on request; the member id stays, anonymous,
+        so the ledger and purchase statistics are kept. Emits member.erased.
+        """
+
+    @_abc_1.abstractmethod
+    def IssueAnonymousCard(
+        self,
+        request: _members_service_pb2.IssueAnonymousCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.IssueAnonymousCardResponse, _abc.Awaitable[_members_service_pb2.IssueAnonymousCardResponse]]:
+        """Issues a card without a profile (sold or handed out at the register); the
+        holder is an anonymous member whom RegisterMember with the card number later
+        turns into a person, keeping the card's history.
+        """
+
+    @_abc_1.abstractmethod
+    def BlockCard(
+        self,
+        request: _members_service_pb2.BlockCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.BlockCardResponse, _abc.Awaitable[_members_service_pb2.BlockCardResponse]]:
+        """Blocks a card (lost, stolen, fraud); emits card.blocked."""
+
+    @_abc_1.abstractmethod
+    def UnblockCard(
+        self,
+        request: _members_service_pb2.UnblockCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.UnblockCardResponse, _abc.Awaitable[_members_service_pb2.UnblockCardResponse]]:
+        """Makes a blocked card active again."""
+
+    @_abc_1.abstractmethod
+    def ReplaceCard(
+        self,
+        request: _members_service_pb2.ReplaceCardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ReplaceCardResponse, _abc.Awaitable[_members_service_pb2.ReplaceCardResponse]]:
+        """Replaces a card: the old one is marked replaced, the new one identifies the
+        same member, so balance and history stay. Emits card.replaced.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMemberCards(
+        self,
+        request: _members_service_pb2.ListMemberCardsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ListMemberCardsResponse, _abc.Awaitable[_members_service_pb2.ListMemberCardsResponse]]:
+        """Every card a member has had, replaced and blocked ones included."""
+
+    @_abc_1.abstractmethod
+    def SetCardType(
+        self,
+        request: _members_service_pb2.SetCardTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.SetCardTypeResponse, _abc.Awaitable[_members_service_pb2.SetCardTypeResponse]]:
+        """Defines a card type or changes its parameters."""
+
+    @_abc_1.abstractmethod
+    def ListCardTypes(
+        self,
+        request: _members_service_pb2.ListCardTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ListCardTypesResponse, _abc.Awaitable[_members_service_pb2.ListCardTypesResponse]]:
+        """Every card type."""
+
+    @_abc_1.abstractmethod
+    def EmitCardBatch(
+        self,
+        request: _members_service_pb2.EmitCardBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.EmitCardBatchResponse, _abc.Awaitable[_members_service_pb2.EmitCardBatchResponse]]:
+        """Orders a batch of card numbers (a range with a Luhn check digit); a
+        background job writes them as unissued stock. Poll GetCardBatch for progress.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCardBatch(
+        self,
+        request: _members_service_pb2.GetCardBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.GetCardBatchResponse, _abc.Awaitable[_members_service_pb2.GetCardBatchResponse]]:
+        """The state of a card batch."""
+
+    @_abc_1.abstractmethod
+    def IssueQrToken(
+        self,
+        request: _members_service_pb2.IssueQrTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.IssueQrTokenResponse, _abc.Awaitable[_members_service_pb2.IssueQrTokenResponse]]:
+        """Issues a short-lived signed token the member's app shows as a QR code;
+        IdentifyMember accepts it instead of a card.
+        """
+
+    @_abc_1.abstractmethod
+    def SetTierDefinition(
+        self,
+        request: _members_service_pb2.SetTierDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.SetTierDefinitionResponse, _abc.Awaitable[_members_service_pb2.SetTierDefinitionResponse]]:
+        """Defines a tier or changes its qualification rule."""
+
+    @_abc_1.abstractmethod
+    def ListTierDefinitions(
+        self,
+        request: _members_service_pb2.ListTierDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ListTierDefinitionsResponse, _abc.Awaitable[_members_service_pb2.ListTierDefinitionsResponse]]:
+        """Every tier, lowest rank first."""
+
+    @_abc_1.abstractmethod
+    def ListTierHistory(
+        self,
+        request: _members_service_pb2.ListTierHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ListTierHistoryResponse, _abc.Awaitable[_members_service_pb2.ListTierHistoryResponse]]:
+        """A member's tier changes, newest first."""
+
+    @_abc_1.abstractmethod
+    def GetMemberStatistics(
+        self,
+        request: _members_service_pb2.GetMemberStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.GetMemberStatisticsResponse, _abc.Awaitable[_members_service_pb2.GetMemberStatisticsResponse]]:
+        """A member's purchase statistics, kept from the gateway's receipts and returns."""
+
+    @_abc_1.abstractmethod
+    def CreateHousehold(
+        self,
+        request: _members_service_pb2.CreateHouseholdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.CreateHouseholdResponse, _abc.Awaitable[_members_service_pb2.CreateHouseholdResponse]]:
+        """Creates a household (a pooled family account) with its owner as first member."""
+
+    @_abc_1.abstractmethod
+    def JoinHousehold(
+        self,
+        request: _members_service_pb2.JoinHouseholdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.JoinHouseholdResponse, _abc.Awaitable[_members_service_pb2.JoinHouseholdResponse]]:
+        """Adds a member to a household; their points account becomes the household's."""
+
+    @_abc_1.abstractmethod
+    def LeaveHousehold(
+        self,
+        request: _members_service_pb2.LeaveHouseholdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.LeaveHouseholdResponse, _abc.Awaitable[_members_service_pb2.LeaveHouseholdResponse]]:
+        """Takes a member out of their household; the pooled points stay with the
+        household and the member earns on their own account again.
+        """
+
+    @_abc_1.abstractmethod
+    def GetHousehold(
+        self,
+        request: _members_service_pb2.GetHouseholdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.GetHouseholdResponse, _abc.Awaitable[_members_service_pb2.GetHouseholdResponse]]:
+        """A household and its members."""
+
+    @_abc_1.abstractmethod
+    def CreateSegment(
+        self,
+        request: _members_service_pb2.CreateSegmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.CreateSegmentResponse, _abc.Awaitable[_members_service_pb2.CreateSegmentResponse]]:
+        """Creates a static segment (a list kept by hand or imported)."""
+
+    @_abc_1.abstractmethod
+    def AddSegmentMembers(
+        self,
+        request: _members_service_pb2.AddSegmentMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.AddSegmentMembersResponse, _abc.Awaitable[_members_service_pb2.AddSegmentMembersResponse]]:
+        """Adds members to a static segment, by id or by phone (an imported list)."""
+
+    @_abc_1.abstractmethod
+    def RemoveSegmentMembers(
+        self,
+        request: _members_service_pb2.RemoveSegmentMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.RemoveSegmentMembersResponse, _abc.Awaitable[_members_service_pb2.RemoveSegmentMembersResponse]]:
+        """Removes members from a static segment."""
+
+    @_abc_1.abstractmethod
+    def GetSegment(
+        self,
+        request: _members_service_pb2.GetSegmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.GetSegmentResponse, _abc.Awaitable[_members_service_pb2.GetSegmentResponse]]:
+        """A segment and its size."""
+
+    @_abc_1.abstractmethod
+    def SetPartner(
+        self,
+        request: _members_service_pb2.SetPartnerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.SetPartnerResponse, _abc.Awaitable[_members_service_pb2.SetPartnerResponse]]:
+        """Registers a partner and the stores it owns, or replaces them."""
+
+    @_abc_1.abstractmethod
+    def GetPartner(
+        self,
+        request: _members_service_pb2.GetPartnerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.GetPartnerResponse, _abc.Awaitable[_members_service_pb2.GetPartnerResponse]]:
+        """A partner and its stores."""
 
 def add_MembersServiceServicer_to_server(servicer: MembersServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,32 +22,79 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4loyalty/notifications/v1/notifications_service.proto\x12\x18loyalty.notifications.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x08Template\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x32\n\x07\x63hannel\x18\x02 \x01(\x0e\x32!.loyalty.notifications.v1.Channel\x12\x0e\n\x06locale\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\"\x91\x02\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x32\n\x07\x63hannel\x18\x05 \x01(\x0e\x32!.loyalty.notifications.v1.Channel\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04\x62ody\x18\x07 \x01(\t\x12\x35\n\x05state\x18\x08 \x01(\x0e\x32&.loyalty.notifications.v1.MessageState\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x15UpsertTemplateRequest\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.Template\"N\n\x16UpsertTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.Template\"O\n\x13ListMessagesRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x14ListMessagesResponse\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.loyalty.notifications.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*X\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x03*}\n\x0cMessageState\x12\x1d\n\x19MESSAGE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_STATE_QUEUED\x10\x01\x12\x16\n\x12MESSAGE_STATE_SENT\x10\x02\x12\x1c\n\x18MESSAGE_STATE_SUPPRESSED\x10\x03\x32\xfa\x01\n\x14NotificationsService\x12s\n\x0eUpsertTemplate\x12/.loyalty.notifications.v1.UpsertTemplateRequest\x1a\x30.loyalty.notifications.v1.UpsertTemplateResponse\x12m\n\x0cListMessages\x12-.loyalty.notifications.v1.ListMessagesRequest\x1a..loyalty.notifications.v1.ListMessagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4loyalty/notifications/v1/notifications_service.proto\x12\x18loyalty.notifications.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\x08Template\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x32\n\x07\x63hannel\x18\x02 \x01(\x0e\x32!.loyalty.notifications.v1.Channel\x12\x0e\n\x06locale\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04\x62ody\x18\x05 \x01(\t\"\xd9\x01\n\x07Trigger\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x14\n\x0ctemplate_key\x18\x03 \x01(\t\x12\x33\n\x08\x63hannels\x18\x04 \x03(\x0e\x32!.loyalty.notifications.v1.Channel\x12(\n\x05\x64\x65lay\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x08\x63\x61tegory\x18\x06 \x01(\x0e\x32\".loyalty.notifications.v1.Category\"\xaf\x04\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x32\n\x07\x63hannel\x18\x05 \x01(\x0e\x32!.loyalty.notifications.v1.Channel\x12\x0f\n\x07subject\x18\x06 \x01(\t\x12\x0c\n\x04\x62ody\x18\x07 \x01(\t\x12\x35\n\x05state\x18\x08 \x01(\x0e\x32&.loyalty.notifications.v1.MessageState\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x08\x63\x61tegory\x18\n \x01(\x0e\x32\".loyalty.notifications.v1.Category\x12\x14\n\x0ctemplate_key\x18\x0b \x01(\t\x12\x0e\n\x06reason\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x35\n\x11next_attempt_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tsent_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x64\x65livered_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmass_send_id\x18\x11 \x01(\t\"\xcb\x02\n\x08MassSend\x12\x14\n\x0cmass_send_id\x18\x01 \x01(\t\x12\x14\n\x0ctemplate_key\x18\x02 \x01(\t\x12\x33\n\x08\x63hannels\x18\x03 \x03(\x0e\x32!.loyalty.notifications.v1.Channel\x12\x36\n\x05state\x18\x04 \x01(\x0e\x32\'.loyalty.notifications.v1.MassSendState\x12\x12\n\nrecipients\x18\x05 \x01(\x05\x12\x0e\n\x06queued\x18\x06 \x01(\x05\x12\x0c\n\x04sent\x18\x07 \x01(\x05\x12\x11\n\tdelivered\x18\x08 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\t \x01(\x05\x12\x12\n\nsuppressed\x18\n \x01(\x05\x12\x0c\n\x04\x64\x65\x61\x64\x18\x0b \x01(\x05\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc0\x01\n\x11\x44\x65liveryStatistic\x12\x14\n\x0ctemplate_key\x18\x01 \x01(\t\x12\x32\n\x07\x63hannel\x18\x02 \x01(\x0e\x32!.loyalty.notifications.v1.Channel\x12\x0e\n\x06queued\x18\x03 \x01(\x03\x12\x0c\n\x04sent\x18\x04 \x01(\x03\x12\x11\n\tdelivered\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x12\n\nsuppressed\x18\x07 \x01(\x03\x12\x0c\n\x04\x64\x65\x61\x64\x18\x08 \x01(\x03\"a\n\x15UpsertTemplateRequest\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.Template\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"N\n\x16UpsertTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.Template\"a\n\x16PreviewTemplateRequest\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.Template\x12\x11\n\tmember_id\x18\x02 \x01(\t\"8\n\x17PreviewTemplateResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\"\x15\n\x13ListTriggersRequest\"K\n\x14ListTriggersResponse\x12\x33\n\x08triggers\x18\x01 \x03(\x0b\x32!.loyalty.notifications.v1.Trigger\"^\n\x14UpdateTriggerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x32\n\x07trigger\x18\x02 \x01(\x0b\x32!.loyalty.notifications.v1.Trigger\"K\n\x15UpdateTriggerResponse\x12\x32\n\x07trigger\x18\x01 \x01(\x0b\x32!.loyalty.notifications.v1.Trigger\"O\n\x13ListMessagesRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x14ListMessagesResponse\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.loyalty.notifications.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8a\x01\n\x15\x43reateMassSendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0ctemplate_key\x18\x02 \x01(\t\x12\x33\n\x08\x63hannels\x18\x03 \x03(\x0e\x32!.loyalty.notifications.v1.Channel\x12\x12\n\nmember_ids\x18\x04 \x03(\t\"O\n\x16\x43reateMassSendResponse\x12\x35\n\tmass_send\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.MassSend\"*\n\x12GetMassSendRequest\x12\x14\n\x0cmass_send_id\x18\x01 \x01(\t\"L\n\x13GetMassSendResponse\x12\x35\n\tmass_send\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.MassSend\"@\n\x14PauseMassSendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmass_send_id\x18\x02 \x01(\t\"N\n\x15PauseMassSendResponse\x12\x35\n\tmass_send\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.MassSend\"A\n\x15ResumeMassSendRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmass_send_id\x18\x02 \x01(\t\"O\n\x16ResumeMassSendResponse\x12\x35\n\tmass_send\x18\x01 \x01(\x0b\x32\".loyalty.notifications.v1.MassSend\"b\n\x15ReportDeliveryRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x11\n\tdelivered\x18\x03 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"L\n\x16ReportDeliveryResponse\x12\x32\n\x07message\x18\x01 \x01(\x0b\x32!.loyalty.notifications.v1.Message\"|\n\x1cGetDeliveryStatisticsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x1dGetDeliveryStatisticsResponse\x12?\n\nstatistics\x18\x01 \x03(\x0b\x32+.loyalty.notifications.v1.DeliveryStatistic*\x81\x01\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x03\x12\x11\n\rCHANNEL_VIBER\x10\x04\x12\x14\n\x10\x43HANNEL_TELEGRAM\x10\x05*X\n\x08\x43\x61tegory\x12\x18\n\x14\x43\x41TEGORY_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41TEGORY_TRANSACTIONAL\x10\x01\x12\x16\n\x12\x43\x41TEGORY_MARKETING\x10\x02*\xcc\x01\n\x0cMessageState\x12\x1d\n\x19MESSAGE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MESSAGE_STATE_QUEUED\x10\x01\x12\x16\n\x12MESSAGE_STATE_SENT\x10\x02\x12\x1c\n\x18MESSAGE_STATE_SUPPRESSED\x10\x03\x12\x1b\n\x17MESSAGE_STATE_DELIVERED\x10\x04\x12\x18\n\x14MESSAGE_STATE_FAILED\x10\x05\x12\x16\n\x12MESSAGE_STATE_DEAD\x10\x06*\x88\x01\n\rMassSendState\x12\x1f\n\x1bMASS_SEND_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17MASS_SEND_STATE_RUNNING\x10\x01\x12\x1a\n\x16MASS_SEND_STATE_PAUSED\x10\x02\x12\x1d\n\x19MASS_SEND_STATE_COMPLETED\x10\x03\x32\x9b\n\n\x14NotificationsService\x12s\n\x0eUpsertTemplate\x12/.loyalty.notifications.v1.UpsertTemplateRequest\x1a\x30.loyalty.notifications.v1.UpsertTemplateResponse\x12v\n\x0fPreviewTemplate\x12\x30.loyalty.notifications.v1.PreviewTemplateRequest\x1a\x31.loyalty.notifications.v1.PreviewTemplateResponse\x12m\n\x0cListTriggers\x12-.loyalty.notifications.v1.ListTriggersRequest\x1a..loyalty.notifications.v1.ListTriggersResponse\x12p\n\rUpdateTrigger\x12..loyalty.notifications.v1.UpdateTriggerRequest\x1a/.loyalty.notifications.v1.UpdateTriggerResponse\x12m\n\x0cListMessages\x12-.loyalty.notifications.v1.ListMessagesRequest\x1a..loyalty.notifications.v1.ListMessagesResponse\x12s\n\x0e\x43reateMassSend\x12/.loyalty.notifications.v1.CreateMassSendRequest\x1a\x30.loyalty.notifications.v1.CreateMassSendResponse\x12j\n\x0bGetMassSend\x12,.loyalty.notifications.v1.GetMassSendRequest\x1a-.loyalty.notifications.v1.GetMassSendResponse\x12p\n\rPauseMassSend\x12..loyalty.notifications.v1.PauseMassSendRequest\x1a/.loyalty.notifications.v1.PauseMassSendResponse\x12s\n\x0eResumeMassSend\x12/.loyalty.notifications.v1.ResumeMassSendRequest\x1a\x30.loyalty.notifications.v1.ResumeMassSendResponse\x12s\n\x0eReportDelivery\x12/.loyalty.notifications.v1.ReportDeliveryRequest\x1a\x30.loyalty.notifications.v1.ReportDeliveryResponse\x12\x88\x01\n\x15GetDeliveryStatistics\x12\x36.loyalty.notifications.v1.GetDeliveryStatisticsRequest\x1a\x37.loyalty.notifications.v1.GetDeliveryStatisticsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loyalty.notifications.v1.notifications_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNEL']._serialized_start=865
-  _globals['_CHANNEL']._serialized_end=953
-  _globals['_MESSAGESTATE']._serialized_start=955
-  _globals['_MESSAGESTATE']._serialized_end=1080
-  _globals['_TEMPLATE']._serialized_start=116
-  _globals['_TEMPLATE']._serialized_end=245
-  _globals['_MESSAGE']._serialized_start=248
-  _globals['_MESSAGE']._serialized_end=521
-  _globals['_UPSERTTEMPLATEREQUEST']._serialized_start=523
-  _globals['_UPSERTTEMPLATEREQUEST']._serialized_end=600
-  _globals['_UPSERTTEMPLATERESPONSE']._serialized_start=602
-  _globals['_UPSERTTEMPLATERESPONSE']._serialized_end=680
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=682
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=761
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=763
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=863
-  _globals['_NOTIFICATIONSSERVICE']._serialized_start=1083
-  _globals['_NOTIFICATIONSSERVICE']._serialized_end=1333
+  _globals['_CHANNEL']._serialized_start=3423
+  _globals['_CHANNEL']._serialized_end=3552
+  _globals['_CATEGORY']._serialized_start=3554
+  _globals['_CATEGORY']._serialized_end=3642
+  _globals['_MESSAGESTATE']._serialized_start=3645
+  _globals['_MESSAGESTATE']._serialized_end=3849
+  _globals['_MASSSENDSTATE']._serialized_start=3852
+  _globals['_MASSSENDSTATE']._serialized_end=3988
+  _globals['_TEMPLATE']._serialized_start=148
+  _globals['_TEMPLATE']._serialized_end=277
+  _globals['_TRIGGER']._serialized_start=280
+  _globals['_TRIGGER']._serialized_end=497
+  _globals['_MESSAGE']._serialized_start=500
+  _globals['_MESSAGE']._serialized_end=1059
+  _globals['_MASSSEND']._serialized_start=1062
+  _globals['_MASSSEND']._serialized_end=1393
+  _globals['_DELIVERYSTATISTIC']._serialized_start=1396
+  _globals['_DELIVERYSTATISTIC']._serialized_end=1588
+  _globals['_UPSERTTEMPLATEREQUEST']._serialized_start=1590
+  _globals['_UPSERTTEMPLATEREQUEST']._serialized_end=1687
+  _globals['_UPSERTTEMPLATERESPONSE']._serialized_start=1689
+  _globals['_UPSERTTEMPLATERESPONSE']._serialized_end=1767
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_start=1769
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_end=1866
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_start=1868
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_end=1924
+  _globals['_LISTTRIGGERSREQUEST']._serialized_start=1926
+  _globals['_LISTTRIGGERSREQUEST']._serialized_end=1947
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_start=1949
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_end=2024
+  _globals['_UPDATETRIGGERREQUEST']._serialized_start=2026
+  _globals['_UPDATETRIGGERREQUEST']._serialized_end=2120
+  _globals['_UPDATETRIGGERRESPONSE']._serialized_start=2122
+  _globals['_UPDATETRIGGERRESPONSE']._serialized_end=2197
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=2199
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=2278
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=2280
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=2380
+  _globals['_CREATEMASSSENDREQUEST']._serialized_start=2383
+  _globals['_CREATEMASSSENDREQUEST']._serialized_end=2521
+  _globals['_CREATEMASSSENDRESPONSE']._serialized_start=2523
+  _globals['_CREATEMASSSENDRESPONSE']._serialized_end=2602
+  _globals['_GETMASSSENDREQUEST']._serialized_start=2604
+  _globals['_GETMASSSENDREQUEST']._serialized_end=2646
+  _globals['_GETMASSSENDRESPONSE']._serialized_start=2648
+  _globals['_GETMASSSENDRESPONSE']._serialized_end=2724
+  _globals['_PAUSEMASSSENDREQUEST']._serialized_start=2726
+  _globals['_PAUSEMASSSENDREQUEST']._serialized_end=2790
+  _globals['_PAUSEMASSSENDRESPONSE']._serialized_start=2792
+  _globals['_PAUSEMASSSENDRESPONSE']._serialized_end=2870
+  _globals['_RESUMEMASSSENDREQUEST']._serialized_start=2872
+  _globals['_RESUMEMASSSENDREQUEST']._serialized_end=2937
+  _globals['_RESUMEMASSSENDRESPONSE']._serialized_start=2939
+  _globals['_RESUMEMASSSENDRESPONSE']._serialized_end=3018
+  _globals['_REPORTDELIVERYREQUEST']._serialized_start=3020
+  _globals['_REPORTDELIVERYREQUEST']._serialized_end=3118
+  _globals['_REPORTDELIVERYRESPONSE']._serialized_start=3120
+  _globals['_REPORTDELIVERYRESPONSE']._serialized_end=3196
+  _globals['_GETDELIVERYSTATISTICSREQUEST']._serialized_start=3198
+  _globals['_GETDELIVERYSTATISTICSREQUEST']._serialized_end=3322
+  _globals['_GETDELIVERYSTATISTICSRESPONSE']._serialized_start=3324
+  _globals['_GETDELIVERYSTATISTICSRESPONSE']._serialized_end=3420
+  _globals['_NOTIFICATIONSSERVICE']._serialized_start=3991
+  _globals['_NOTIFICATIONSSERVICE']._serialized_end=5298
 # @@protoc_insertion_point(module_scope)

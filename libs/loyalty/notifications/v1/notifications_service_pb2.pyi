@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -29,11 +30,15 @@ class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.Value
     CHANNEL_UNSPECIFIED: _Channel.ValueType  # 0
     """Never used."""
     CHANNEL_EMAIL: _Channel.ValueType  # 1
-    """E-mail."""
+    """E-mail, through the SMTP server."""
     CHANNEL_SMS: _Channel.ValueType  # 2
-    """SMS."""
+    """SMS, to the member's phone."""
     CHANNEL_PUSH: _Channel.ValueType  # 3
-    """Mobile push."""
+    """Mobile push, to the member's app."""
+    CHANNEL_VIBER: _Channel.ValueType  # 4
+    """Viber, to the member's phone."""
+    CHANNEL_TELEGRAM: _Channel.ValueType  # 5
+    """Telegram, to the member's chat with the program's bot."""
 
 class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
     """A delivery channel."""
@@ -41,12 +46,44 @@ class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
 CHANNEL_UNSPECIFIED: Channel.ValueType  # 0
 """Never used."""
 CHANNEL_EMAIL: Channel.ValueType  # 1
-"""E-mail."""
+"""E-mail, through the SMTP server."""
 CHANNEL_SMS: Channel.ValueType  # 2
-"""SMS."""
+"""SMS, to the member's phone."""
 CHANNEL_PUSH: Channel.ValueType  # 3
-"""Mobile push."""
+"""Mobile push, to the member's app."""
+CHANNEL_VIBER: Channel.ValueType  # 4
+"""Viber, to the member's phone."""
+CHANNEL_TELEGRAM: Channel.ValueType  # 5
+"""Telegram, to the member's chat with the program's bot."""
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
+
+class _Category:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CategoryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Category.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CATEGORY_UNSPECIFIED: _Category.ValueType  # 0
+    """Never used."""
+    CATEGORY_TRANSACTIONAL: _Category.ValueType  # 1
+    """About the member's own account (points, tier): sent without consent unless the
+    program's policy (messaging.transactional_needs_consent) requires it.
+    """
+    CATEGORY_MARKETING: _Category.ValueType  # 2
+    """Promotion: sent only on a channel the member consented to, within the frequency cap."""
+
+class Category(_Category, metaclass=_CategoryEnumTypeWrapper):
+    """Whether a message needs the member's consent for the channel."""
+
+CATEGORY_UNSPECIFIED: Category.ValueType  # 0
+"""Never used."""
+CATEGORY_TRANSACTIONAL: Category.ValueType  # 1
+"""About the member's own account (points, tier): sent without consent unless the
+program's policy (messaging.transactional_needs_consent) requires it.
+"""
+CATEGORY_MARKETING: Category.ValueType  # 2
+"""Promotion: sent only on a channel the member consented to, within the frequency cap."""
+Global___Category: _TypeAlias = Category  # noqa: Y015
 
 class _MessageState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -57,11 +94,17 @@ class _MessageStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageS
     MESSAGE_STATE_UNSPECIFIED: _MessageState.ValueType  # 0
     """Never used."""
     MESSAGE_STATE_QUEUED: _MessageState.ValueType  # 1
-    """Rendered and waiting for its channel."""
+    """Waiting to be sent: its delay, quiet hours or a retry (see next_attempt_time)."""
     MESSAGE_STATE_SENT: _MessageState.ValueType  # 2
-    """Handed to the provider."""
+    """Accepted by the provider; no delivery confirmation."""
     MESSAGE_STATE_SUPPRESSED: _MessageState.ValueType  # 3
-    """Not sent, e.g. no consent; see suppression_reason."""
+    """Not sent, and never will be; see reason (NO_CONSENT, NO_ADDRESS, FREQUENCY_CAPPED, ...)."""
+    MESSAGE_STATE_DELIVERED: _MessageState.ValueType  # 4
+    """The provider confirmed delivery."""
+    MESSAGE_STATE_FAILED: _MessageState.ValueType  # 5
+    """Every usable channel refused the recipient; see reason."""
+    MESSAGE_STATE_DEAD: _MessageState.ValueType  # 6
+    """The providers kept failing until the attempts ran out; see reason."""
 
 class MessageState(_MessageState, metaclass=_MessageStateEnumTypeWrapper):
     """The delivery state of a message."""
@@ -69,12 +112,46 @@ class MessageState(_MessageState, metaclass=_MessageStateEnumTypeWrapper):
 MESSAGE_STATE_UNSPECIFIED: MessageState.ValueType  # 0
 """Never used."""
 MESSAGE_STATE_QUEUED: MessageState.ValueType  # 1
-"""Rendered and waiting for its channel."""
+"""Waiting to be sent: its delay, quiet hours or a retry (see next_attempt_time)."""
 MESSAGE_STATE_SENT: MessageState.ValueType  # 2
-"""Handed to the provider."""
+"""Accepted by the provider; no delivery confirmation."""
 MESSAGE_STATE_SUPPRESSED: MessageState.ValueType  # 3
-"""Not sent, e.g. no consent; see suppression_reason."""
+"""Not sent, and never will be; see reason (NO_CONSENT, NO_ADDRESS, FREQUENCY_CAPPED, ...)."""
+MESSAGE_STATE_DELIVERED: MessageState.ValueType  # 4
+"""The provider confirmed delivery."""
+MESSAGE_STATE_FAILED: MessageState.ValueType  # 5
+"""Every usable channel refused the recipient; see reason."""
+MESSAGE_STATE_DEAD: MessageState.ValueType  # 6
+"""The providers kept failing until the attempts ran out; see reason."""
 Global___MessageState: _TypeAlias = MessageState  # noqa: Y015
+
+class _MassSendState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MassSendStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MassSendState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MASS_SEND_STATE_UNSPECIFIED: _MassSendState.ValueType  # 0
+    """Never used."""
+    MASS_SEND_STATE_RUNNING: _MassSendState.ValueType  # 1
+    """Its messages are being sent."""
+    MASS_SEND_STATE_PAUSED: _MassSendState.ValueType  # 2
+    """Paused: queued messages wait."""
+    MASS_SEND_STATE_COMPLETED: _MassSendState.ValueType  # 3
+    """No message is left queued."""
+
+class MassSendState(_MassSendState, metaclass=_MassSendStateEnumTypeWrapper):
+    """The state of a mass send."""
+
+MASS_SEND_STATE_UNSPECIFIED: MassSendState.ValueType  # 0
+"""Never used."""
+MASS_SEND_STATE_RUNNING: MassSendState.ValueType  # 1
+"""Its messages are being sent."""
+MASS_SEND_STATE_PAUSED: MassSendState.ValueType  # 2
+"""Paused: queued messages wait."""
+MASS_SEND_STATE_COMPLETED: MassSendState.ValueType  # 3
+"""No message is left queued."""
+Global___MassSendState: _TypeAlias = MassSendState  # noqa: Y015
 
 @_typing.final
 class Template(_message.Message):
@@ -88,15 +165,22 @@ class Template(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
     event_type: _builtins.str
-    """The event that triggers it, e.g. "member.registered"."""
+    """The template key: the event that uses it, e.g. "member.registered", or a
+    name of the marketer's choice for mass sends, e.g. "promo.spring".
+    """
     channel: Global___Channel.ValueType
     """The channel."""
     locale: _builtins.str
-    """Locale, e.g. "en", "ru"."""
+    """Locale, e.g. "en", "pt-BR"; a member gets their locale, then its language,
+    then the program's default.
+    """
     subject: _builtins.str
-    """Subject line (e-mail); Jinja2 syntax."""
+    """Subject line (required for e-mail); Jinja2 syntax."""
     body: _builtins.str
-    """Body; Jinja2 syntax with `member` and `event` in context."""
+    """Body (HTML for e-mail); Jinja2 syntax with `member` (id, first_name,
+    last_name, tier, locale, birth_date), `event` (type, id, occurred_at, data:
+    the event's payload) and `program` (name) in context.
+    """
     def __init__(
         self,
         *,
@@ -115,8 +199,58 @@ class Template(_message.Message):
 Global___Template: _TypeAlias = Template  # noqa: Y015
 
 @_typing.final
+class Trigger(_message.Message):
+    """How an event becomes a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    TEMPLATE_KEY_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    event_type: _builtins.str
+    """The event: member.registered, points.accrued, points.expiring,
+    points.adjusted, tier.changed, coupon.issued or member.birthday.
+    """
+    enabled: _builtins.bool
+    """Whether the event sends a message at all."""
+    template_key: _builtins.str
+    """The key of the templates used; empty means the event type."""
+    category: Global___Category.ValueType
+    """Whether the message needs consent."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]:
+        """The cascade: the message goes to the first channel the member has consent
+        and an address for, and falls to the next when a provider fails.
+        """
+
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """How long after the event the message goes (0 to 30 days)."""
+
+    def __init__(
+        self,
+        *,
+        event_type: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+        template_key: _builtins.str = ...,
+        channels: _abc.Iterable[Global___Channel.ValueType] | None = ...,
+        delay: _duration_pb2.Duration | None = ...,
+        category: Global___Category.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "channels", b"channels", "delay", b"delay", "enabled", b"enabled", "event_type", b"event_type", "template_key", b"template_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Trigger: _TypeAlias = Trigger  # noqa: Y015
+
+@_typing.final
 class Message(_message.Message):
-    """A message rendered for a member."""
+    """A message to a member."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -129,25 +263,57 @@ class Message(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    TEMPLATE_KEY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    SENT_TIME_FIELD_NUMBER: _builtins.int
+    DELIVERED_TIME_FIELD_NUMBER: _builtins.int
+    MASS_SEND_ID_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """The message id."""
     member_id: _builtins.str
     """The recipient."""
     event_type: _builtins.str
-    """The triggering event type."""
+    """The triggering event type ("mass.send" for a mass send)."""
     event_id: _builtins.str
-    """The id of the triggering event; a message is rendered once per event."""
+    """The id of the triggering event (or of the mass send); a member gets one
+    message per event.
+    """
     channel: Global___Channel.ValueType
-    """The channel."""
+    """The channel it was sent on, or rendered for while not yet sent."""
     subject: _builtins.str
     """Rendered subject."""
     body: _builtins.str
     """Rendered body."""
     state: Global___MessageState.ValueType
     """Delivery state."""
+    category: Global___Category.ValueType
+    """Whether it needed consent."""
+    template_key: _builtins.str
+    """The key of its templates."""
+    reason: _builtins.str
+    """Why it was suppressed, or the last provider failure."""
+    attempts: _builtins.int
+    """Delivery attempts so far, over all channels."""
+    mass_send_id: _builtins.str
+    """The mass send it belongs to; empty for triggered messages."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was created."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When a queued message goes next."""
+
+    @_builtins.property
+    def sent_time(self) -> _timestamp_pb2.Timestamp:
+        """When a provider accepted it."""
+
+    @_builtins.property
+    def delivered_time(self) -> _timestamp_pb2.Timestamp:
+        """When a provider confirmed delivery."""
 
     def __init__(
         self,
@@ -161,14 +327,142 @@ class Message(_message.Message):
         body: _builtins.str = ...,
         state: Global___MessageState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        category: Global___Category.ValueType = ...,
+        template_key: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        sent_time: _timestamp_pb2.Timestamp | None = ...,
+        delivered_time: _timestamp_pb2.Timestamp | None = ...,
+        mass_send_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delivered_time", b"delivered_time", "next_attempt_time", b"next_attempt_time", "sent_time", b"sent_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "channel", b"channel", "create_time", b"create_time", "event_id", b"event_id", "event_type", b"event_type", "member_id", b"member_id", "message_id", b"message_id", "state", b"state", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "body", b"body", "category", b"category", "channel", b"channel", "create_time", b"create_time", "delivered_time", b"delivered_time", "event_id", b"event_id", "event_type", b"event_type", "mass_send_id", b"mass_send_id", "member_id", b"member_id", "message_id", b"message_id", "next_attempt_time", b"next_attempt_time", "reason", b"reason", "sent_time", b"sent_time", "state", b"state", "subject", b"subject", "template_key", b"template_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015
+
+@_typing.final
+class MassSend(_message.Message):
+    """A mass send and its progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASS_SEND_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_KEY_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
+    DEAD_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    mass_send_id: _builtins.str
+    """The mass send id."""
+    template_key: _builtins.str
+    """The key of its templates."""
+    state: Global___MassSendState.ValueType
+    """Its state."""
+    recipients: _builtins.int
+    """How many members it goes to."""
+    queued: _builtins.int
+    """Messages still queued."""
+    sent: _builtins.int
+    """Messages accepted by a provider."""
+    delivered: _builtins.int
+    """Messages confirmed delivered."""
+    failed: _builtins.int
+    """Messages refused on every channel."""
+    suppressed: _builtins.int
+    """Messages suppressed (no consent, no address, frequency cap, ...)."""
+    dead: _builtins.int
+    """Messages whose attempts ran out."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]:
+        """Its channel cascade."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    def __init__(
+        self,
+        *,
+        mass_send_id: _builtins.str = ...,
+        template_key: _builtins.str = ...,
+        channels: _abc.Iterable[Global___Channel.ValueType] | None = ...,
+        state: Global___MassSendState.ValueType = ...,
+        recipients: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        sent: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        suppressed: _builtins.int = ...,
+        dead: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "create_time", b"create_time", "dead", b"dead", "delivered", b"delivered", "failed", b"failed", "mass_send_id", b"mass_send_id", "queued", b"queued", "recipients", b"recipients", "sent", b"sent", "state", b"state", "suppressed", b"suppressed", "template_key", b"template_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MassSend: _TypeAlias = MassSend  # noqa: Y015
+
+@_typing.final
+class DeliveryStatistic(_message.Message):
+    """Message counts of one template on one channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_KEY_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
+    DEAD_FIELD_NUMBER: _builtins.int
+    template_key: _builtins.str
+    """The template key."""
+    channel: Global___Channel.ValueType
+    """The channel."""
+    queued: _builtins.int
+    """Messages still queued."""
+    sent: _builtins.int
+    """Messages accepted by a provider."""
+    delivered: _builtins.int
+    """Messages confirmed delivered."""
+    failed: _builtins.int
+    """Messages refused on every channel."""
+    suppressed: _builtins.int
+    """Messages suppressed."""
+    dead: _builtins.int
+    """Messages whose attempts ran out."""
+    def __init__(
+        self,
+        *,
+        template_key: _builtins.str = ...,
+        channel: Global___Channel.ValueType = ...,
+        queued: _builtins.int = ...,
+        sent: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        suppressed: _builtins.int = ...,
+        dead: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "dead", b"dead", "delivered", b"delivered", "failed", b"failed", "queued", b"queued", "sent", b"sent", "suppressed", b"suppressed", "template_key", b"template_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryStatistic: _TypeAlias = DeliveryStatistic  # noqa: Y015
 
 @_typing.final
 class UpsertTemplateRequest(_message.Message):
@@ -177,6 +471,9 @@ class UpsertTemplateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEMPLATE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the client."""
     @_builtins.property
     def template(self) -> Global___Template:
         """The template."""
@@ -185,10 +482,11 @@ class UpsertTemplateRequest(_message.Message):
         self,
         *,
         template: Global___Template | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "template", b"template"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -217,6 +515,153 @@ class UpsertTemplateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpsertTemplateResponse: _TypeAlias = UpsertTemplateResponse  # noqa: Y015
+
+@_typing.final
+class PreviewTemplateRequest(_message.Message):
+    """Request of PreviewTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """A member to render it for; empty: a sample member."""
+    @_builtins.property
+    def template(self) -> Global___Template:
+        """The template to render; it need not be saved."""
+
+    def __init__(
+        self,
+        *,
+        template: Global___Template | None = ...,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewTemplateRequest: _TypeAlias = PreviewTemplateRequest  # noqa: Y015
+
+@_typing.final
+class PreviewTemplateResponse(_message.Message):
+    """Response of PreviewTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    """Rendered subject."""
+    body: _builtins.str
+    """Rendered body."""
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        body: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewTemplateResponse: _TypeAlias = PreviewTemplateResponse  # noqa: Y015
+
+@_typing.final
+class ListTriggersRequest(_message.Message):
+    """Request of ListTriggers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTriggersRequest: _TypeAlias = ListTriggersRequest  # noqa: Y015
+
+@_typing.final
+class ListTriggersResponse(_message.Message):
+    """Response of ListTriggers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIGGERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def triggers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Trigger]:
+        """Every trigger, one per event type."""
+
+    def __init__(
+        self,
+        *,
+        triggers: _abc.Iterable[Global___Trigger] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["triggers", b"triggers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTriggersResponse: _TypeAlias = ListTriggersResponse  # noqa: Y015
+
+@_typing.final
+class UpdateTriggerRequest(_message.Message):
+    """Request of UpdateTrigger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the client."""
+    @_builtins.property
+    def trigger(self) -> Global___Trigger:
+        """The trigger's whole new configuration."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        trigger: Global___Trigger | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trigger", b"trigger"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTriggerRequest: _TypeAlias = UpdateTriggerRequest  # noqa: Y015
+
+@_typing.final
+class UpdateTriggerResponse(_message.Message):
+    """Response of UpdateTrigger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def trigger(self) -> Global___Trigger:
+        """The stored trigger."""
+
+    def __init__(
+        self,
+        *,
+        trigger: Global___Trigger | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trigger", b"trigger"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTriggerResponse: _TypeAlias = UpdateTriggerResponse  # noqa: Y015
 
 @_typing.final
 class ListMessagesRequest(_message.Message):
@@ -275,3 +720,325 @@ class ListMessagesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class CreateMassSendRequest(_message.Message):
+    """Request of CreateMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TEMPLATE_KEY_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    MEMBER_IDS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the client."""
+    template_key: _builtins.str
+    """The key of the templates to send."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]:
+        """The channel cascade."""
+
+    @_builtins.property
+    def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The recipients (at most 10,000; send a larger segment in parts). Duplicates
+        get one message.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        template_key: _builtins.str = ...,
+        channels: _abc.Iterable[Global___Channel.ValueType] | None = ...,
+        member_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "member_ids", b"member_ids", "request_id", b"request_id", "template_key", b"template_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMassSendRequest: _TypeAlias = CreateMassSendRequest  # noqa: Y015
+
+@_typing.final
+class CreateMassSendResponse(_message.Message):
+    """Response of CreateMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASS_SEND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mass_send(self) -> Global___MassSend:
+        """The new mass send."""
+
+    def __init__(
+        self,
+        *,
+        mass_send: Global___MassSend | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMassSendResponse: _TypeAlias = CreateMassSendResponse  # noqa: Y015
+
+@_typing.final
+class GetMassSendRequest(_message.Message):
+    """Request of GetMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASS_SEND_ID_FIELD_NUMBER: _builtins.int
+    mass_send_id: _builtins.str
+    """The mass send."""
+    def __init__(
+        self,
+        *,
+        mass_send_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mass_send_id", b"mass_send_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMassSendRequest: _TypeAlias = GetMassSendRequest  # noqa: Y015
+
+@_typing.final
+class GetMassSendResponse(_message.Message):
+    """Response of GetMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASS_SEND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mass_send(self) -> Global___MassSend:
+        """The mass send and its progress."""
+
+    def __init__(
+        self,
+        *,
+        mass_send: Global___MassSend | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMassSendResponse: _TypeAlias = GetMassSendResponse  # noqa: Y015
+
+@_typing.final
+class PauseMassSendRequest(_message.Message):
+    """Request of PauseMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MASS_SEND_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the client."""
+    mass_send_id: _builtins.str
+    """The mass send."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        mass_send_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mass_send_id", b"mass_send_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseMassSendRequest: _TypeAlias = PauseMassSendRequest  # noqa: Y015
+
+@_typing.final
+class PauseMassSendResponse(_message.Message):
+    """Response of PauseMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASS_SEND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mass_send(self) -> Global___MassSend:
+        """The mass send and its progress."""
+
+    def __init__(
+        self,
+        *,
+        mass_send: Global___MassSend | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseMassSendResponse: _TypeAlias = PauseMassSendResponse  # noqa: Y015
+
+@_typing.final
+class ResumeMassSendRequest(_message.Message):
+    """Request of ResumeMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MASS_SEND_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the client."""
+    mass_send_id: _builtins.str
+    """The mass send."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        mass_send_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mass_send_id", b"mass_send_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeMassSendRequest: _TypeAlias = ResumeMassSendRequest  # noqa: Y015
+
+@_typing.final
+class ResumeMassSendResponse(_message.Message):
+    """Response of ResumeMassSend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASS_SEND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mass_send(self) -> Global___MassSend:
+        """The mass send and its progress."""
+
+    def __init__(
+        self,
+        *,
+        mass_send: Global___MassSend | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mass_send", b"mass_send"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeMassSendResponse: _TypeAlias = ResumeMassSendResponse  # noqa: Y015
+
+@_typing.final
+class ReportDeliveryRequest(_message.Message):
+    """Request of ReportDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the client."""
+    message_id: _builtins.str
+    """The message, as sent to the provider (message_id in its payload)."""
+    delivered: _builtins.bool
+    """Whether the provider delivered it."""
+    detail: _builtins.str
+    """The provider's words, e.g. "number unreachable"; kept in the message's reason."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        delivered: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "detail", b"detail", "message_id", b"message_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDeliveryRequest: _TypeAlias = ReportDeliveryRequest  # noqa: Y015
+
+@_typing.final
+class ReportDeliveryResponse(_message.Message):
+    """Response of ReportDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___Message:
+        """The message after the report."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportDeliveryResponse: _TypeAlias = ReportDeliveryResponse  # noqa: Y015
+
+@_typing.final
+class GetDeliveryStatisticsRequest(_message.Message):
+    """Request of GetDeliveryStatistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Count messages created at or after this moment; unset: since the start."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Count messages created before this moment; unset: until now."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeliveryStatisticsRequest: _TypeAlias = GetDeliveryStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class GetDeliveryStatisticsResponse(_message.Message):
+    """Response of GetDeliveryStatistics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def statistics(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryStatistic]:
+        """One entry per template and channel that has messages."""
+
+    def __init__(
+        self,
+        *,
+        statistics: _abc.Iterable[Global___DeliveryStatistic] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeliveryStatisticsResponse: _TypeAlias = GetDeliveryStatisticsResponse  # noqa: Y015

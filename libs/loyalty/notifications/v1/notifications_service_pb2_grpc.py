@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class NotificationsServiceStub:
-    """Messages to members: templates per event and channel, and the messages
-    rendered from them.
+    """Messages to members: templates per event, channel and locale; triggers that
+    turn events into messages; mass sends; delivery over a cascade of channels.
     """
 
     def __init__(self, channel):
@@ -41,16 +41,61 @@ class NotificationsServiceStub:
                 request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpsertTemplateRequest.SerializeToString,
                 response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpsertTemplateResponse.FromString,
                 _registered_method=True)
+        self.PreviewTemplate = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/PreviewTemplate',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PreviewTemplateRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PreviewTemplateResponse.FromString,
+                _registered_method=True)
+        self.ListTriggers = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/ListTriggers',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListTriggersRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListTriggersResponse.FromString,
+                _registered_method=True)
+        self.UpdateTrigger = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/UpdateTrigger',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpdateTriggerRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpdateTriggerResponse.FromString,
+                _registered_method=True)
         self.ListMessages = channel.unary_unary(
                 '/loyalty.notifications.v1.NotificationsService/ListMessages',
                 request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.CreateMassSend = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/CreateMassSend',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.CreateMassSendRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.CreateMassSendResponse.FromString,
+                _registered_method=True)
+        self.GetMassSend = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/GetMassSend',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetMassSendRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetMassSendResponse.FromString,
+                _registered_method=True)
+        self.PauseMassSend = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/PauseMassSend',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PauseMassSendRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PauseMassSendResponse.FromString,
+                _registered_method=True)
+        self.ResumeMassSend = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/ResumeMassSend',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ResumeMassSendRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ResumeMassSendResponse.FromString,
+                _registered_method=True)
+        self.ReportDelivery = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/ReportDelivery',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ReportDeliveryRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ReportDeliveryResponse.FromString,
+                _registered_method=True)
+        self.GetDeliveryStatistics = channel.unary_unary(
+                '/loyalty.notifications.v1.NotificationsService/GetDeliveryStatistics',
+                request_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetDeliveryStatisticsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetDeliveryStatisticsResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationsServiceServicer:
-    """Messages to members: templates per event and channel, and the messages
-    rendered from them.
+    """Messages to members: templates per event, channel and locale; triggers that
+    turn events into messages; mass sends; delivery over a cascade of channels.
     """
 
     def UpsertTemplate(self, request, context):
@@ -61,8 +106,74 @@ class NotificationsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewTemplate(self, request, context):
+        """Renders a template, saved or not, with sample data or a member's details,
+        so a marketer sees the text before saving it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTriggers(self, request, context):
+        """Lists every trigger with its configuration (the built-in one until changed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTrigger(self, request, context):
+        """Configures a trigger: on or off, its templates, its channel cascade, its delay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListMessages(self, request, context):
-        """Lists the messages rendered for a member, newest first.
+        """Lists the messages of a member, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateMassSend(self, request, context):
+        """Queues one marketing message for each member of a list (a segment's members).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMassSend(self, request, context):
+        """Returns a mass send and its progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseMassSend(self, request, context):
+        """Pauses a mass send: its messages not yet sent wait until it is resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeMassSend(self, request, context):
+        """Resumes a paused mass send.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportDelivery(self, request, context):
+        """Records what a provider reported later about a sent message (a delivery
+        receipt): delivered, or undelivered, which sends the message on to the next
+        channel of its cascade, or fails it when none is left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeliveryStatistics(self, request, context):
+        """Counts messages per template, channel and delivery state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,10 +187,55 @@ def add_NotificationsServiceServicer_to_server(servicer, server):
                     request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpsertTemplateRequest.FromString,
                     response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpsertTemplateResponse.SerializeToString,
             ),
+            'PreviewTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewTemplate,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PreviewTemplateRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PreviewTemplateResponse.SerializeToString,
+            ),
+            'ListTriggers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTriggers,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListTriggersRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListTriggersResponse.SerializeToString,
+            ),
+            'UpdateTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTrigger,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpdateTriggerRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpdateTriggerResponse.SerializeToString,
+            ),
             'ListMessages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMessages,
                     request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListMessagesRequest.FromString,
                     response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'CreateMassSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMassSend,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.CreateMassSendRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.CreateMassSendResponse.SerializeToString,
+            ),
+            'GetMassSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMassSend,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetMassSendRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetMassSendResponse.SerializeToString,
+            ),
+            'PauseMassSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseMassSend,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PauseMassSendRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PauseMassSendResponse.SerializeToString,
+            ),
+            'ResumeMassSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeMassSend,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ResumeMassSendRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ResumeMassSendResponse.SerializeToString,
+            ),
+            'ReportDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDelivery,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ReportDeliveryRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ReportDeliveryResponse.SerializeToString,
+            ),
+            'GetDeliveryStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeliveryStatistics,
+                    request_deserializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetDeliveryStatisticsRequest.FromString,
+                    response_serializer=loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetDeliveryStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,8 +246,8 @@ def add_NotificationsServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class NotificationsService:
-    """Messages to members: templates per event and channel, and the messages
-    rendered from them.
+    """Messages to members: templates per event, channel and locale; triggers that
+    turn events into messages; mass sends; delivery over a cascade of channels.
     """
 
     @staticmethod
@@ -122,6 +278,87 @@ class NotificationsService:
             _registered_method=True)
 
     @staticmethod
+    def PreviewTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/PreviewTemplate',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PreviewTemplateRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PreviewTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTriggers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/ListTriggers',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListTriggersRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListTriggersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/UpdateTrigger',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpdateTriggerRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.UpdateTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListMessages(request,
             target,
             options=(),
@@ -138,6 +375,168 @@ class NotificationsService:
             '/loyalty.notifications.v1.NotificationsService/ListMessages',
             loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListMessagesRequest.SerializeToString,
             loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMassSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/CreateMassSend',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.CreateMassSendRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.CreateMassSendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMassSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/GetMassSend',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetMassSendRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetMassSendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseMassSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/PauseMassSend',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PauseMassSendRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.PauseMassSendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeMassSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/ResumeMassSend',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ResumeMassSendRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ResumeMassSendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/ReportDelivery',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ReportDeliveryRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.ReportDeliveryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeliveryStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.notifications.v1.NotificationsService/GetDeliveryStatistics',
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetDeliveryStatisticsRequest.SerializeToString,
+            loyalty_dot_notifications_dot_v1_dot_notifications__service__pb2.GetDeliveryStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class NotificationsServiceStub:
-    """Messages to members: templates per event and channel, and the messages
-    rendered from them.
+    """Messages to members: templates per event, channel and locale; triggers that
+    turn events into messages; mass sends; delivery over a cascade of channels.
     """
 
     @_typing.overload
@@ -39,13 +39,36 @@ class NotificationsServiceStub:
     """Creates or replaces the template for an event, channel and locale. A
     template that fails to render with sample data is rejected.
     """
+    PreviewTemplate: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.PreviewTemplateRequest, _notifications_service_pb2.PreviewTemplateResponse]
+    """Renders a template, saved or not, with sample data or a member's details,
+    so a marketer sees the text before saving it.
+    """
+    ListTriggers: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.ListTriggersRequest, _notifications_service_pb2.ListTriggersResponse]
+    """Lists every trigger with its configuration (the built-in one until changed)."""
+    UpdateTrigger: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.UpdateTriggerRequest, _notifications_service_pb2.UpdateTriggerResponse]
+    """Configures a trigger: on or off, its templates, its channel cascade, its delay."""
     ListMessages: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.ListMessagesRequest, _notifications_service_pb2.ListMessagesResponse]
-    """Lists the messages rendered for a member, newest first."""
+    """Lists the messages of a member, newest first."""
+    CreateMassSend: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.CreateMassSendRequest, _notifications_service_pb2.CreateMassSendResponse]
+    """Queues one marketing message for each member of a list (a segment's members)."""
+    GetMassSend: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.GetMassSendRequest, _notifications_service_pb2.GetMassSendResponse]
+    """Returns a mass send and its progress."""
+    PauseMassSend: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.PauseMassSendRequest, _notifications_service_pb2.PauseMassSendResponse]
+    """Pauses a mass send: its messages not yet sent wait until it is resumed."""
+    ResumeMassSend: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.ResumeMassSendRequest, _notifications_service_pb2.ResumeMassSendResponse]
+    """Resumes a paused mass send."""
+    ReportDelivery: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.ReportDeliveryRequest, _notifications_service_pb2.ReportDeliveryResponse]
+    """Records what a provider reported later about a sent message (a delivery
+    receipt): delivered, or undelivered, which sends the message on to the next
+    channel of its cascade, or fails it when none is left.
+    """
+    GetDeliveryStatistics: _grpc.UnaryUnaryMultiCallable[_notifications_service_pb2.GetDeliveryStatisticsRequest, _notifications_service_pb2.GetDeliveryStatisticsResponse]
+    """Counts messages per template, channel and delivery state."""
 
 @_typing.type_check_only
 class NotificationsServiceAsyncStub(NotificationsServiceStub):
-    """Messages to members: templates per event and channel, and the messages
-    rendered from them.
+    """Messages to members: templates per event, channel and locale; triggers that
+    turn events into messages; mass sends; delivery over a cascade of channels.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -53,12 +76,35 @@ class NotificationsServiceAsyncStub(NotificationsServiceStub):
     """Creates or replaces the template for an event, channel and locale. A
     template that fails to render with sample data is rejected.
     """
+    PreviewTemplate: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.PreviewTemplateRequest, _notifications_service_pb2.PreviewTemplateResponse]  # type: ignore[assignment]
+    """Renders a template, saved or not, with sample data or a member's details,
+    so a marketer sees the text before saving it.
+    """
+    ListTriggers: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.ListTriggersRequest, _notifications_service_pb2.ListTriggersResponse]  # type: ignore[assignment]
+    """Lists every trigger with its configuration (the built-in one until changed)."""
+    UpdateTrigger: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.UpdateTriggerRequest, _notifications_service_pb2.UpdateTriggerResponse]  # type: ignore[assignment]
+    """Configures a trigger: on or off, its templates, its channel cascade, its delay."""
     ListMessages: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.ListMessagesRequest, _notifications_service_pb2.ListMessagesResponse]  # type: ignore[assignment]
-    """Lists the messages rendered for a member, newest first."""
+    """Lists the messages of a member, newest first."""
+    CreateMassSend: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.CreateMassSendRequest, _notifications_service_pb2.CreateMassSendResponse]  # type: ignore[assignment]
+    """Queues one marketing message for each member of a list (a segment's members)."""
+    GetMassSend: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.GetMassSendRequest, _notifications_service_pb2.GetMassSendResponse]  # type: ignore[assignment]
+    """Returns a mass send and its progress."""
+    PauseMassSend: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.PauseMassSendRequest, _notifications_service_pb2.PauseMassSendResponse]  # type: ignore[assignment]
+    """Pauses a mass send: its messages not yet sent wait until it is resumed."""
+    ResumeMassSend: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.ResumeMassSendRequest, _notifications_service_pb2.ResumeMassSendResponse]  # type: ignore[assignment]
+    """Resumes a paused mass send."""
+    ReportDelivery: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.ReportDeliveryRequest, _notifications_service_pb2.ReportDeliveryResponse]  # type: ignore[assignment]
+    """Records what a provider reported later about a sent message (a delivery
+    receipt): delivered, or undelivered, which sends the message on to the next
+    channel of its cascade, or fails it when none is left.
+    """
+    GetDeliveryStatistics: _aio.UnaryUnaryMultiCallable[_notifications_service_pb2.GetDeliveryStatisticsRequest, _notifications_service_pb2.GetDeliveryStatisticsResponse]  # type: ignore[assignment]
+    """Counts messages per template, channel and delivery state."""
 
 class NotificationsServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Messages to members: templates per event and channel, and the messages
-    rendered from them.
+    """Messages to members: templates per event, channel and locale; triggers that
+    turn events into messages; mass sends; delivery over a cascade of channels.
     """
 
     @_abc_1.abstractmethod
@@ -72,11 +118,88 @@ class NotificationsServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def PreviewTemplate(
+        self,
+        request: _notifications_service_pb2.PreviewTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.PreviewTemplateResponse, _abc.Awaitable[_notifications_service_pb2.PreviewTemplateResponse]]:
+        """Renders a template, saved or not, with sample data or a member's details,
+        so a marketer sees the text before saving it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTriggers(
+        self,
+        request: _notifications_service_pb2.ListTriggersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.ListTriggersResponse, _abc.Awaitable[_notifications_service_pb2.ListTriggersResponse]]:
+        """Lists every trigger with its configuration (the built-in one until changed)."""
+
+    @_abc_1.abstractmethod
+    def UpdateTrigger(
+        self,
+        request: _notifications_service_pb2.UpdateTriggerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.UpdateTriggerResponse, _abc.Awaitable[_notifications_service_pb2.UpdateTriggerResponse]]:
+        """Configures a trigger: on or off, its templates, its channel cascade, its delay."""
+
+    @_abc_1.abstractmethod
     def ListMessages(
         self,
         request: _notifications_service_pb2.ListMessagesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_notifications_service_pb2.ListMessagesResponse, _abc.Awaitable[_notifications_service_pb2.ListMessagesResponse]]:
-        """Lists the messages rendered for a member, newest first."""
+        """Lists the messages of a member, newest first."""
+
+    @_abc_1.abstractmethod
+    def CreateMassSend(
+        self,
+        request: _notifications_service_pb2.CreateMassSendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.CreateMassSendResponse, _abc.Awaitable[_notifications_service_pb2.CreateMassSendResponse]]:
+        """Queues one marketing message for each member of a list (a segment's members)."""
+
+    @_abc_1.abstractmethod
+    def GetMassSend(
+        self,
+        request: _notifications_service_pb2.GetMassSendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.GetMassSendResponse, _abc.Awaitable[_notifications_service_pb2.GetMassSendResponse]]:
+        """Returns a mass send and its progress."""
+
+    @_abc_1.abstractmethod
+    def PauseMassSend(
+        self,
+        request: _notifications_service_pb2.PauseMassSendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.PauseMassSendResponse, _abc.Awaitable[_notifications_service_pb2.PauseMassSendResponse]]:
+        """Pauses a mass send: its messages not yet sent wait until it is resumed."""
+
+    @_abc_1.abstractmethod
+    def ResumeMassSend(
+        self,
+        request: _notifications_service_pb2.ResumeMassSendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.ResumeMassSendResponse, _abc.Awaitable[_notifications_service_pb2.ResumeMassSendResponse]]:
+        """Resumes a paused mass send."""
+
+    @_abc_1.abstractmethod
+    def ReportDelivery(
+        self,
+        request: _notifications_service_pb2.ReportDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.ReportDeliveryResponse, _abc.Awaitable[_notifications_service_pb2.ReportDeliveryResponse]]:
+        """Records what a provider reported later about a sent message (a delivery
+        receipt): delivered, or undelivered, which sends the message on to the next
+        channel of its cascade, or fails it when none is left.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDeliveryStatistics(
+        self,
+        request: _notifications_service_pb2.GetDeliveryStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notifications_service_pb2.GetDeliveryStatisticsResponse, _abc.Awaitable[_notifications_service_pb2.GetDeliveryStatisticsResponse]]:
+        """Counts messages per template, channel and delivery state."""
 
 def add_NotificationsServiceServicer_to_server(servicer: NotificationsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from loyalty.common.v1 import coupon_pb2 as _coupon_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -29,7 +32,7 @@ class _CouponStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CouponSt
     COUPON_STATUS_ACTIVE: _CouponStatus.ValueType  # 1
     """Can be presented."""
     COUPON_STATUS_REDEEMED: _CouponStatus.ValueType  # 2
-    """Used up."""
+    """Used up: redeemed as many times as its series allows."""
 
 class CouponStatus(_CouponStatus, metaclass=_CouponStatusEnumTypeWrapper):
     """The state of a coupon."""
@@ -39,7 +42,7 @@ COUPON_STATUS_UNSPECIFIED: CouponStatus.ValueType  # 0
 COUPON_STATUS_ACTIVE: CouponStatus.ValueType  # 1
 """Can be presented."""
 COUPON_STATUS_REDEEMED: CouponStatus.ValueType  # 2
-"""Used up."""
+"""Used up: redeemed as many times as its series allows."""
 Global___CouponStatus: _TypeAlias = CouponStatus  # noqa: Y015
 
 class _CouponRejection:
@@ -64,6 +67,14 @@ class _CouponRejectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Coupo
     """Held by a live reservation for another receipt (possibly on another register);
     it may become free again when that reservation is released or lapses.
     """
+    COUPON_REJECTION_NOT_APPLICABLE: _CouponRejection.ValueType  # 7
+    """The receipt does not meet the coupon's terms (its total is below the
+    benefit's min_receipt_total_minor).
+    """
+    COUPON_REJECTION_MEMBER_LIMIT_REACHED: _CouponRejection.ValueType  # 8
+    """This member has already used coupons of the series as often as it allows."""
+    COUPON_REJECTION_MEMBER_REQUIRED: _CouponRejection.ValueType  # 9
+    """The series limits uses per member, so the receipt needs an identified member."""
 
 class CouponRejection(_CouponRejection, metaclass=_CouponRejectionEnumTypeWrapper):
     """Why a coupon cannot be applied."""
@@ -84,7 +95,67 @@ COUPON_REJECTION_RESERVED: CouponRejection.ValueType  # 6
 """Held by a live reservation for another receipt (possibly on another register);
 it may become free again when that reservation is released or lapses.
 """
+COUPON_REJECTION_NOT_APPLICABLE: CouponRejection.ValueType  # 7
+"""The receipt does not meet the coupon's terms (its total is below the
+benefit's min_receipt_total_minor).
+"""
+COUPON_REJECTION_MEMBER_LIMIT_REACHED: CouponRejection.ValueType  # 8
+"""This member has already used coupons of the series as often as it allows."""
+COUPON_REJECTION_MEMBER_REQUIRED: CouponRejection.ValueType  # 9
+"""The series limits uses per member, so the receipt needs an identified member."""
 Global___CouponRejection: _TypeAlias = CouponRejection  # noqa: Y015
+
+class _CouponSeriesKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CouponSeriesKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CouponSeriesKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COUPON_SERIES_KIND_UNSPECIFIED: _CouponSeriesKind.ValueType  # 0
+    """Never used."""
+    COUPON_SERIES_KIND_MASS: _CouponSeriesKind.ValueType  # 1
+    """One shared code (e.g. "SUMMER10") that many customers present."""
+    COUPON_SERIES_KIND_UNIQUE: _CouponSeriesKind.ValueType  # 2
+    """A unique code per coupon: issued to a member (personal), generated in bulk
+    (bearer, e.g. printed) or imported from a partner.
+    """
+
+class CouponSeriesKind(_CouponSeriesKind, metaclass=_CouponSeriesKindEnumTypeWrapper):
+    """How the coupons of a series are coded."""
+
+COUPON_SERIES_KIND_UNSPECIFIED: CouponSeriesKind.ValueType  # 0
+"""Never used."""
+COUPON_SERIES_KIND_MASS: CouponSeriesKind.ValueType  # 1
+"""One shared code (e.g. "SUMMER10") that many customers present."""
+COUPON_SERIES_KIND_UNIQUE: CouponSeriesKind.ValueType  # 2
+"""A unique code per coupon: issued to a member (personal), generated in bulk
+(bearer, e.g. printed) or imported from a partner.
+"""
+Global___CouponSeriesKind: _TypeAlias = CouponSeriesKind  # noqa: Y015
+
+class _CodeGenerationJobStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CodeGenerationJobStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CodeGenerationJobStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CODE_GENERATION_JOB_STATUS_UNSPECIFIED: _CodeGenerationJobStatus.ValueType  # 0
+    """Never used."""
+    CODE_GENERATION_JOB_STATUS_RUNNING: _CodeGenerationJobStatus.ValueType  # 1
+    """Codes are being generated."""
+    CODE_GENERATION_JOB_STATUS_DONE: _CodeGenerationJobStatus.ValueType  # 2
+    """Every requested code exists."""
+
+class CodeGenerationJobStatus(_CodeGenerationJobStatus, metaclass=_CodeGenerationJobStatusEnumTypeWrapper):
+    """The state of a code generation job."""
+
+CODE_GENERATION_JOB_STATUS_UNSPECIFIED: CodeGenerationJobStatus.ValueType  # 0
+"""Never used."""
+CODE_GENERATION_JOB_STATUS_RUNNING: CodeGenerationJobStatus.ValueType  # 1
+"""Codes are being generated."""
+CODE_GENERATION_JOB_STATUS_DONE: CodeGenerationJobStatus.ValueType  # 2
+"""Every requested code exists."""
+Global___CodeGenerationJobStatus: _TypeAlias = CodeGenerationJobStatus  # noqa: Y015
 
 class _ReservationStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -125,6 +196,34 @@ RESERVATION_STATUS_RETURNED: ReservationStatus.ValueType  # 5
 the receipt was returned.
 """
 Global___ReservationStatus: _TypeAlias = ReservationStatus  # noqa: Y015
+
+class _GiftCardStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GiftCardStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GiftCardStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GIFT_CARD_STATUS_UNSPECIFIED: _GiftCardStatus.ValueType  # 0
+    """Never used."""
+    GIFT_CARD_STATUS_INACTIVE: _GiftCardStatus.ValueType  # 1
+    """Issued but not sold: it holds nothing and cannot be spent."""
+    GIFT_CARD_STATUS_ACTIVE: _GiftCardStatus.ValueType  # 2
+    """Sold and activated: it can be spent until expire_time."""
+    GIFT_CARD_STATUS_EXPIRED: _GiftCardStatus.ValueType  # 3
+    """Its validity ended; what is left on it can no longer be spent."""
+
+class GiftCardStatus(_GiftCardStatus, metaclass=_GiftCardStatusEnumTypeWrapper):
+    """The state of a gift card."""
+
+GIFT_CARD_STATUS_UNSPECIFIED: GiftCardStatus.ValueType  # 0
+"""Never used."""
+GIFT_CARD_STATUS_INACTIVE: GiftCardStatus.ValueType  # 1
+"""Issued but not sold: it holds nothing and cannot be spent."""
+GIFT_CARD_STATUS_ACTIVE: GiftCardStatus.ValueType  # 2
+"""Sold and activated: it can be spent until expire_time."""
+GIFT_CARD_STATUS_EXPIRED: GiftCardStatus.ValueType  # 3
+"""Its validity ended; what is left on it can no longer be spent."""
+Global___GiftCardStatus: _TypeAlias = GiftCardStatus  # noqa: Y015
 
 @_typing.final
 class CouponReservation(_message.Message):
@@ -172,24 +271,37 @@ Global___CouponReservation: _TypeAlias = CouponReservation  # noqa: Y015
 
 @_typing.final
 class Coupon(_message.Message):
-    """A coupon."""
+    """A coupon: a code of a series, with what it gives."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
     MEMBER_ID_FIELD_NUMBER: _builtins.int
-    DISCOUNT_BASIS_POINTS_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     VALID_FROM_FIELD_NUMBER: _builtins.int
     VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    BENEFIT_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    USES_PER_CODE_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """The code printed or sent to the customer."""
     member_id: _builtins.str
     """The owner of a personal coupon; empty for a bearer coupon."""
-    discount_basis_points: _builtins.int
-    """Discount in basis points of the receipt (1000 = 10%)."""
     status: Global___CouponStatus.ValueType
     """State."""
+    series_id: _builtins.str
+    """The series the coupon belongs to."""
+    campaign_id: _builtins.str
+    """The campaign of the series; may be empty."""
+    uses: _builtins.int
+    """How many times the coupon has been redeemed (returns give uses back)."""
+    uses_per_code: _builtins.int
+    """How many times it may be redeemed; 0 means without limit."""
+    partner_id: _builtins.str
+    """The partner that distributes an imported promo code; empty otherwise."""
     @_builtins.property
     def valid_from(self) -> _timestamp_pb2.Timestamp:
         """Start of validity."""
@@ -198,41 +310,212 @@ class Coupon(_message.Message):
     def valid_until(self) -> _timestamp_pb2.Timestamp:
         """End of validity (exclusive); empty means no end."""
 
+    @_builtins.property
+    def benefit(self) -> _coupon_pb2.CouponBenefit:
+        """What the coupon gives, as the rules service applies it."""
+
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         member_id: _builtins.str = ...,
-        discount_basis_points: _builtins.int = ...,
         status: Global___CouponStatus.ValueType = ...,
         valid_from: _timestamp_pb2.Timestamp | None = ...,
         valid_until: _timestamp_pb2.Timestamp | None = ...,
+        series_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+        benefit: _coupon_pb2.CouponBenefit | None = ...,
+        uses: _builtins.int = ...,
+        uses_per_code: _builtins.int = ...,
+        partner_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["benefit", b"benefit", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "discount_basis_points", b"discount_basis_points", "member_id", b"member_id", "status", b"status", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["benefit", b"benefit", "campaign_id", b"campaign_id", "code", b"code", "member_id", b"member_id", "partner_id", b"partner_id", "series_id", b"series_id", "status", b"status", "uses", b"uses", "uses_per_code", b"uses_per_code", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Coupon: _TypeAlias = Coupon  # noqa: Y015
 
 @_typing.final
-class IssueCouponRequest(_message.Message):
-    """Request of IssueCoupon."""
+class CouponSeries(_message.Message):
+    """A coupon series: the terms shared by its coupons."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    BENEFIT_FIELD_NUMBER: _builtins.int
+    USES_PER_CODE_FIELD_NUMBER: _builtins.int
+    USES_PER_MEMBER_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    MASS_CODE_FIELD_NUMBER: _builtins.int
+    CODE_ALPHABET_FIELD_NUMBER: _builtins.int
+    CODE_LENGTH_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """Server-assigned id."""
+    name: _builtins.str
+    """A marketer's name for it, e.g. "Welcome 10%"."""
+    kind: Global___CouponSeriesKind.ValueType
+    """Mass (one shared code) or unique codes."""
+    campaign_id: _builtins.str
+    """The campaign the series belongs to; may be empty."""
+    uses_per_code: _builtins.int
+    """How many times one code may be redeemed: 1 is single use, 0 without limit."""
+    uses_per_member: _builtins.int
+    """How many coupons of the series one member may redeem; 0 without limit."""
+    validity_days: _builtins.int
+    """A coupon is valid this many days after it is issued (never past
+    valid_until); 0 means the series' window.
+    """
+    mass_code: _builtins.str
+    """The shared code of a mass series; empty for a unique-code series."""
+    code_alphabet: _builtins.str
+    """The characters generated codes are made of."""
+    code_length: _builtins.int
+    """The length of generated codes."""
+    @_builtins.property
+    def benefit(self) -> _coupon_pb2.CouponBenefit:
+        """What each coupon gives."""
+
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """Start of validity of the series."""
+
+    @_builtins.property
+    def valid_until(self) -> _timestamp_pb2.Timestamp:
+        """End of validity of the series (exclusive); empty means no end."""
+
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        kind: Global___CouponSeriesKind.ValueType = ...,
+        campaign_id: _builtins.str = ...,
+        benefit: _coupon_pb2.CouponBenefit | None = ...,
+        uses_per_code: _builtins.int = ...,
+        uses_per_member: _builtins.int = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_until: _timestamp_pb2.Timestamp | None = ...,
+        validity_days: _builtins.int = ...,
+        mass_code: _builtins.str = ...,
+        code_alphabet: _builtins.str = ...,
+        code_length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["benefit", b"benefit", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["benefit", b"benefit", "campaign_id", b"campaign_id", "code_alphabet", b"code_alphabet", "code_length", b"code_length", "kind", b"kind", "mass_code", b"mass_code", "name", b"name", "series_id", b"series_id", "uses_per_code", b"uses_per_code", "uses_per_member", b"uses_per_member", "valid_from", b"valid_from", "valid_until", b"valid_until", "validity_days", b"validity_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CouponSeries: _TypeAlias = CouponSeries  # noqa: Y015
+
+@_typing.final
+class CodeGenerationJob(_message.Message):
+    """A background job generating the codes of a series."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    GENERATED_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    FINISH_TIME_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Server-assigned id."""
+    series_id: _builtins.str
+    """The series the codes belong to."""
+    requested: _builtins.int
+    """How many codes were asked for."""
+    generated: _builtins.int
+    """How many exist so far."""
+    status: Global___CodeGenerationJobStatus.ValueType
+    """State."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job was started."""
+
+    @_builtins.property
+    def finish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last code was written; empty while running."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        series_id: _builtins.str = ...,
+        requested: _builtins.int = ...,
+        generated: _builtins.int = ...,
+        status: Global___CodeGenerationJobStatus.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        finish_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "generated", b"generated", "job_id", b"job_id", "requested", b"requested", "series_id", b"series_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CodeGenerationJob: _TypeAlias = CodeGenerationJob  # noqa: Y015
+
+@_typing.final
+class CreateCouponSeriesRequest(_message.Message):
+    """Request of CreateCouponSeries."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    MEMBER_ID_FIELD_NUMBER: _builtins.int
-    DISCOUNT_BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    BENEFIT_FIELD_NUMBER: _builtins.int
+    USES_PER_CODE_FIELD_NUMBER: _builtins.int
+    USES_PER_MEMBER_FIELD_NUMBER: _builtins.int
     VALID_FROM_FIELD_NUMBER: _builtins.int
     VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    MASS_CODE_FIELD_NUMBER: _builtins.int
+    CODE_ALPHABET_FIELD_NUMBER: _builtins.int
+    CODE_LENGTH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key."""
-    member_id: _builtins.str
-    """The owner of a personal coupon; empty for a bearer coupon."""
-    discount_basis_points: _builtins.int
-    """Discount in basis points of the receipt, 1..10000."""
+    name: _builtins.str
+    """A name for marketers, 1..200 characters."""
+    kind: Global___CouponSeriesKind.ValueType
+    """Mass or unique codes; required."""
+    campaign_id: _builtins.str
+    """The campaign the series belongs to; may be empty."""
+    uses_per_code: _builtins.int
+    """Uses per code: 1 single use, 0 without limit (the usual for a mass code)."""
+    uses_per_member: _builtins.int
+    """Uses per member across the series, 0 without limit."""
+    validity_days: _builtins.int
+    """Days a coupon stays valid after it is issued; 0 means the series' window."""
+    mass_code: _builtins.str
+    """For a mass series: the shared code (4..32 letters and digits), or empty to
+    generate one. Must be empty for a unique-code series.
+    """
+    code_alphabet: _builtins.str
+    """Characters of generated codes: capitals and digits without the look-alikes
+    0, O, 1, I and L; empty means "23456789ABCDEFGHJKMNPQRSTUVWXYZ".
+    """
+    code_length: _builtins.int
+    """Length of generated codes, 6..32; 0 means 10. Alphabet and length together
+    must allow at least 2^40 codes, so codes cannot be guessed.
+    """
+    @_builtins.property
+    def benefit(self) -> _coupon_pb2.CouponBenefit:
+        """What each coupon gives; one kind is required (a percentage 1..10000 basis
+        points, a positive amount, price, points or a gift SKU).
+        """
+
     @_builtins.property
     def valid_from(self) -> _timestamp_pb2.Timestamp:
         """Start of validity; empty means now."""
@@ -245,14 +528,125 @@ class IssueCouponRequest(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        member_id: _builtins.str = ...,
-        discount_basis_points: _builtins.int = ...,
+        name: _builtins.str = ...,
+        kind: Global___CouponSeriesKind.ValueType = ...,
+        campaign_id: _builtins.str = ...,
+        benefit: _coupon_pb2.CouponBenefit | None = ...,
+        uses_per_code: _builtins.int = ...,
+        uses_per_member: _builtins.int = ...,
         valid_from: _timestamp_pb2.Timestamp | None = ...,
         valid_until: _timestamp_pb2.Timestamp | None = ...,
+        validity_days: _builtins.int = ...,
+        mass_code: _builtins.str = ...,
+        code_alphabet: _builtins.str = ...,
+        code_length: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["benefit", b"benefit", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_basis_points", b"discount_basis_points", "member_id", b"member_id", "request_id", b"request_id", "valid_from", b"valid_from", "valid_until", b"valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["benefit", b"benefit", "campaign_id", b"campaign_id", "code_alphabet", b"code_alphabet", "code_length", b"code_length", "kind", b"kind", "mass_code", b"mass_code", "name", b"name", "request_id", b"request_id", "uses_per_code", b"uses_per_code", "uses_per_member", b"uses_per_member", "valid_from", b"valid_from", "valid_until", b"valid_until", "validity_days", b"validity_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCouponSeriesRequest: _TypeAlias = CreateCouponSeriesRequest  # noqa: Y015
+
+@_typing.final
+class CreateCouponSeriesResponse(_message.Message):
+    """Response of CreateCouponSeries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def series(self) -> Global___CouponSeries:
+        """The new series."""
+
+    def __init__(
+        self,
+        *,
+        series: Global___CouponSeries | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateCouponSeriesResponse: _TypeAlias = CreateCouponSeriesResponse  # noqa: Y015
+
+@_typing.final
+class GetCouponSeriesRequest(_message.Message):
+    """Request of GetCouponSeries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """The series."""
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCouponSeriesRequest: _TypeAlias = GetCouponSeriesRequest  # noqa: Y015
+
+@_typing.final
+class GetCouponSeriesResponse(_message.Message):
+    """Response of GetCouponSeries. NOT_FOUND COUPON_SERIES_NOT_FOUND when it does not exist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def series(self) -> Global___CouponSeries:
+        """The series."""
+
+    def __init__(
+        self,
+        *,
+        series: Global___CouponSeries | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series", b"series"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCouponSeriesResponse: _TypeAlias = GetCouponSeriesResponse  # noqa: Y015
+
+@_typing.final
+class IssueCouponRequest(_message.Message):
+    """Request of IssueCoupon."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The owner of a personal coupon; empty for a bearer coupon."""
+    series_id: _builtins.str
+    """The unique-code series to issue from. Refusals: NOT_FOUND
+    COUPON_SERIES_NOT_FOUND; FAILED_PRECONDITION COUPON_SERIES_MASS (a mass
+    series has only its shared code), COUPON_SERIES_ENDED.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        series_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "request_id", b"request_id", "series_id", b"series_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -283,6 +677,366 @@ class IssueCouponResponse(_message.Message):
 Global___IssueCouponResponse: _TypeAlias = IssueCouponResponse  # noqa: Y015
 
 @_typing.final
+class IssueCouponsRequest(_message.Message):
+    """Request of IssueCoupons."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_IDS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    series_id: _builtins.str
+    """The unique-code series to issue from (refusals as for IssueCoupon)."""
+    @_builtins.property
+    def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The members, 1..1000 per call; each gets one coupon (a member listed twice gets two)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        series_id: _builtins.str = ...,
+        member_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_ids", b"member_ids", "request_id", b"request_id", "series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueCouponsRequest: _TypeAlias = IssueCouponsRequest  # noqa: Y015
+
+@_typing.final
+class IssueCouponsResponse(_message.Message):
+    """Response of IssueCoupons."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUPONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Coupon]:
+        """The issued coupons, in the order of member_ids."""
+
+    def __init__(
+        self,
+        *,
+        coupons: _abc.Iterable[Global___Coupon] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupons", b"coupons"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueCouponsResponse: _TypeAlias = IssueCouponsResponse  # noqa: Y015
+
+@_typing.final
+class GenerateCodesRequest(_message.Message):
+    """Request of GenerateCodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    series_id: _builtins.str
+    """The unique-code series the codes belong to."""
+    count: _builtins.int
+    """How many codes, 1..10000000."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        series_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "request_id", b"request_id", "series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateCodesRequest: _TypeAlias = GenerateCodesRequest  # noqa: Y015
+
+@_typing.final
+class GenerateCodesResponse(_message.Message):
+    """Response of GenerateCodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___CodeGenerationJob:
+        """The started job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___CodeGenerationJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateCodesResponse: _TypeAlias = GenerateCodesResponse  # noqa: Y015
+
+@_typing.final
+class GetCodeGenerationJobRequest(_message.Message):
+    """Request of GetCodeGenerationJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job from GenerateCodes."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCodeGenerationJobRequest: _TypeAlias = GetCodeGenerationJobRequest  # noqa: Y015
+
+@_typing.final
+class GetCodeGenerationJobResponse(_message.Message):
+    """Response of GetCodeGenerationJob. NOT_FOUND CODE_GENERATION_JOB_NOT_FOUND."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___CodeGenerationJob:
+        """The job."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___CodeGenerationJob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCodeGenerationJobResponse: _TypeAlias = GetCodeGenerationJobResponse  # noqa: Y015
+
+@_typing.final
+class ListCouponsRequest(_message.Message):
+    """Request of ListCoupons."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """The series whose coupons to list."""
+    page_size: _builtins.int
+    """At most this many coupons (0 means 50, at most 500)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first."""
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCouponsRequest: _TypeAlias = ListCouponsRequest  # noqa: Y015
+
+@_typing.final
+class ListCouponsResponse(_message.Message):
+    """Response of ListCoupons."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUPONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass it to get the next page; empty on the last page."""
+    @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Coupon]:
+        """The coupons, ordered by code."""
+
+    def __init__(
+        self,
+        *,
+        coupons: _abc.Iterable[Global___Coupon] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupons", b"coupons", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCouponsResponse: _TypeAlias = ListCouponsResponse  # noqa: Y015
+
+@_typing.final
+class ImportPromoCodesRequest(_message.Message):
+    """Request of ImportPromoCodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    CODES_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    series_id: _builtins.str
+    """The unique-code series the codes join (its terms apply to them)."""
+    partner_id: _builtins.str
+    """The partner distributing the codes, 1..64 characters."""
+    @_builtins.property
+    def codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The codes as the partner generated them, 1..10000 per call: 4..32 letters
+        and digits (case, spaces and dashes are ignored).
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        series_id: _builtins.str = ...,
+        partner_id: _builtins.str = ...,
+        codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "partner_id", b"partner_id", "request_id", b"request_id", "series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportPromoCodesRequest: _TypeAlias = ImportPromoCodesRequest  # noqa: Y015
+
+@_typing.final
+class ImportPromoCodesResponse(_message.Message):
+    """Response of ImportPromoCodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORTED_FIELD_NUMBER: _builtins.int
+    DUPLICATE_CODES_FIELD_NUMBER: _builtins.int
+    imported: _builtins.int
+    """How many codes were imported."""
+    @_builtins.property
+    def duplicate_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Codes that already existed (in any series) and were skipped, normalised."""
+
+    def __init__(
+        self,
+        *,
+        imported: _builtins.int = ...,
+        duplicate_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate_codes", b"duplicate_codes", "imported", b"imported"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportPromoCodesResponse: _TypeAlias = ImportPromoCodesResponse  # noqa: Y015
+
+@_typing.final
+class GetPartnerUsageReportRequest(_message.Message):
+    """Request of GetPartnerUsageReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """The series to report on."""
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerUsageReportRequest: _TypeAlias = GetPartnerUsageReportRequest  # noqa: Y015
+
+@_typing.final
+class PartnerUsage(_message.Message):
+    """How one partner's codes of a series were used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    CODES_FIELD_NUMBER: _builtins.int
+    USED_CODES_FIELD_NUMBER: _builtins.int
+    REDEMPTIONS_FIELD_NUMBER: _builtins.int
+    partner_id: _builtins.str
+    """The partner."""
+    codes: _builtins.int
+    """Codes imported for it."""
+    used_codes: _builtins.int
+    """Of those, codes redeemed at least once."""
+    redemptions: _builtins.int
+    """Redemptions of its codes in all (a multi-use code counts each use)."""
+    def __init__(
+        self,
+        *,
+        partner_id: _builtins.str = ...,
+        codes: _builtins.int = ...,
+        used_codes: _builtins.int = ...,
+        redemptions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codes", b"codes", "partner_id", b"partner_id", "redemptions", b"redemptions", "used_codes", b"used_codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartnerUsage: _TypeAlias = PartnerUsage  # noqa: Y015
+
+@_typing.final
+class GetPartnerUsageReportResponse(_message.Message):
+    """Response of GetPartnerUsageReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTNERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def partners(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartnerUsage]:
+        """One row per partner with imported codes in the series, ordered by partner_id."""
+
+    def __init__(
+        self,
+        *,
+        partners: _abc.Iterable[Global___PartnerUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partners", b"partners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPartnerUsageReportResponse: _TypeAlias = GetPartnerUsageReportResponse  # noqa: Y015
+
+@_typing.final
 class ValidateCouponRequest(_message.Message):
     """Request of ValidateCoupon."""
 
@@ -292,6 +1046,7 @@ class ValidateCouponRequest(_message.Message):
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     TERMINAL_ID_FIELD_NUMBER: _builtins.int
     RECEIPT_REF_FIELD_NUMBER: _builtins.int
+    RECEIPT_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """The code as presented."""
     member_id: _builtins.str
@@ -307,6 +1062,10 @@ class ValidateCouponRequest(_message.Message):
     reserved for this very receipt is answered valid. Empty: any live
     reservation makes the coupon COUPON_REJECTION_RESERVED.
     """
+    receipt_total_minor: _builtins.int
+    """The receipt total in minor units, when known: a total below the benefit's
+    min_receipt_total_minor makes the coupon COUPON_REJECTION_NOT_APPLICABLE.
+    """
     def __init__(
         self,
         *,
@@ -314,12 +1073,15 @@ class ValidateCouponRequest(_message.Message):
         member_id: _builtins.str = ...,
         terminal_id: _builtins.str = ...,
         receipt_ref: _builtins.str = ...,
+        receipt_total_minor: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_receipt_total_minor", b"_receipt_total_minor", "receipt_total_minor", b"receipt_total_minor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "member_id", b"member_id", "receipt_ref", b"receipt_ref", "terminal_id", b"terminal_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_receipt_total_minor", b"_receipt_total_minor", "code", b"code", "member_id", b"member_id", "receipt_ref", b"receipt_ref", "receipt_total_minor", b"receipt_total_minor", "terminal_id", b"terminal_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__receipt_total_minor: _TypeAlias = _typing.Literal["receipt_total_minor"]  # noqa: Y015
+    _WhichOneofArgType__receipt_total_minor: _TypeAlias = _typing.Literal["_receipt_total_minor", b"_receipt_total_minor"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receipt_total_minor) -> _WhichOneofReturnType__receipt_total_minor | None: ...
 
 Global___ValidateCouponRequest: _TypeAlias = ValidateCouponRequest  # noqa: Y015
 
@@ -338,7 +1100,9 @@ class ValidateCouponResponse(_message.Message):
     """Why it cannot be applied; UNSPECIFIED when valid."""
     @_builtins.property
     def coupon(self) -> Global___Coupon:
-        """The coupon, when it exists."""
+        """The coupon, when it exists and is not another member's: code, series,
+        campaign and benefit, to hand to the rules service as a PresentedCoupon.
+        """
 
     def __init__(
         self,
@@ -367,6 +1131,7 @@ class ReserveCouponRequest(_message.Message):
     RECEIPT_REF_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    RECEIPT_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key; a retry with the same key answers the first
     result, the same key with another request is refused (IDEMPOTENCY_KEY_REUSED).
@@ -383,6 +1148,10 @@ class ReserveCouponRequest(_message.Message):
     """
     terminal_id: _builtins.str
     """The register asking; see ValidateCouponRequest.terminal_id."""
+    receipt_total_minor: _builtins.int
+    """The receipt total in minor units, when known; see
+    ValidateCouponRequest.receipt_total_minor.
+    """
     def __init__(
         self,
         *,
@@ -392,12 +1161,15 @@ class ReserveCouponRequest(_message.Message):
         receipt_ref: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
         terminal_id: _builtins.str = ...,
+        receipt_total_minor: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_receipt_total_minor", b"_receipt_total_minor", "receipt_total_minor", b"receipt_total_minor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "member_id", b"member_id", "receipt_ref", b"receipt_ref", "request_id", b"request_id", "terminal_id", b"terminal_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_receipt_total_minor", b"_receipt_total_minor", "code", b"code", "member_id", b"member_id", "receipt_ref", b"receipt_ref", "receipt_total_minor", b"receipt_total_minor", "request_id", b"request_id", "terminal_id", b"terminal_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__receipt_total_minor: _TypeAlias = _typing.Literal["receipt_total_minor"]  # noqa: Y015
+    _WhichOneofArgType__receipt_total_minor: _TypeAlias = _typing.Literal["_receipt_total_minor", b"_receipt_total_minor"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__receipt_total_minor) -> _WhichOneofReturnType__receipt_total_minor | None: ...
 
 Global___ReserveCouponRequest: _TypeAlias = ReserveCouponRequest  # noqa: Y015
 
@@ -406,7 +1178,9 @@ class ReserveCouponResponse(_message.Message):
     """Response of ReserveCoupon. Refusals are errors with an ErrorInfo reason:
     NOT_FOUND COUPON_NOT_FOUND; FAILED_PRECONDITION COUPON_OTHER_MEMBER,
     COUPON_ALREADY_USED, COUPON_NOT_YET_VALID, COUPON_EXPIRED, COUPON_RESERVED
-    (held by another live reservation); RESOURCE_EXHAUSTED TOO_MANY_WRONG_CODES.
+    (held by another live reservation), COUPON_NOT_APPLICABLE,
+    COUPON_MEMBER_LIMIT_REACHED, COUPON_MEMBER_REQUIRED; RESOURCE_EXHAUSTED
+    TOO_MANY_WRONG_CODES with a google.rpc.RetryInfo.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -419,7 +1193,9 @@ class ReserveCouponResponse(_message.Message):
 
     @_builtins.property
     def coupon(self) -> Global___Coupon:
-        """The reserved coupon, with its discount."""
+        """The reserved coupon: code, series, campaign and benefit, to hand to the
+        rules service as a PresentedCoupon.
+        """
 
     def __init__(
         self,
@@ -604,3 +1380,847 @@ class ReinstateCouponResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReinstateCouponResponse: _TypeAlias = ReinstateCouponResponse  # noqa: Y015
+
+@_typing.final
+class GiftCard(_message.Message):
+    """A gift card (certificate): a prepaid balance spent as a payment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    BALANCE_MINOR_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    HAS_PIN_FIELD_NUMBER: _builtins.int
+    card_number: _builtins.str
+    """The number printed on the card (a bearer secret: shown masked in logs)."""
+    batch_id: _builtins.str
+    """The batch it was issued in."""
+    currency_code: _builtins.str
+    """ISO 4217 currency of its balance."""
+    balance_minor: _builtins.int
+    """What is left on it, in minor units; the sum of its ledger entries."""
+    status: Global___GiftCardStatus.ValueType
+    """State as of the answer."""
+    has_pin: _builtins.bool
+    """Whether spending needs its PIN."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it stops being spendable; empty before activation or when it never expires."""
+
+    def __init__(
+        self,
+        *,
+        card_number: _builtins.str = ...,
+        batch_id: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
+        balance_minor: _builtins.int = ...,
+        status: Global___GiftCardStatus.ValueType = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        has_pin: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance_minor", b"balance_minor", "batch_id", b"batch_id", "card_number", b"card_number", "currency_code", b"currency_code", "expire_time", b"expire_time", "has_pin", b"has_pin", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GiftCard: _TypeAlias = GiftCard  # noqa: Y015
+
+@_typing.final
+class IssueGiftCardsRequest(_message.Message):
+    """Request of IssueGiftCards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    count: _builtins.int
+    """How many cards, 1..1000 per call."""
+    currency_code: _builtins.str
+    """ISO 4217 currency of their balances, e.g. "RUB"."""
+    validity_days: _builtins.int
+    """Days a card stays spendable after it is activated, 0..3660; 0 means it never expires."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        count: _builtins.int = ...,
+        currency_code: _builtins.str = ...,
+        validity_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "currency_code", b"currency_code", "request_id", b"request_id", "validity_days", b"validity_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueGiftCardsRequest: _TypeAlias = IssueGiftCardsRequest  # noqa: Y015
+
+@_typing.final
+class IssueGiftCardsResponse(_message.Message):
+    """Response of IssueGiftCards."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    CARDS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """The batch's id."""
+    @_builtins.property
+    def cards(self) -> _containers.RepeatedCompositeFieldContainer[Global___GiftCard]:
+        """The issued cards, inactive."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        cards: _abc.Iterable[Global___GiftCard] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "cards", b"cards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueGiftCardsResponse: _TypeAlias = IssueGiftCardsResponse  # noqa: Y015
+
+@_typing.final
+class ActivateGiftCardRequest(_message.Message):
+    """Request of ActivateGiftCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    RECEIPT_REF_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    card_number: _builtins.str
+    """The card sold."""
+    amount_minor: _builtins.int
+    """The amount it is loaded with, in minor units; positive."""
+    pin: _builtins.str
+    """A PIN of 4..12 digits the buyer chose, needed to spend and read the card
+    from then on (stored hashed); empty for a card without PIN.
+    """
+    receipt_ref: _builtins.str
+    """The receipt the card was sold on."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        pin: _builtins.str = ...,
+        receipt_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "card_number", b"card_number", "pin", b"pin", "receipt_ref", b"receipt_ref", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateGiftCardRequest: _TypeAlias = ActivateGiftCardRequest  # noqa: Y015
+
+@_typing.final
+class ActivateGiftCardResponse(_message.Message):
+    """Response of ActivateGiftCard. Refusals: NOT_FOUND GIFT_CARD_NOT_FOUND;
+    FAILED_PRECONDITION GIFT_CARD_ALREADY_ACTIVE.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card(self) -> Global___GiftCard:
+        """The card, now active with its amount."""
+
+    def __init__(
+        self,
+        *,
+        card: Global___GiftCard | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateGiftCardResponse: _TypeAlias = ActivateGiftCardResponse  # noqa: Y015
+
+@_typing.final
+class GetGiftCardRequest(_message.Message):
+    """Request of GetGiftCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    card_number: _builtins.str
+    """The card."""
+    pin: _builtins.str
+    """Its PIN, when it has one."""
+    terminal_id: _builtins.str
+    """The register or channel asking (wrong PINs are limited per card)."""
+    def __init__(
+        self,
+        *,
+        card_number: _builtins.str = ...,
+        pin: _builtins.str = ...,
+        terminal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card_number", b"card_number", "pin", b"pin", "terminal_id", b"terminal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGiftCardRequest: _TypeAlias = GetGiftCardRequest  # noqa: Y015
+
+@_typing.final
+class GetGiftCardResponse(_message.Message):
+    """Response of GetGiftCard. Refusals: NOT_FOUND GIFT_CARD_NOT_FOUND;
+    FAILED_PRECONDITION GIFT_CARD_WRONG_PIN; RESOURCE_EXHAUSTED TOO_MANY_WRONG_PINS.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def card(self) -> Global___GiftCard:
+        """The card."""
+
+    def __init__(
+        self,
+        *,
+        card: Global___GiftCard | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetGiftCardResponse: _TypeAlias = GetGiftCardResponse  # noqa: Y015
+
+@_typing.final
+class SpendGiftCardRequest(_message.Message):
+    """Request of SpendGiftCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    PIN_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    RECEIPT_REF_FIELD_NUMBER: _builtins.int
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a retry answers the first result."""
+    card_number: _builtins.str
+    """The card paid with."""
+    pin: _builtins.str
+    """Its PIN, when it has one."""
+    amount_minor: _builtins.int
+    """How much to pay from it, in minor units; positive. Pay the rest of the
+    receipt with another card or means when the balance is lower.
+    """
+    receipt_ref: _builtins.str
+    """The receipt paid, e.g. "receipt:<terminal>:<number>"; refunds name it."""
+    terminal_id: _builtins.str
+    """The register paying (wrong PINs are limited per card)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        pin: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        receipt_ref: _builtins.str = ...,
+        terminal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "card_number", b"card_number", "pin", b"pin", "receipt_ref", b"receipt_ref", "request_id", b"request_id", "terminal_id", b"terminal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendGiftCardRequest: _TypeAlias = SpendGiftCardRequest  # noqa: Y015
+
+@_typing.final
+class SpendGiftCardResponse(_message.Message):
+    """Response of SpendGiftCard. Refusals: NOT_FOUND GIFT_CARD_NOT_FOUND;
+    FAILED_PRECONDITION GIFT_CARD_NOT_ACTIVE, GIFT_CARD_EXPIRED,
+    GIFT_CARD_WRONG_PIN, GIFT_CARD_INSUFFICIENT_BALANCE;
+    RESOURCE_EXHAUSTED TOO_MANY_WRONG_PINS with a google.rpc.RetryInfo.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    SPENT_MINOR_FIELD_NUMBER: _builtins.int
+    spent_minor: _builtins.int
+    """The amount paid, in minor units."""
+    @_builtins.property
+    def card(self) -> Global___GiftCard:
+        """The card after the payment."""
+
+    def __init__(
+        self,
+        *,
+        card: Global___GiftCard | None = ...,
+        spent_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "spent_minor", b"spent_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpendGiftCardResponse: _TypeAlias = SpendGiftCardResponse  # noqa: Y015
+
+@_typing.final
+class RefundGiftCardRequest(_message.Message):
+    """Request of RefundGiftCard."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    RECEIPT_REF_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a retry answers the first result."""
+    card_number: _builtins.str
+    """The card the receipt was paid with."""
+    amount_minor: _builtins.int
+    """How much to put back, in minor units; positive, at most what the receipt
+    spent from the card less what was already refunded.
+    """
+    receipt_ref: _builtins.str
+    """The receipt the card paid, as given to SpendGiftCard."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        card_number: _builtins.str = ...,
+        amount_minor: _builtins.int = ...,
+        receipt_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "card_number", b"card_number", "receipt_ref", b"receipt_ref", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundGiftCardRequest: _TypeAlias = RefundGiftCardRequest  # noqa: Y015
+
+@_typing.final
+class RefundGiftCardResponse(_message.Message):
+    """Response of RefundGiftCard. Refusals: NOT_FOUND GIFT_CARD_NOT_FOUND;
+    FAILED_PRECONDITION GIFT_CARD_REFUND_EXCEEDS_SPEND, GIFT_CARD_EXPIRED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CARD_FIELD_NUMBER: _builtins.int
+    REFUNDED_MINOR_FIELD_NUMBER: _builtins.int
+    refunded_minor: _builtins.int
+    """The amount put back, in minor units."""
+    @_builtins.property
+    def card(self) -> Global___GiftCard:
+        """The card after the refund."""
+
+    def __init__(
+        self,
+        *,
+        card: Global___GiftCard | None = ...,
+        refunded_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "refunded_minor", b"refunded_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundGiftCardResponse: _TypeAlias = RefundGiftCardResponse  # noqa: Y015
+
+@_typing.final
+class Badge(_message.Message):
+    """A badge: an achievement shown to the member."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BADGE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    badge_id: _builtins.str
+    """Server-assigned id."""
+    name: _builtins.str
+    """Its name, e.g. "First purchase"."""
+    description: _builtins.str
+    """What it is for, as shown to the member."""
+    def __init__(
+        self,
+        *,
+        badge_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["badge_id", b"badge_id", "description", b"description", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Badge: _TypeAlias = Badge  # noqa: Y015
+
+@_typing.final
+class BadgeAward(_message.Message):
+    """A badge a member holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BADGE_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    AWARD_TIME_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member holding it."""
+    @_builtins.property
+    def badge(self) -> Global___Badge:
+        """The badge."""
+
+    @_builtins.property
+    def award_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was awarded."""
+
+    def __init__(
+        self,
+        *,
+        badge: Global___Badge | None = ...,
+        member_id: _builtins.str = ...,
+        award_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["award_time", b"award_time", "badge", b"badge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["award_time", b"award_time", "badge", b"badge", "member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BadgeAward: _TypeAlias = BadgeAward  # noqa: Y015
+
+@_typing.final
+class CreateBadgeRequest(_message.Message):
+    """Request of CreateBadge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    name: _builtins.str
+    """Its name, 1..200 characters."""
+    description: _builtins.str
+    """What it is for, at most 1000 characters."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBadgeRequest: _TypeAlias = CreateBadgeRequest  # noqa: Y015
+
+@_typing.final
+class CreateBadgeResponse(_message.Message):
+    """Response of CreateBadge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BADGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def badge(self) -> Global___Badge:
+        """The new badge."""
+
+    def __init__(
+        self,
+        *,
+        badge: Global___Badge | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["badge", b"badge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["badge", b"badge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBadgeResponse: _TypeAlias = CreateBadgeResponse  # noqa: Y015
+
+@_typing.final
+class AwardBadgeRequest(_message.Message):
+    """Request of AwardBadge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    BADGE_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The member."""
+    badge_id: _builtins.str
+    """The badge. NOT_FOUND BADGE_NOT_FOUND when it does not exist."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        badge_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["badge_id", b"badge_id", "member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwardBadgeRequest: _TypeAlias = AwardBadgeRequest  # noqa: Y015
+
+@_typing.final
+class AwardBadgeResponse(_message.Message):
+    """Response of AwardBadge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AWARD_FIELD_NUMBER: _builtins.int
+    NEWLY_AWARDED_FIELD_NUMBER: _builtins.int
+    newly_awarded: _builtins.bool
+    """False when the member already held the badge (nothing changed, no event)."""
+    @_builtins.property
+    def award(self) -> Global___BadgeAward:
+        """The award: the first one when the member already held the badge."""
+
+    def __init__(
+        self,
+        *,
+        award: Global___BadgeAward | None = ...,
+        newly_awarded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["award", b"award"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["award", b"award", "newly_awarded", b"newly_awarded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwardBadgeResponse: _TypeAlias = AwardBadgeResponse  # noqa: Y015
+
+@_typing.final
+class ListMemberBadgesRequest(_message.Message):
+    """Request of ListMemberBadges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemberBadgesRequest: _TypeAlias = ListMemberBadgesRequest  # noqa: Y015
+
+@_typing.final
+class ListMemberBadgesResponse(_message.Message):
+    """Response of ListMemberBadges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AWARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def awards(self) -> _containers.RepeatedCompositeFieldContainer[Global___BadgeAward]:
+        """The member's badges, oldest award first (at most 1000)."""
+
+    def __init__(
+        self,
+        *,
+        awards: _abc.Iterable[Global___BadgeAward] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awards", b"awards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemberBadgesResponse: _TypeAlias = ListMemberBadgesResponse  # noqa: Y015
+
+@_typing.final
+class ChipProgram(_message.Message):
+    """A chip (sticker) collection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHIP_PROGRAM_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    SPEND_PER_CHIP_MINOR_FIELD_NUMBER: _builtins.int
+    CHIPS_PER_EXCHANGE_FIELD_NUMBER: _builtins.int
+    EXCHANGE_SERIES_ID_FIELD_NUMBER: _builtins.int
+    chip_program_id: _builtins.str
+    """Server-assigned id."""
+    name: _builtins.str
+    """Its name, e.g. "Summer stickers"."""
+    currency_code: _builtins.str
+    """The currency of the receipts that earn chips."""
+    spend_per_chip_minor: _builtins.int
+    """One chip per this much paid on a committed receipt, in minor units (50000 is
+    one chip per 500.00).
+    """
+    chips_per_exchange: _builtins.int
+    """How many chips one exchange takes."""
+    exchange_series_id: _builtins.str
+    """The unique-code coupon series an exchange issues a coupon of."""
+    def __init__(
+        self,
+        *,
+        chip_program_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
+        spend_per_chip_minor: _builtins.int = ...,
+        chips_per_exchange: _builtins.int = ...,
+        exchange_series_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chip_program_id", b"chip_program_id", "chips_per_exchange", b"chips_per_exchange", "currency_code", b"currency_code", "exchange_series_id", b"exchange_series_id", "name", b"name", "spend_per_chip_minor", b"spend_per_chip_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChipProgram: _TypeAlias = ChipProgram  # noqa: Y015
+
+@_typing.final
+class ChipBalance(_message.Message):
+    """A member's chips in one collection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    CHIPS_FIELD_NUMBER: _builtins.int
+    chips: _builtins.int
+    """Chips held."""
+    @_builtins.property
+    def program(self) -> Global___ChipProgram:
+        """The collection."""
+
+    def __init__(
+        self,
+        *,
+        program: Global___ChipProgram | None = ...,
+        chips: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["program", b"program"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chips", b"chips", "program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChipBalance: _TypeAlias = ChipBalance  # noqa: Y015
+
+@_typing.final
+class CreateChipProgramRequest(_message.Message):
+    """Request of CreateChipProgram."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CURRENCY_CODE_FIELD_NUMBER: _builtins.int
+    SPEND_PER_CHIP_MINOR_FIELD_NUMBER: _builtins.int
+    CHIPS_PER_EXCHANGE_FIELD_NUMBER: _builtins.int
+    EXCHANGE_SERIES_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    name: _builtins.str
+    """Its name, 1..200 characters."""
+    currency_code: _builtins.str
+    """ISO 4217 currency of the receipts that earn chips."""
+    spend_per_chip_minor: _builtins.int
+    """One chip per this much paid, in minor units; positive."""
+    chips_per_exchange: _builtins.int
+    """Chips per exchange, positive."""
+    exchange_series_id: _builtins.str
+    """The unique-code series to issue coupons of. NOT_FOUND COUPON_SERIES_NOT_FOUND;
+    FAILED_PRECONDITION COUPON_SERIES_MASS.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        currency_code: _builtins.str = ...,
+        spend_per_chip_minor: _builtins.int = ...,
+        chips_per_exchange: _builtins.int = ...,
+        exchange_series_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chips_per_exchange", b"chips_per_exchange", "currency_code", b"currency_code", "exchange_series_id", b"exchange_series_id", "name", b"name", "request_id", b"request_id", "spend_per_chip_minor", b"spend_per_chip_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateChipProgramRequest: _TypeAlias = CreateChipProgramRequest  # noqa: Y015
+
+@_typing.final
+class CreateChipProgramResponse(_message.Message):
+    """Response of CreateChipProgram."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRAM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def program(self) -> Global___ChipProgram:
+        """The new collection."""
+
+    def __init__(
+        self,
+        *,
+        program: Global___ChipProgram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["program", b"program"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["program", b"program"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateChipProgramResponse: _TypeAlias = CreateChipProgramResponse  # noqa: Y015
+
+@_typing.final
+class GetChipBalancesRequest(_message.Message):
+    """Request of GetChipBalances."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChipBalancesRequest: _TypeAlias = GetChipBalancesRequest  # noqa: Y015
+
+@_typing.final
+class GetChipBalancesResponse(_message.Message):
+    """Response of GetChipBalances."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balances(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChipBalance]:
+        """The member's chips in each collection they have collected in."""
+
+    def __init__(
+        self,
+        *,
+        balances: _abc.Iterable[Global___ChipBalance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balances", b"balances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetChipBalancesResponse: _TypeAlias = GetChipBalancesResponse  # noqa: Y015
+
+@_typing.final
+class ExchangeChipsRequest(_message.Message):
+    """Request of ExchangeChips."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    CHIP_PROGRAM_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    member_id: _builtins.str
+    """The member."""
+    chip_program_id: _builtins.str
+    """The collection."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        chip_program_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chip_program_id", b"chip_program_id", "member_id", b"member_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeChipsRequest: _TypeAlias = ExchangeChipsRequest  # noqa: Y015
+
+@_typing.final
+class ExchangeChipsResponse(_message.Message):
+    """Response of ExchangeChips. Refusals: NOT_FOUND CHIP_PROGRAM_NOT_FOUND;
+    FAILED_PRECONDITION CHIPS_INSUFFICIENT, COUPON_SERIES_ENDED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    COUPON_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___ChipBalance:
+        """The member's chips after the exchange."""
+
+    @_builtins.property
+    def coupon(self) -> Global___Coupon:
+        """The coupon issued to the member."""
+
+    def __init__(
+        self,
+        *,
+        balance: Global___ChipBalance | None = ...,
+        coupon: Global___Coupon | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "coupon", b"coupon"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "coupon", b"coupon"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExchangeChipsResponse: _TypeAlias = ExchangeChipsResponse  # noqa: Y015

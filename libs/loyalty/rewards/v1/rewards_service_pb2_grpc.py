@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RewardsServiceStub:
-    """Coupons and other rewards presented at the cash register.
+    """Coupons, promo codes and gift cards presented at the cash register.
     """
 
     def __init__(self, channel):
@@ -35,10 +35,50 @@ class RewardsServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.CreateCouponSeries = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/CreateCouponSeries',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateCouponSeriesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateCouponSeriesResponse.FromString,
+                _registered_method=True)
+        self.GetCouponSeries = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/GetCouponSeries',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCouponSeriesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCouponSeriesResponse.FromString,
+                _registered_method=True)
         self.IssueCoupon = channel.unary_unary(
                 '/loyalty.rewards.v1.RewardsService/IssueCoupon',
                 request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponRequest.SerializeToString,
                 response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponResponse.FromString,
+                _registered_method=True)
+        self.IssueCoupons = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/IssueCoupons',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponsResponse.FromString,
+                _registered_method=True)
+        self.GenerateCodes = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/GenerateCodes',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GenerateCodesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GenerateCodesResponse.FromString,
+                _registered_method=True)
+        self.GetCodeGenerationJob = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/GetCodeGenerationJob',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCodeGenerationJobRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCodeGenerationJobResponse.FromString,
+                _registered_method=True)
+        self.ListCoupons = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ListCoupons',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListCouponsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListCouponsResponse.FromString,
+                _registered_method=True)
+        self.ImportPromoCodes = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ImportPromoCodes',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ImportPromoCodesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ImportPromoCodesResponse.FromString,
+                _registered_method=True)
+        self.GetPartnerUsageReport = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/GetPartnerUsageReport',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetPartnerUsageReportRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetPartnerUsageReportResponse.FromString,
                 _registered_method=True)
         self.ValidateCoupon = channel.unary_unary(
                 '/loyalty.rewards.v1.RewardsService/ValidateCoupon',
@@ -65,14 +105,131 @@ class RewardsServiceStub:
                 request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponRequest.SerializeToString,
                 response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponResponse.FromString,
                 _registered_method=True)
+        self.IssueGiftCards = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/IssueGiftCards',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueGiftCardsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueGiftCardsResponse.FromString,
+                _registered_method=True)
+        self.ActivateGiftCard = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ActivateGiftCard',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ActivateGiftCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ActivateGiftCardResponse.FromString,
+                _registered_method=True)
+        self.GetGiftCard = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/GetGiftCard',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetGiftCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetGiftCardResponse.FromString,
+                _registered_method=True)
+        self.SpendGiftCard = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/SpendGiftCard',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.SpendGiftCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.SpendGiftCardResponse.FromString,
+                _registered_method=True)
+        self.RefundGiftCard = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/RefundGiftCard',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RefundGiftCardRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RefundGiftCardResponse.FromString,
+                _registered_method=True)
+        self.CreateBadge = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/CreateBadge',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateBadgeRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateBadgeResponse.FromString,
+                _registered_method=True)
+        self.AwardBadge = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/AwardBadge',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.AwardBadgeRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.AwardBadgeResponse.FromString,
+                _registered_method=True)
+        self.ListMemberBadges = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ListMemberBadges',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListMemberBadgesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListMemberBadgesResponse.FromString,
+                _registered_method=True)
+        self.CreateChipProgram = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/CreateChipProgram',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateChipProgramRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateChipProgramResponse.FromString,
+                _registered_method=True)
+        self.GetChipBalances = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/GetChipBalances',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetChipBalancesRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetChipBalancesResponse.FromString,
+                _registered_method=True)
+        self.ExchangeChips = channel.unary_unary(
+                '/loyalty.rewards.v1.RewardsService/ExchangeChips',
+                request_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ExchangeChipsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ExchangeChipsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardsServiceServicer:
-    """Coupons and other rewards presented at the cash register.
+    """Coupons, promo codes and gift cards presented at the cash register.
     """
 
+    def CreateCouponSeries(self, request, context):
+        """Creates a coupon series: what its coupons give, how often they may be used,
+        when they are valid, and how their codes look.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCouponSeries(self, request, context):
+        """Reads a coupon series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def IssueCoupon(self, request, context):
-        """Issues a coupon: a personal one when member_id is set, otherwise a bearer coupon.
+        """Issues one coupon of a unique-code series: a personal one when member_id is
+        set (e.g. from a rule effect "a 10% coupon on registration"), otherwise a
+        bearer coupon.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueCoupons(self, request, context):
+        """Issues one personal coupon of a unique-code series to each member of a list
+        (a segment exported by the members service, or a marketer's upload).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateCodes(self, request, context):
+        """Starts a job that generates bearer codes for a unique-code series (for print
+        runs or partners); the job runs in the background, see GetCodeGenerationJob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCodeGenerationJob(self, request, context):
+        """Reads the progress of a code generation job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCoupons(self, request, context):
+        """Lists the coupons of a series, e.g. to export generated codes for print.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportPromoCodes(self, request, context):
+        """Imports promo codes generated by a partner into a unique-code series, each
+        attributed to the partner that distributes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPartnerUsageReport(self, request, context):
+        """Reports, per partner, how many of a series' imported codes were used.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,13 +275,132 @@ class RewardsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueGiftCards(self, request, context):
+        """Issues a batch of gift cards, not yet sold: they hold nothing until activated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateGiftCard(self, request, context):
+        """Sells a gift card: loads it with its amount and starts its validity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGiftCard(self, request, context):
+        """Reads a gift card's balance and state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SpendGiftCard(self, request, context):
+        """Pays part of a receipt from a gift card.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefundGiftCard(self, request, context):
+        """Puts back on a gift card (part of) what a receipt spent from it, e.g. on a return.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateBadge(self, request, context):
+        """Defines a badge (an achievement) members can be awarded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwardBadge(self, request, context):
+        """Awards a badge to a member, once: awarding it again answers the first award.
+        Emits badge.awarded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMemberBadges(self, request, context):
+        """Lists the badges a member holds, oldest award first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateChipProgram(self, request, context):
+        """Defines a chip (sticker) collection: chips earned per amount paid on committed
+        receipts, exchangeable for a coupon.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetChipBalances(self, request, context):
+        """Reads a member's chips in every collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeChips(self, request, context):
+        """Exchanges chips for a coupon of the collection's series, issued to the member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'CreateCouponSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCouponSeries,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateCouponSeriesRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateCouponSeriesResponse.SerializeToString,
+            ),
+            'GetCouponSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCouponSeries,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCouponSeriesRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCouponSeriesResponse.SerializeToString,
+            ),
             'IssueCoupon': grpc.unary_unary_rpc_method_handler(
                     servicer.IssueCoupon,
                     request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponRequest.FromString,
                     response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponResponse.SerializeToString,
+            ),
+            'IssueCoupons': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueCoupons,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponsRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponsResponse.SerializeToString,
+            ),
+            'GenerateCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateCodes,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GenerateCodesRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GenerateCodesResponse.SerializeToString,
+            ),
+            'GetCodeGenerationJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCodeGenerationJob,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCodeGenerationJobRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCodeGenerationJobResponse.SerializeToString,
+            ),
+            'ListCoupons': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCoupons,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListCouponsRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListCouponsResponse.SerializeToString,
+            ),
+            'ImportPromoCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportPromoCodes,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ImportPromoCodesRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ImportPromoCodesResponse.SerializeToString,
+            ),
+            'GetPartnerUsageReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPartnerUsageReport,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetPartnerUsageReportRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetPartnerUsageReportResponse.SerializeToString,
             ),
             'ValidateCoupon': grpc.unary_unary_rpc_method_handler(
                     servicer.ValidateCoupon,
@@ -151,6 +427,61 @@ def add_RewardsServiceServicer_to_server(servicer, server):
                     request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponRequest.FromString,
                     response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponResponse.SerializeToString,
             ),
+            'IssueGiftCards': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueGiftCards,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueGiftCardsRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueGiftCardsResponse.SerializeToString,
+            ),
+            'ActivateGiftCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateGiftCard,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ActivateGiftCardRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ActivateGiftCardResponse.SerializeToString,
+            ),
+            'GetGiftCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGiftCard,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetGiftCardRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetGiftCardResponse.SerializeToString,
+            ),
+            'SpendGiftCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.SpendGiftCard,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.SpendGiftCardRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.SpendGiftCardResponse.SerializeToString,
+            ),
+            'RefundGiftCard': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefundGiftCard,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RefundGiftCardRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RefundGiftCardResponse.SerializeToString,
+            ),
+            'CreateBadge': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBadge,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateBadgeRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateBadgeResponse.SerializeToString,
+            ),
+            'AwardBadge': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwardBadge,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.AwardBadgeRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.AwardBadgeResponse.SerializeToString,
+            ),
+            'ListMemberBadges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMemberBadges,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListMemberBadgesRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListMemberBadgesResponse.SerializeToString,
+            ),
+            'CreateChipProgram': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateChipProgram,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateChipProgramRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateChipProgramResponse.SerializeToString,
+            ),
+            'GetChipBalances': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetChipBalances,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetChipBalancesRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetChipBalancesResponse.SerializeToString,
+            ),
+            'ExchangeChips': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeChips,
+                    request_deserializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ExchangeChipsRequest.FromString,
+                    response_serializer=loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ExchangeChipsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'loyalty.rewards.v1.RewardsService', rpc_method_handlers)
@@ -160,8 +491,62 @@ def add_RewardsServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RewardsService:
-    """Coupons and other rewards presented at the cash register.
+    """Coupons, promo codes and gift cards presented at the cash register.
     """
+
+    @staticmethod
+    def CreateCouponSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/CreateCouponSeries',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateCouponSeriesRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateCouponSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCouponSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/GetCouponSeries',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCouponSeriesRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCouponSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def IssueCoupon(request,
@@ -180,6 +565,168 @@ class RewardsService:
             '/loyalty.rewards.v1.RewardsService/IssueCoupon',
             loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponRequest.SerializeToString,
             loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueCoupons(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/IssueCoupons',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponsRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueCouponsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/GenerateCodes',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GenerateCodesRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GenerateCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCodeGenerationJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/GetCodeGenerationJob',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCodeGenerationJobRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetCodeGenerationJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCoupons(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ListCoupons',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListCouponsRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListCouponsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportPromoCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ImportPromoCodes',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ImportPromoCodesRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ImportPromoCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPartnerUsageReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/GetPartnerUsageReport',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetPartnerUsageReportRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetPartnerUsageReportResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -315,6 +862,303 @@ class RewardsService:
             '/loyalty.rewards.v1.RewardsService/ReinstateCoupon',
             loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponRequest.SerializeToString,
             loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ReinstateCouponResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueGiftCards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/IssueGiftCards',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueGiftCardsRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.IssueGiftCardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateGiftCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ActivateGiftCard',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ActivateGiftCardRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ActivateGiftCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGiftCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/GetGiftCard',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetGiftCardRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetGiftCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SpendGiftCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/SpendGiftCard',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.SpendGiftCardRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.SpendGiftCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefundGiftCard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/RefundGiftCard',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RefundGiftCardRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.RefundGiftCardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBadge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/CreateBadge',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateBadgeRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateBadgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwardBadge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/AwardBadge',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.AwardBadgeRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.AwardBadgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMemberBadges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ListMemberBadges',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListMemberBadgesRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ListMemberBadgesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateChipProgram(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/CreateChipProgram',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateChipProgramRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.CreateChipProgramResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChipBalances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/GetChipBalances',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetChipBalancesRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.GetChipBalancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeChips(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rewards.v1.RewardsService/ExchangeChips',
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ExchangeChipsRequest.SerializeToString,
+            loyalty_dot_rewards_dot_v1_dot_rewards__service__pb2.ExchangeChipsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,12 @@ class _CampaignStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Campai
     """Being edited; not evaluated."""
     CAMPAIGN_STATUS_ACTIVE: _CampaignStatus.ValueType  # 2
     """Published; evaluated within its period."""
+    CAMPAIGN_STATUS_SCHEDULED: _CampaignStatus.ValueType  # 3
+    """Published, with a start time still ahead (reported, never set)."""
+    CAMPAIGN_STATUS_PAUSED: _CampaignStatus.ValueType  # 4
+    """Published and paused: not evaluated until resumed."""
+    CAMPAIGN_STATUS_ENDED: _CampaignStatus.ValueType  # 5
+    """Ended for good before (or at) the end of its period: never evaluated again."""
 
 class CampaignStatus(_CampaignStatus, metaclass=_CampaignStatusEnumTypeWrapper):
     """The lifecycle state of a campaign."""
@@ -44,29 +50,421 @@ CAMPAIGN_STATUS_DRAFT: CampaignStatus.ValueType  # 1
 """Being edited; not evaluated."""
 CAMPAIGN_STATUS_ACTIVE: CampaignStatus.ValueType  # 2
 """Published; evaluated within its period."""
+CAMPAIGN_STATUS_SCHEDULED: CampaignStatus.ValueType  # 3
+"""Published, with a start time still ahead (reported, never set)."""
+CAMPAIGN_STATUS_PAUSED: CampaignStatus.ValueType  # 4
+"""Published and paused: not evaluated until resumed."""
+CAMPAIGN_STATUS_ENDED: CampaignStatus.ValueType  # 5
+"""Ended for good before (or at) the end of its period: never evaluated again."""
 Global___CampaignStatus: _TypeAlias = CampaignStatus  # noqa: Y015
+
+class _RuleGroupMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RuleGroupModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RuleGroupMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RULE_GROUP_MODE_UNSPECIFIED: _RuleGroupMode.ValueType  # 0
+    """Treated as RULE_GROUP_MODE_ALL."""
+    RULE_GROUP_MODE_ALL: _RuleGroupMode.ValueType  # 1
+    """Every rule whose condition holds applies, in priority order."""
+    RULE_GROUP_MODE_FIRST: _RuleGroupMode.ValueType  # 2
+    """Only the first rule (by priority) whose condition holds applies."""
+    RULE_GROUP_MODE_BEST: _RuleGroupMode.ValueType  # 3
+    """Of the rules whose conditions hold, only the one worth most to the
+    customer applies (discount plus points, a point counted as a minor unit).
+    """
+    RULE_GROUP_MODE_EXCLUSIVE: _RuleGroupMode.ValueType  # 4
+    """Like ALL, but when any of its rules holds the group displaces every other
+    group of every campaign (the first such group by priority wins).
+    """
+
+class RuleGroupMode(_RuleGroupMode, metaclass=_RuleGroupModeEnumTypeWrapper):
+    """How the rules of a group combine."""
+
+RULE_GROUP_MODE_UNSPECIFIED: RuleGroupMode.ValueType  # 0
+"""Treated as RULE_GROUP_MODE_ALL."""
+RULE_GROUP_MODE_ALL: RuleGroupMode.ValueType  # 1
+"""Every rule whose condition holds applies, in priority order."""
+RULE_GROUP_MODE_FIRST: RuleGroupMode.ValueType  # 2
+"""Only the first rule (by priority) whose condition holds applies."""
+RULE_GROUP_MODE_BEST: RuleGroupMode.ValueType  # 3
+"""Of the rules whose conditions hold, only the one worth most to the
+customer applies (discount plus points, a point counted as a minor unit).
+"""
+RULE_GROUP_MODE_EXCLUSIVE: RuleGroupMode.ValueType  # 4
+"""Like ALL, but when any of its rules holds the group displaces every other
+group of every campaign (the first such group by priority wins).
+"""
+Global___RuleGroupMode: _TypeAlias = RuleGroupMode  # noqa: Y015
+
+class _CampaignTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CampaignTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CampaignTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAMPAIGN_TRIGGER_UNSPECIFIED: _CampaignTrigger.ValueType  # 0
+    """Treated as CAMPAIGN_TRIGGER_RECEIPT."""
+    CAMPAIGN_TRIGGER_RECEIPT: _CampaignTrigger.ValueType  # 1
+    """A receipt: the rules run in EvaluateReceipt (the usual promotion)."""
+    CAMPAIGN_TRIGGER_MEMBER_REGISTERED: _CampaignTrigger.ValueType  # 2
+    """A member's registration (a welcome bonus): the rules run once per new
+    member when the members service announces it. Only a campaign's default
+    rules (no groups), with EarnFixedPoints, IssueCoupon and AwardBadge
+    effects, and a scope of segments and tiers at most; conditions see
+    `member` (id, tier) and an empty receipt at the registration time.
+    """
+
+class CampaignTrigger(_CampaignTrigger, metaclass=_CampaignTriggerEnumTypeWrapper):
+    """What starts a campaign's rules."""
+
+CAMPAIGN_TRIGGER_UNSPECIFIED: CampaignTrigger.ValueType  # 0
+"""Treated as CAMPAIGN_TRIGGER_RECEIPT."""
+CAMPAIGN_TRIGGER_RECEIPT: CampaignTrigger.ValueType  # 1
+"""A receipt: the rules run in EvaluateReceipt (the usual promotion)."""
+CAMPAIGN_TRIGGER_MEMBER_REGISTERED: CampaignTrigger.ValueType  # 2
+"""A member's registration (a welcome bonus): the rules run once per new
+member when the members service announces it. Only a campaign's default
+rules (no groups), with EarnFixedPoints, IssueCoupon and AwardBadge
+effects, and a scope of segments and tiers at most; conditions see
+`member` (id, tier) and an empty receipt at the registration time.
+"""
+Global___CampaignTrigger: _TypeAlias = CampaignTrigger  # noqa: Y015
+
+class _DiscountBase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DiscountBaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DiscountBase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DISCOUNT_BASE_UNSPECIFIED: _DiscountBase.ValueType  # 0
+    """Treated as DISCOUNT_BASE_DISCOUNTED."""
+    DISCOUNT_BASE_DISCOUNTED: _DiscountBase.ValueType  # 1
+    """The amounts as already discounted by the groups evaluated before (10% then
+    10% is 19% off).
+    """
+    DISCOUNT_BASE_ORIGINAL: _DiscountBase.ValueType  # 2
+    """The original amounts of the receipt (10% then 10% is 20% off); still never
+    more than what is left of a line.
+    """
+
+class DiscountBase(_DiscountBase, metaclass=_DiscountBaseEnumTypeWrapper):
+    """What a group's percentages and unit prices are computed on."""
+
+DISCOUNT_BASE_UNSPECIFIED: DiscountBase.ValueType  # 0
+"""Treated as DISCOUNT_BASE_DISCOUNTED."""
+DISCOUNT_BASE_DISCOUNTED: DiscountBase.ValueType  # 1
+"""The amounts as already discounted by the groups evaluated before (10% then
+10% is 19% off).
+"""
+DISCOUNT_BASE_ORIGINAL: DiscountBase.ValueType  # 2
+"""The original amounts of the receipt (10% then 10% is 20% off); still never
+more than what is left of a line.
+"""
+Global___DiscountBase: _TypeAlias = DiscountBase  # noqa: Y015
+
+@_typing.final
+class Scope(_message.Message):
+    """The receipt lines an effect acts on. A line matches when its SKU is listed,
+    or its category (or any ancestor category), brand or a product list holding
+    it is listed. Nothing listed means every line. Lines flagged no_promotions
+    never match.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKUS_FIELD_NUMBER: _builtins.int
+    CATEGORY_IDS_FIELD_NUMBER: _builtins.int
+    BRAND_IDS_FIELD_NUMBER: _builtins.int
+    PRODUCT_LIST_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def skus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SKUs."""
+
+    @_builtins.property
+    def category_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Catalogue category ids."""
+
+    @_builtins.property
+    def brand_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Catalogue brand ids."""
+
+    @_builtins.property
+    def product_list_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Catalogue product list ids."""
+
+    def __init__(
+        self,
+        *,
+        skus: _abc.Iterable[_builtins.str] | None = ...,
+        category_ids: _abc.Iterable[_builtins.str] | None = ...,
+        brand_ids: _abc.Iterable[_builtins.str] | None = ...,
+        product_list_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand_ids", b"brand_ids", "category_ids", b"category_ids", "product_list_ids", b"product_list_ids", "skus", b"skus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
 @_typing.final
 class EarnPointsPercent(_message.Message):
-    """Earn points as a percentage of the eligible amount of the receipt."""
+    """Earn points as a percentage of the final (discounted) amount of the lines in
+    scope.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     basis_points: _builtins.int
     """The rate in basis points of the amount: 500 earns 5%. 1..100000."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines that earn; empty means the whole receipt."""
+
     def __init__(
         self,
         *,
         basis_points: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EarnPointsPercent: _TypeAlias = EarnPointsPercent  # noqa: Y015
+
+@_typing.final
+class DiscountPercent(_message.Message):
+    """A percentage off the lines in scope; on the whole receipt when the scope is
+    empty. The discount is computed on their sum and spread pro rata, the
+    remainder on the last line.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    basis_points: _builtins.int
+    """Basis points off: 1000 is 10% off. 1..10000."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines discounted."""
+
+    def __init__(
+        self,
+        *,
+        basis_points: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscountPercent: _TypeAlias = DiscountPercent  # noqa: Y015
+
+@_typing.final
+class DiscountAmount(_message.Message):
+    """A fixed amount off the lines in scope, spread over them pro rata with the
+    remainder on the last line; never more than they cost.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    amount_minor: _builtins.int
+    """The amount off in minor units; positive."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines discounted."""
+
+    def __init__(
+        self,
+        *,
+        amount_minor: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscountAmount: _TypeAlias = DiscountAmount  # noqa: Y015
+
+@_typing.final
+class FixedPrice(_message.Message):
+    """The lines in scope are sold at this unit price; a line already cheaper is
+    left as it is.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_PRICE_MINOR_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    unit_price_minor: _builtins.int
+    """The unit price in minor units; zero or more."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines repriced."""
+
+    def __init__(
+        self,
+        *,
+        unit_price_minor: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope", "unit_price_minor", b"unit_price_minor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FixedPrice: _TypeAlias = FixedPrice  # noqa: Y015
+
+@_typing.final
+class BuyMPayN(_message.Message):
+    """"M for the price of N": of every buy_quantity units in scope (dearest first)
+    the cheapest buy_quantity - pay_quantity are free. Only whole units count.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUY_QUANTITY_FIELD_NUMBER: _builtins.int
+    PAY_QUANTITY_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    buy_quantity: _builtins.int
+    """M, the units taken; 2 or more."""
+    pay_quantity: _builtins.int
+    """N, the units paid; 1..M-1."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The goods it applies to."""
+
+    def __init__(
+        self,
+        *,
+        buy_quantity: _builtins.int = ...,
+        pay_quantity: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buy_quantity", b"buy_quantity", "pay_quantity", b"pay_quantity", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuyMPayN: _TypeAlias = BuyMPayN  # noqa: Y015
+
+@_typing.final
+class NthItemDiscount(_message.Message):
+    """Every n-th unit in scope (the cheapest of each n, dearest first) gets a
+    discount; 10000 basis points makes it free.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    N_FIELD_NUMBER: _builtins.int
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    n: _builtins.int
+    """n; 2 or more."""
+    basis_points: _builtins.int
+    """Basis points off the unit. 1..10000."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The goods it applies to."""
+
+    def __init__(
+        self,
+        *,
+        n: _builtins.int = ...,
+        basis_points: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "n", b"n", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NthItemDiscount: _TypeAlias = NthItemDiscount  # noqa: Y015
+
+@_typing.final
+class CheapestItemDiscount(_message.Message):
+    """The cheapest unit in scope gets a discount once the receipt holds at least
+    min_units units in scope.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    MIN_UNITS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    basis_points: _builtins.int
+    """Basis points off the unit; 10000 makes it free. 1..10000."""
+    min_units: _builtins.int
+    """The least number of units in scope; 0 or 1 means any."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The goods it applies to."""
+
+    def __init__(
+        self,
+        *,
+        basis_points: _builtins.int = ...,
+        min_units: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "min_units", b"min_units", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheapestItemDiscount: _TypeAlias = CheapestItemDiscount  # noqa: Y015
+
+@_typing.final
+class RedemptionCap(_message.Message):
+    """How much of the receipt the customer may pay with points, replacing the
+    program's default share. The first cap rule that applies wins, so order cap
+    rules by priority (e.g. one per tier).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    ALL_BUT_MINOR_FIELD_NUMBER: _builtins.int
+    basis_points: _builtins.int
+    """The share of each eligible line, in basis points: 9900 lets 99% be paid."""
+    all_but_minor: _builtins.int
+    """Everything but this many minor units of the eligible lines ("100% minus
+    1 rouble" is 100), spread over them pro rata.
+    """
+    def __init__(
+        self,
+        *,
+        basis_points: _builtins.int = ...,
+        all_but_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["all_but_minor", b"all_but_minor", "basis_points", b"basis_points", "limit", b"limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_but_minor", b"all_but_minor", "basis_points", b"basis_points", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_limit: _TypeAlias = _typing.Literal["basis_points", "all_but_minor"]  # noqa: Y015
+    _WhichOneofArgType_limit: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_limit) -> _WhichOneofReturnType_limit | None: ...
+
+Global___RedemptionCap: _TypeAlias = RedemptionCap  # noqa: Y015
 
 @_typing.final
 class EarnFixedPoints(_message.Message):
@@ -91,6 +489,57 @@ class EarnFixedPoints(_message.Message):
 Global___EarnFixedPoints: _TypeAlias = EarnFixedPoints  # noqa: Y015
 
 @_typing.final
+class IssueCoupon(_message.Message):
+    """Issue the member a personal coupon of a rewards coupon series (e.g. "10%
+    off your next purchase"). On a receipt it is reported at once (so the
+    register can print "you got a coupon") and issued once the receipt is
+    committed; anonymous receipts get none.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """The unique-code coupon series of the rewards service."""
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["series_id", b"series_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueCoupon: _TypeAlias = IssueCoupon  # noqa: Y015
+
+@_typing.final
+class AwardBadge(_message.Message):
+    """Award the member a badge of the rewards service (once: a member holds a
+    badge at most once). On a receipt it is awarded once the receipt is
+    committed; anonymous receipts get none.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BADGE_ID_FIELD_NUMBER: _builtins.int
+    badge_id: _builtins.str
+    """The badge of the rewards service."""
+    def __init__(
+        self,
+        *,
+        badge_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["badge_id", b"badge_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AwardBadge: _TypeAlias = AwardBadge  # noqa: Y015
+
+@_typing.final
 class Effect(_message.Message):
     """What a rule gives when its condition holds."""
 
@@ -98,6 +547,15 @@ class Effect(_message.Message):
 
     EARN_POINTS_PERCENT_FIELD_NUMBER: _builtins.int
     EARN_FIXED_POINTS_FIELD_NUMBER: _builtins.int
+    DISCOUNT_PERCENT_FIELD_NUMBER: _builtins.int
+    DISCOUNT_AMOUNT_FIELD_NUMBER: _builtins.int
+    FIXED_PRICE_FIELD_NUMBER: _builtins.int
+    BUY_M_PAY_N_FIELD_NUMBER: _builtins.int
+    NTH_ITEM_DISCOUNT_FIELD_NUMBER: _builtins.int
+    CHEAPEST_ITEM_DISCOUNT_FIELD_NUMBER: _builtins.int
+    REDEMPTION_CAP_FIELD_NUMBER: _builtins.int
+    ISSUE_COUPON_FIELD_NUMBER: _builtins.int
+    AWARD_BADGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def earn_points_percent(self) -> Global___EarnPointsPercent:
         """Points as a percentage of the eligible lines."""
@@ -106,17 +564,62 @@ class Effect(_message.Message):
     def earn_fixed_points(self) -> Global___EarnFixedPoints:
         """A fixed number of points."""
 
+    @_builtins.property
+    def discount_percent(self) -> Global___DiscountPercent:
+        """A percentage off lines or the receipt."""
+
+    @_builtins.property
+    def discount_amount(self) -> Global___DiscountAmount:
+        """An amount off lines or the receipt."""
+
+    @_builtins.property
+    def fixed_price(self) -> Global___FixedPrice:
+        """A fixed unit price."""
+
+    @_builtins.property
+    def buy_m_pay_n(self) -> Global___BuyMPayN:
+        """M for the price of N."""
+
+    @_builtins.property
+    def nth_item_discount(self) -> Global___NthItemDiscount:
+        """Every n-th item discounted or free."""
+
+    @_builtins.property
+    def cheapest_item_discount(self) -> Global___CheapestItemDiscount:
+        """The cheapest item discounted or free."""
+
+    @_builtins.property
+    def redemption_cap(self) -> Global___RedemptionCap:
+        """The share payable with points."""
+
+    @_builtins.property
+    def issue_coupon(self) -> Global___IssueCoupon:
+        """A coupon of a rewards series, issued after the receipt is committed."""
+
+    @_builtins.property
+    def award_badge(self) -> Global___AwardBadge:
+        """A badge, awarded after the receipt is committed."""
+
     def __init__(
         self,
         *,
         earn_points_percent: Global___EarnPointsPercent | None = ...,
         earn_fixed_points: Global___EarnFixedPoints | None = ...,
+        discount_percent: Global___DiscountPercent | None = ...,
+        discount_amount: Global___DiscountAmount | None = ...,
+        fixed_price: Global___FixedPrice | None = ...,
+        buy_m_pay_n: Global___BuyMPayN | None = ...,
+        nth_item_discount: Global___NthItemDiscount | None = ...,
+        cheapest_item_discount: Global___CheapestItemDiscount | None = ...,
+        redemption_cap: Global___RedemptionCap | None = ...,
+        issue_coupon: Global___IssueCoupon | None = ...,
+        award_badge: Global___AwardBadge | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["earn_fixed_points", b"earn_fixed_points", "earn_points_percent", b"earn_points_percent", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["earn_fixed_points", b"earn_fixed_points", "earn_points_percent", b"earn_points_percent", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["earn_points_percent", "earn_fixed_points"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["earn_points_percent", "earn_fixed_points", "discount_percent", "discount_amount", "fixed_price", "buy_m_pay_n", "nth_item_discount", "cheapest_item_discount", "redemption_cap", "issue_coupon", "award_badge"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -140,9 +643,15 @@ class Rule(_message.Message):
     """A name for marketers."""
     condition: _builtins.str
     """A CEL expression over `receipt` (total_minor, line_count, store_id,
-    terminal_id, channel, currency_code, skus, hour and weekday of the receipt time
-    in UTC) and `member` (id, identified, tier, segments); empty means always.
-    Example: receipt.total_minor >= 200000 && member.tier == "gold".
+    terminal_id, channel, currency_code, skus, hour, weekday and day_of_month of
+    the receipt time in UTC, coupon_codes, coupon_series, and lines: each with
+    position, sku, price_minor, quantity_milli, amount_minor, no_promotions and
+    the catalogue's category_ids (with ancestors), brand_id, own_brand, list_ids,
+    attributes) and `member` (id, identified, tier, segments); empty means
+    always. docs/rules.md lists every variable. Examples:
+    receipt.total_minor >= 200000 && member.tier == "gold";
+    "SERIES1" in receipt.coupon_series;
+    receipt.lines.exists(l, l.brand_id == "acme").
     """
     receipt_text: _builtins.str
     """The text printed on the receipt when the rule applies."""
@@ -171,6 +680,192 @@ class Rule(_message.Message):
 Global___Rule: _TypeAlias = Rule  # noqa: Y015
 
 @_typing.final
+class RuleGroup(_message.Message):
+    """Rules that combine in one way, under one base condition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    DISCOUNT_BASE_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    group_id: _builtins.str
+    """The group's id, assigned on creation."""
+    name: _builtins.str
+    """A name for marketers."""
+    mode: Global___RuleGroupMode.ValueType
+    """How its rules combine."""
+    priority: _builtins.int
+    """Groups of all live campaigns are evaluated by ascending priority (then
+    campaign id, then their order in the campaign).
+    """
+    condition: _builtins.str
+    """A CEL condition (the same variables as a rule's) that must hold for any
+    of the group's rules to be considered; empty means always.
+    """
+    discount_base: Global___DiscountBase.ValueType
+    """What the group's percentages and unit prices are computed on."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rule]:
+        """The rules."""
+
+    def __init__(
+        self,
+        *,
+        group_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        mode: Global___RuleGroupMode.ValueType = ...,
+        priority: _builtins.int = ...,
+        condition: _builtins.str = ...,
+        discount_base: Global___DiscountBase.ValueType = ...,
+        rules: _abc.Iterable[Global___Rule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "discount_base", b"discount_base", "group_id", b"group_id", "mode", b"mode", "name", b"name", "priority", b"priority", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleGroup: _TypeAlias = RuleGroup  # noqa: Y015
+
+@_typing.final
+class CampaignScope(_message.Message):
+    """Who, where and when a campaign applies: a fast prefilter checked before any
+    condition. Each list left empty means no restriction; a filled one must match
+    one of its values. Weekdays, days of month and hours are read in the store's
+    time zone (PutStore; UTC for a store without one).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
+    STORE_IDS_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    WEEKDAYS_FIELD_NUMBER: _builtins.int
+    DAYS_OF_MONTH_FIELD_NUMBER: _builtins.int
+    HOURS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Member segment codes; the member must be in one of them."""
+
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tier codes."""
+
+    @_builtins.property
+    def store_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Store ids."""
+
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_receipt_pb2.SalesChannel.ValueType]:
+        """Sales channels."""
+
+    @_builtins.property
+    def weekdays(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """ISO weekdays, 1 (Monday) to 7 (Sunday)."""
+
+    @_builtins.property
+    def days_of_month(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Days of the month, 1 to 31."""
+
+    @_builtins.property
+    def hours(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Hours of the day, 0 to 23: happy hours 13:00-15:00 are [13, 14]."""
+
+    def __init__(
+        self,
+        *,
+        segments: _abc.Iterable[_builtins.str] | None = ...,
+        tiers: _abc.Iterable[_builtins.str] | None = ...,
+        store_ids: _abc.Iterable[_builtins.str] | None = ...,
+        channels: _abc.Iterable[_receipt_pb2.SalesChannel.ValueType] | None = ...,
+        weekdays: _abc.Iterable[_builtins.int] | None = ...,
+        days_of_month: _abc.Iterable[_builtins.int] | None = ...,
+        hours: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "days_of_month", b"days_of_month", "hours", b"hours", "segments", b"segments", "store_ids", b"store_ids", "tiers", b"tiers", "weekdays", b"weekdays"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignScope: _TypeAlias = CampaignScope  # noqa: Y015
+
+@_typing.final
+class CampaignLimits(_message.Message):
+    """Limits on what a campaign gives. Each zero means no limit. They are
+    counted from the gateway's committed receipts (cheque.committed), so they
+    are eventually consistent: receipts calculated before the count catches up
+    still get the campaign, and a burst may overshoot a budget by what the
+    receipts in flight give (docs/rules.md says how much). Returns do not give
+    budget or uses back. Coupon benefits are not counted, only the rules'.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISCOUNT_BUDGET_MINOR_FIELD_NUMBER: _builtins.int
+    POINTS_BUDGET_FIELD_NUMBER: _builtins.int
+    MAX_USES_PER_MEMBER_FIELD_NUMBER: _builtins.int
+    discount_budget_minor: _builtins.int
+    """Total discount the campaign's rules may give, in minor units; once the
+    committed receipts reach it the campaign is skipped.
+    """
+    points_budget: _builtins.int
+    """Total points the campaign's rules may give."""
+    max_uses_per_member: _builtins.int
+    """Receipts per member the campaign may apply to (a receipt where any of its
+    rules applied is one use).
+    """
+    def __init__(
+        self,
+        *,
+        discount_budget_minor: _builtins.int = ...,
+        points_budget: _builtins.int = ...,
+        max_uses_per_member: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_budget_minor", b"discount_budget_minor", "max_uses_per_member", b"max_uses_per_member", "points_budget", b"points_budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignLimits: _TypeAlias = CampaignLimits  # noqa: Y015
+
+@_typing.final
+class CampaignUsage(_message.Message):
+    """What a campaign has given so far, as counted from committed receipts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    RECEIPTS_FIELD_NUMBER: _builtins.int
+    discount_minor: _builtins.int
+    """Discount given by its rules, in minor units."""
+    points: _builtins.int
+    """Points given by its rules."""
+    receipts: _builtins.int
+    """Committed receipts it applied to."""
+    def __init__(
+        self,
+        *,
+        discount_minor: _builtins.int = ...,
+        points: _builtins.int = ...,
+        receipts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_minor", b"discount_minor", "points", b"points", "receipts", b"receipts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignUsage: _TypeAlias = CampaignUsage  # noqa: Y015
+
+@_typing.final
 class Campaign(_message.Message):
     """A marketing campaign."""
 
@@ -183,6 +878,10 @@ class Campaign(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """The campaign's id."""
     name: _builtins.str
@@ -191,6 +890,8 @@ class Campaign(_message.Message):
     """Lifecycle state."""
     version: _builtins.int
     """Incremented by each publication."""
+    trigger: Global___CampaignTrigger.ValueType
+    """What runs the rules: receipts (the default) or a member's registration."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the period the campaign applies in; empty means from publication."""
@@ -203,6 +904,22 @@ class Campaign(_message.Message):
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rule]:
         """The rules."""
 
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleGroup]:
+        """Rule groups. The rules above form the campaign's default group (mode
+        ALL, priority 0, discounted base).
+        """
+
+    @_builtins.property
+    def scope(self) -> Global___CampaignScope:
+        """Who, where and when the campaign applies; empty means everyone,
+        everywhere, all the time within its period.
+        """
+
+    @_builtins.property
+    def limits(self) -> Global___CampaignLimits:
+        """Budgets and uses per member; empty means none."""
+
     def __init__(
         self,
         *,
@@ -213,10 +930,14 @@ class Campaign(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         rules: _abc.Iterable[Global___Rule] | None = ...,
         version: _builtins.int = ...,
+        groups: _abc.Iterable[Global___RuleGroup] | None = ...,
+        scope: Global___CampaignScope | None = ...,
+        limits: Global___CampaignLimits | None = ...,
+        trigger: Global___CampaignTrigger.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "limits", b"limits", "scope", b"scope", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "end_time", b"end_time", "name", b"name", "rules", b"rules", "start_time", b"start_time", "status", b"status", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "end_time", b"end_time", "groups", b"groups", "limits", b"limits", "name", b"name", "rules", b"rules", "scope", b"scope", "start_time", b"start_time", "status", b"status", "trigger", b"trigger", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,6 +1029,8 @@ class AppliedPromotion(_message.Message):
     POINTS_FIELD_NUMBER: _builtins.int
     DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
     COUPON_CODE_FIELD_NUMBER: _builtins.int
+    COUPON_SERIES_ID_FIELD_NUMBER: _builtins.int
+    BADGE_ID_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """The campaign."""
     campaign_version: _builtins.int
@@ -322,6 +1045,14 @@ class AppliedPromotion(_message.Message):
     """Discount the rule gave, in minor units."""
     coupon_code: _builtins.str
     """The coupon whose benefit this is; empty for a promotion rule."""
+    coupon_series_id: _builtins.str
+    """The rule gives a coupon of this rewards series, issued to the member once
+    the receipt is committed (print "you got a coupon"); empty otherwise.
+    """
+    badge_id: _builtins.str
+    """The rule gives this rewards badge once the receipt is committed; empty
+    otherwise.
+    """
     def __init__(
         self,
         *,
@@ -332,10 +1063,12 @@ class AppliedPromotion(_message.Message):
         points: _builtins.int = ...,
         discount_minor: _builtins.int = ...,
         coupon_code: _builtins.str = ...,
+        coupon_series_id: _builtins.str = ...,
+        badge_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "coupon_code", b"coupon_code", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["badge_id", b"badge_id", "campaign_id", b"campaign_id", "campaign_version", b"campaign_version", "coupon_code", b"coupon_code", "coupon_series_id", b"coupon_series_id", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -422,18 +1155,24 @@ class GetCampaignResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CAMPAIGN_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def campaign(self) -> Global___Campaign:
         """The campaign."""
+
+    @_builtins.property
+    def usage(self) -> Global___CampaignUsage:
+        """What it has given so far (eventually consistent, see CampaignLimits)."""
 
     def __init__(
         self,
         *,
         campaign: Global___Campaign | None = ...,
+        usage: Global___CampaignUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -572,3 +1311,814 @@ class EvaluateReceiptResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluateReceiptResponse: _TypeAlias = EvaluateReceiptResponse  # noqa: Y015
+
+@_typing.final
+class Category(_message.Message):
+    """A node of the catalogue's category tree."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_ID_FIELD_NUMBER: _builtins.int
+    PARENT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    category_id: _builtins.str
+    """The category's id, chosen by the retailer (e.g. from the ERP)."""
+    parent_id: _builtins.str
+    """The parent category's id; empty for a top-level category."""
+    name: _builtins.str
+    """A name for marketers."""
+    def __init__(
+        self,
+        *,
+        category_id: _builtins.str = ...,
+        parent_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category_id", b"category_id", "name", b"name", "parent_id", b"parent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Category: _TypeAlias = Category  # noqa: Y015
+
+@_typing.final
+class Brand(_message.Message):
+    """A brand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRAND_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    brand_id: _builtins.str
+    """The brand's id, chosen by the retailer."""
+    name: _builtins.str
+    """A name for marketers."""
+    def __init__(
+        self,
+        *,
+        brand_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand_id", b"brand_id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Brand: _TypeAlias = Brand  # noqa: Y015
+
+@_typing.final
+class AttributeValue(_message.Message):
+    """A typed product attribute value; conditions see it as
+    line.attributes["name"].
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STRING_VALUE_FIELD_NUMBER: _builtins.int
+    INT_VALUE_FIELD_NUMBER: _builtins.int
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    string_value: _builtins.str
+    """Text."""
+    int_value: _builtins.int
+    """A whole number."""
+    bool_value: _builtins.bool
+    """A flag."""
+    def __init__(
+        self,
+        *,
+        string_value: _builtins.str = ...,
+        int_value: _builtins.int = ...,
+        bool_value: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "int_value", b"int_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "int_value", b"int_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["string_value", "int_value", "bool_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___AttributeValue: _TypeAlias = AttributeValue  # noqa: Y015
+
+@_typing.final
+class Product(_message.Message):
+    """A product of the catalogue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AttributeValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AttributeValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SKU_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PRICE_MINOR_FIELD_NUMBER: _builtins.int
+    CATEGORY_ID_FIELD_NUMBER: _builtins.int
+    BRAND_ID_FIELD_NUMBER: _builtins.int
+    OWN_BRAND_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """The SKU, as receipt lines carry it."""
+    name: _builtins.str
+    """The product's name."""
+    price_minor: _builtins.int
+    """The shelf price in minor units."""
+    category_id: _builtins.str
+    """The category's id; empty for none. The category must exist."""
+    brand_id: _builtins.str
+    """The brand's id; empty for none. The brand must exist."""
+    own_brand: _builtins.bool
+    """True for the retailer's own brand."""
+    @_builtins.property
+    def attributes(self) -> _containers.MessageMap[_builtins.str, Global___AttributeValue]:
+        """Typed attributes (volume, colour, organic, ...)."""
+
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        name: _builtins.str = ...,
+        price_minor: _builtins.int = ...,
+        category_id: _builtins.str = ...,
+        brand_id: _builtins.str = ...,
+        own_brand: _builtins.bool = ...,
+        attributes: _abc.Mapping[_builtins.str, Global___AttributeValue] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "brand_id", b"brand_id", "category_id", b"category_id", "name", b"name", "own_brand", b"own_brand", "price_minor", b"price_minor", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Product: _TypeAlias = Product  # noqa: Y015
+
+@_typing.final
+class ProductList(_message.Message):
+    """A static list of products that rules can name (favourites, a seasonal set)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIST_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SKUS_FIELD_NUMBER: _builtins.int
+    list_id: _builtins.str
+    """The list's id, chosen by the retailer."""
+    name: _builtins.str
+    """A name for marketers."""
+    @_builtins.property
+    def skus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The SKUs on the list."""
+
+    def __init__(
+        self,
+        *,
+        list_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        skus: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["list_id", b"list_id", "name", b"name", "skus", b"skus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductList: _TypeAlias = ProductList  # noqa: Y015
+
+@_typing.final
+class PutCategoryRequest(_message.Message):
+    """Request of PutCategory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def category(self) -> Global___Category:
+        """The category."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        category: Global___Category | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["category", b"category"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCategoryRequest: _TypeAlias = PutCategoryRequest  # noqa: Y015
+
+@_typing.final
+class PutCategoryResponse(_message.Message):
+    """Response of PutCategory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def category(self) -> Global___Category:
+        """The category as stored."""
+
+    def __init__(
+        self,
+        *,
+        category: Global___Category | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["category", b"category"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCategoryResponse: _TypeAlias = PutCategoryResponse  # noqa: Y015
+
+@_typing.final
+class PutBrandRequest(_message.Message):
+    """Request of PutBrand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    BRAND_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def brand(self) -> Global___Brand:
+        """The brand."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        brand: Global___Brand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutBrandRequest: _TypeAlias = PutBrandRequest  # noqa: Y015
+
+@_typing.final
+class PutBrandResponse(_message.Message):
+    """Response of PutBrand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRAND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def brand(self) -> Global___Brand:
+        """The brand as stored."""
+
+    def __init__(
+        self,
+        *,
+        brand: Global___Brand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand", b"brand"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutBrandResponse: _TypeAlias = PutBrandResponse  # noqa: Y015
+
+@_typing.final
+class PutProductListRequest(_message.Message):
+    """Request of PutProductList."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PRODUCT_LIST_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def product_list(self) -> Global___ProductList:
+        """The list with all its SKUs."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        product_list: Global___ProductList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["product_list", b"product_list"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["product_list", b"product_list", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutProductListRequest: _TypeAlias = PutProductListRequest  # noqa: Y015
+
+@_typing.final
+class PutProductListResponse(_message.Message):
+    """Response of PutProductList."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_LIST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def product_list(self) -> Global___ProductList:
+        """The list as stored."""
+
+    def __init__(
+        self,
+        *,
+        product_list: Global___ProductList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["product_list", b"product_list"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["product_list", b"product_list"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutProductListResponse: _TypeAlias = PutProductListResponse  # noqa: Y015
+
+@_typing.final
+class ImportProductsRequest(_message.Message):
+    """One batch of an ImportProducts stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def products(self) -> _containers.RepeatedCompositeFieldContainer[Global___Product]:
+        """Products; up to 5,000 per message."""
+
+    def __init__(
+        self,
+        *,
+        products: _abc.Iterable[Global___Product] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["products", b"products"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportProductsRequest: _TypeAlias = ImportProductsRequest  # noqa: Y015
+
+@_typing.final
+class ImportProductsResponse(_message.Message):
+    """Response of ImportProducts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORTED_COUNT_FIELD_NUMBER: _builtins.int
+    imported_count: _builtins.int
+    """How many products were created or replaced."""
+    def __init__(
+        self,
+        *,
+        imported_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["imported_count", b"imported_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportProductsResponse: _TypeAlias = ImportProductsResponse  # noqa: Y015
+
+@_typing.final
+class GetProductRequest(_message.Message):
+    """Request of GetProduct."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """The SKU."""
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProductRequest: _TypeAlias = GetProductRequest  # noqa: Y015
+
+@_typing.final
+class GetProductResponse(_message.Message):
+    """Response of GetProduct."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRODUCT_FIELD_NUMBER: _builtins.int
+    CATEGORY_IDS_FIELD_NUMBER: _builtins.int
+    LIST_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def product(self) -> Global___Product:
+        """The product."""
+
+    @_builtins.property
+    def category_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its category and every ancestor, nearest first."""
+
+    @_builtins.property
+    def list_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The product lists holding it."""
+
+    def __init__(
+        self,
+        *,
+        product: Global___Product | None = ...,
+        category_ids: _abc.Iterable[_builtins.str] | None = ...,
+        list_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["product", b"product"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category_ids", b"category_ids", "list_ids", b"list_ids", "product", b"product"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProductResponse: _TypeAlias = GetProductResponse  # noqa: Y015
+
+@_typing.final
+class Store(_message.Message):
+    """A store as the rules see it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    store_id: _builtins.str
+    """The store's id, as receipts carry it."""
+    time_zone: _builtins.str
+    """The IANA time zone the store's receipts are read in, e.g. "Europe/Moscow"."""
+    def __init__(
+        self,
+        *,
+        store_id: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["store_id", b"store_id", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Store: _TypeAlias = Store  # noqa: Y015
+
+@_typing.final
+class PutStoreRequest(_message.Message):
+    """Request of PutStore."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    STORE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def store(self) -> Global___Store:
+        """The store."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        store: Global___Store | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["store", b"store"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutStoreRequest: _TypeAlias = PutStoreRequest  # noqa: Y015
+
+@_typing.final
+class PutStoreResponse(_message.Message):
+    """Response of PutStore."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def store(self) -> Global___Store:
+        """The store as stored."""
+
+    def __init__(
+        self,
+        *,
+        store: Global___Store | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["store", b"store"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["store", b"store"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutStoreResponse: _TypeAlias = PutStoreResponse  # noqa: Y015
+
+@_typing.final
+class SimulateReceiptRequest(_message.Message):
+    """Request of SimulateReceipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    COUPONS_FIELD_NUMBER: _builtins.int
+    DRAFT_CAMPAIGN_IDS_FIELD_NUMBER: _builtins.int
+    DRAFTS_ONLY_FIELD_NUMBER: _builtins.int
+    drafts_only: _builtins.bool
+    """Leave the published campaigns out: simulate the drafts alone."""
+    @_builtins.property
+    def receipt(self) -> _receipt_pb2.Receipt:
+        """The receipt."""
+
+    @_builtins.property
+    def subject(self) -> Global___Subject:
+        """The customer; empty for an anonymous receipt."""
+
+    @_builtins.property
+    def coupons(self) -> _containers.RepeatedCompositeFieldContainer[_coupon_pb2.PresentedCoupon]:
+        """Coupons to apply, as the gateway would pass them."""
+
+    @_builtins.property
+    def draft_campaign_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Draft campaigns to include as if they were published (up to 20)."""
+
+    def __init__(
+        self,
+        *,
+        receipt: _receipt_pb2.Receipt | None = ...,
+        subject: Global___Subject | None = ...,
+        coupons: _abc.Iterable[_coupon_pb2.PresentedCoupon] | None = ...,
+        draft_campaign_ids: _abc.Iterable[_builtins.str] | None = ...,
+        drafts_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "subject", b"subject"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupons", b"coupons", "draft_campaign_ids", b"draft_campaign_ids", "drafts_only", b"drafts_only", "receipt", b"receipt", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateReceiptRequest: _TypeAlias = SimulateReceiptRequest  # noqa: Y015
+
+@_typing.final
+class RuleExplanation(_message.Message):
+    """Why one rule did or did not apply in a simulation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    RULE_NAME_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign."""
+    group_id: _builtins.str
+    """The rule's group; empty for the campaign's default group."""
+    rule_id: _builtins.str
+    """The rule."""
+    rule_name: _builtins.str
+    """The rule's name."""
+    applied: _builtins.bool
+    """True when the rule applied."""
+    reason: _builtins.str
+    """Why it did not apply: "condition is false: <condition>", "out of the
+    campaign's scope: tier", "displaced by exclusive group <id>", "group <id>:
+    an earlier rule applied", "anonymous receipts earn no points", "the
+    campaign is not live at the receipt's time", ...
+    """
+    discount_minor: _builtins.int
+    """The discount it gave, in minor units."""
+    points: _builtins.int
+    """The points it gave."""
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        group_id: _builtins.str = ...,
+        rule_id: _builtins.str = ...,
+        rule_name: _builtins.str = ...,
+        applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        discount_minor: _builtins.int = ...,
+        points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "campaign_id", b"campaign_id", "discount_minor", b"discount_minor", "group_id", b"group_id", "points", b"points", "reason", b"reason", "rule_id", b"rule_id", "rule_name", b"rule_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleExplanation: _TypeAlias = RuleExplanation  # noqa: Y015
+
+@_typing.final
+class SimulateReceiptResponse(_message.Message):
+    """Response of SimulateReceipt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    EXPLANATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___EvaluateReceiptResponse:
+        """What EvaluateReceipt would answer with these campaigns."""
+
+    @_builtins.property
+    def explanations(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleExplanation]:
+        """One explanation per rule of every campaign considered, campaign by
+        campaign, group by group, rule by rule in evaluation order.
+        """
+
+    def __init__(
+        self,
+        *,
+        result: Global___EvaluateReceiptResponse | None = ...,
+        explanations: _abc.Iterable[Global___RuleExplanation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanations", b"explanations", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimulateReceiptResponse: _TypeAlias = SimulateReceiptResponse  # noqa: Y015
+
+@_typing.final
+class PauseCampaignRequest(_message.Message):
+    """Request of PauseCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    campaign_id: _builtins.str
+    """The campaign."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseCampaignRequest: _TypeAlias = PauseCampaignRequest  # noqa: Y015
+
+@_typing.final
+class PauseCampaignResponse(_message.Message):
+    """Response of PauseCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign in its new status."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseCampaignResponse: _TypeAlias = PauseCampaignResponse  # noqa: Y015
+
+@_typing.final
+class ResumeCampaignRequest(_message.Message):
+    """Request of ResumeCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    campaign_id: _builtins.str
+    """The campaign."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeCampaignRequest: _TypeAlias = ResumeCampaignRequest  # noqa: Y015
+
+@_typing.final
+class ResumeCampaignResponse(_message.Message):
+    """Response of ResumeCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign in its new status."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeCampaignResponse: _TypeAlias = ResumeCampaignResponse  # noqa: Y015
+
+@_typing.final
+class EndCampaignRequest(_message.Message):
+    """Request of EndCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    campaign_id: _builtins.str
+    """The campaign."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndCampaignRequest: _TypeAlias = EndCampaignRequest  # noqa: Y015
+
+@_typing.final
+class EndCampaignResponse(_message.Message):
+    """Response of EndCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign in its new status."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndCampaignResponse: _TypeAlias = EndCampaignResponse  # noqa: Y015

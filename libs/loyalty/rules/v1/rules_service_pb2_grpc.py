@@ -51,10 +51,60 @@ class RulesServiceStub:
                 request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PublishCampaignRequest.SerializeToString,
                 response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PublishCampaignResponse.FromString,
                 _registered_method=True)
+        self.PauseCampaign = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/PauseCampaign',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PauseCampaignRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PauseCampaignResponse.FromString,
+                _registered_method=True)
+        self.ResumeCampaign = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/ResumeCampaign',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ResumeCampaignRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ResumeCampaignResponse.FromString,
+                _registered_method=True)
+        self.EndCampaign = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/EndCampaign',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignResponse.FromString,
+                _registered_method=True)
         self.EvaluateReceipt = channel.unary_unary(
                 '/loyalty.rules.v1.RulesService/EvaluateReceipt',
                 request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EvaluateReceiptRequest.SerializeToString,
                 response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EvaluateReceiptResponse.FromString,
+                _registered_method=True)
+        self.PutCategory = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/PutCategory',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutCategoryRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutCategoryResponse.FromString,
+                _registered_method=True)
+        self.PutBrand = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/PutBrand',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutBrandRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutBrandResponse.FromString,
+                _registered_method=True)
+        self.PutProductList = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/PutProductList',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutProductListRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutProductListResponse.FromString,
+                _registered_method=True)
+        self.ImportProducts = channel.stream_unary(
+                '/loyalty.rules.v1.RulesService/ImportProducts',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ImportProductsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ImportProductsResponse.FromString,
+                _registered_method=True)
+        self.GetProduct = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/GetProduct',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.GetProductRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.GetProductResponse.FromString,
+                _registered_method=True)
+        self.SimulateReceipt = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/SimulateReceipt',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.SimulateReceiptRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.SimulateReceiptResponse.FromString,
+                _registered_method=True)
+        self.PutStore = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/PutStore',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreResponse.FromString,
                 _registered_method=True)
 
 
@@ -86,9 +136,87 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseCampaign(self, request, context):
+        """Pauses an active campaign: it stops applying at once (on every replica
+        within the rules cache's refresh) until resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeCampaign(self, request, context):
+        """Resumes a paused campaign.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndCampaign(self, request, context):
+        """Ends an active or paused campaign for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EvaluateReceipt(self, request, context):
         """Evaluates a receipt against the published campaigns active at the
         receipt's time. Read-only: nothing is counted or spent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutCategory(self, request, context):
+        """Creates or replaces a catalogue category. A category's parent must exist and
+        must not be the category itself or one of its descendants.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutBrand(self, request, context):
+        """Creates or replaces a brand.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutProductList(self, request, context):
+        """Creates or replaces a static product list (its SKUs are replaced as a whole).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportProducts(self, request_iterator, context):
+        """Creates or replaces products, streamed in batches: 100,000 products fit in
+        one call. All or nothing: one invalid product refuses the whole import,
+        naming it. Replaying an import writes the same rows, so a retry is safe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProduct(self, request, context):
+        """Returns a product as the rules see it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SimulateReceipt(self, request, context):
+        """Dry run for marketers: evaluates a receipt like EvaluateReceipt, with
+        chosen draft campaigns included as if published, and explains for every
+        rule whether it applied and, if not, why (its condition was false, the
+        campaign's scope excluded the receipt, another rule displaced it, ...).
+        Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutStore(self, request, context):
+        """Creates or replaces a store's settings the rules need (its time zone).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,10 +240,60 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PublishCampaignRequest.FromString,
                     response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PublishCampaignResponse.SerializeToString,
             ),
+            'PauseCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCampaign,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PauseCampaignRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PauseCampaignResponse.SerializeToString,
+            ),
+            'ResumeCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeCampaign,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ResumeCampaignRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ResumeCampaignResponse.SerializeToString,
+            ),
+            'EndCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndCampaign,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignResponse.SerializeToString,
+            ),
             'EvaluateReceipt': grpc.unary_unary_rpc_method_handler(
                     servicer.EvaluateReceipt,
                     request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EvaluateReceiptRequest.FromString,
                     response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EvaluateReceiptResponse.SerializeToString,
+            ),
+            'PutCategory': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutCategory,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutCategoryRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutCategoryResponse.SerializeToString,
+            ),
+            'PutBrand': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutBrand,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutBrandRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutBrandResponse.SerializeToString,
+            ),
+            'PutProductList': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutProductList,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutProductListRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutProductListResponse.SerializeToString,
+            ),
+            'ImportProducts': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportProducts,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ImportProductsRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ImportProductsResponse.SerializeToString,
+            ),
+            'GetProduct': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProduct,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.GetProductRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.GetProductResponse.SerializeToString,
+            ),
+            'SimulateReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimulateReceipt,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.SimulateReceiptRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.SimulateReceiptResponse.SerializeToString,
+            ),
+            'PutStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutStore,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -212,6 +390,87 @@ class RulesService:
             _registered_method=True)
 
     @staticmethod
+    def PauseCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/PauseCampaign',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PauseCampaignRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PauseCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/ResumeCampaign',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ResumeCampaignRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ResumeCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/EndCampaign',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def EvaluateReceipt(request,
             target,
             options=(),
@@ -228,6 +487,195 @@ class RulesService:
             '/loyalty.rules.v1.RulesService/EvaluateReceipt',
             loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EvaluateReceiptRequest.SerializeToString,
             loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EvaluateReceiptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutCategory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/PutCategory',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutCategoryRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutCategoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutBrand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/PutBrand',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutBrandRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutBrandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutProductList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/PutProductList',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutProductListRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutProductListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportProducts(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/loyalty.rules.v1.RulesService/ImportProducts',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ImportProductsRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ImportProductsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProduct(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/GetProduct',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.GetProductRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.GetProductResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimulateReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/SimulateReceipt',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.SimulateReceiptRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.SimulateReceiptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/PutStore',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

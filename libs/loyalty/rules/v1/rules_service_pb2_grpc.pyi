@@ -45,10 +45,42 @@ class RulesServiceStub:
     """Publishes a draft campaign: its rules become immutable and take part in
     evaluation within the campaign's period.
     """
+    PauseCampaign: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.PauseCampaignRequest, _rules_service_pb2.PauseCampaignResponse]
+    """Pauses an active campaign: it stops applying at once (on every replica
+    within the rules cache's refresh) until resumed.
+    """
+    ResumeCampaign: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.ResumeCampaignRequest, _rules_service_pb2.ResumeCampaignResponse]
+    """Resumes a paused campaign."""
+    EndCampaign: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.EndCampaignRequest, _rules_service_pb2.EndCampaignResponse]
+    """Ends an active or paused campaign for good."""
     EvaluateReceipt: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.EvaluateReceiptRequest, _rules_service_pb2.EvaluateReceiptResponse]
     """Evaluates a receipt against the published campaigns active at the
     receipt's time. Read-only: nothing is counted or spent.
     """
+    PutCategory: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.PutCategoryRequest, _rules_service_pb2.PutCategoryResponse]
+    """Creates or replaces a catalogue category. A category's parent must exist and
+    must not be the category itself or one of its descendants.
+    """
+    PutBrand: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.PutBrandRequest, _rules_service_pb2.PutBrandResponse]
+    """Creates or replaces a brand."""
+    PutProductList: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.PutProductListRequest, _rules_service_pb2.PutProductListResponse]
+    """Creates or replaces a static product list (its SKUs are replaced as a whole)."""
+    ImportProducts: _grpc.StreamUnaryMultiCallable[_rules_service_pb2.ImportProductsRequest, _rules_service_pb2.ImportProductsResponse]
+    """Creates or replaces products, streamed in batches: 100,000 products fit in
+    one call. All or nothing: one invalid product refuses the whole import,
+    naming it. Replaying an import writes the same rows, so a retry is safe.
+    """
+    GetProduct: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.GetProductRequest, _rules_service_pb2.GetProductResponse]
+    """Returns a product as the rules see it."""
+    SimulateReceipt: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.SimulateReceiptRequest, _rules_service_pb2.SimulateReceiptResponse]
+    """Dry run for marketers: evaluates a receipt like EvaluateReceipt, with
+    chosen draft campaigns included as if published, and explains for every
+    rule whether it applied and, if not, why (its condition was false, the
+    campaign's scope excluded the receipt, another rule displaced it, ...).
+    Read-only.
+    """
+    PutStore: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.PutStoreRequest, _rules_service_pb2.PutStoreResponse]
+    """Creates or replaces a store's settings the rules need (its time zone)."""
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -67,10 +99,42 @@ class RulesServiceAsyncStub(RulesServiceStub):
     """Publishes a draft campaign: its rules become immutable and take part in
     evaluation within the campaign's period.
     """
+    PauseCampaign: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.PauseCampaignRequest, _rules_service_pb2.PauseCampaignResponse]  # type: ignore[assignment]
+    """Pauses an active campaign: it stops applying at once (on every replica
+    within the rules cache's refresh) until resumed.
+    """
+    ResumeCampaign: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.ResumeCampaignRequest, _rules_service_pb2.ResumeCampaignResponse]  # type: ignore[assignment]
+    """Resumes a paused campaign."""
+    EndCampaign: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.EndCampaignRequest, _rules_service_pb2.EndCampaignResponse]  # type: ignore[assignment]
+    """Ends an active or paused campaign for good."""
     EvaluateReceipt: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.EvaluateReceiptRequest, _rules_service_pb2.EvaluateReceiptResponse]  # type: ignore[assignment]
     """Evaluates a receipt against the published campaigns active at the
     receipt's time. Read-only: nothing is counted or spent.
     """
+    PutCategory: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.PutCategoryRequest, _rules_service_pb2.PutCategoryResponse]  # type: ignore[assignment]
+    """Creates or replaces a catalogue category. A category's parent must exist and
+    must not be the category itself or one of its descendants.
+    """
+    PutBrand: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.PutBrandRequest, _rules_service_pb2.PutBrandResponse]  # type: ignore[assignment]
+    """Creates or replaces a brand."""
+    PutProductList: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.PutProductListRequest, _rules_service_pb2.PutProductListResponse]  # type: ignore[assignment]
+    """Creates or replaces a static product list (its SKUs are replaced as a whole)."""
+    ImportProducts: _aio.StreamUnaryMultiCallable[_rules_service_pb2.ImportProductsRequest, _rules_service_pb2.ImportProductsResponse]  # type: ignore[assignment]
+    """Creates or replaces products, streamed in batches: 100,000 products fit in
+    one call. All or nothing: one invalid product refuses the whole import,
+    naming it. Replaying an import writes the same rows, so a retry is safe.
+    """
+    GetProduct: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.GetProductRequest, _rules_service_pb2.GetProductResponse]  # type: ignore[assignment]
+    """Returns a product as the rules see it."""
+    SimulateReceipt: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.SimulateReceiptRequest, _rules_service_pb2.SimulateReceiptResponse]  # type: ignore[assignment]
+    """Dry run for marketers: evaluates a receipt like EvaluateReceipt, with
+    chosen draft campaigns included as if published, and explains for every
+    rule whether it applied and, if not, why (its condition was false, the
+    campaign's scope excluded the receipt, another rule displaced it, ...).
+    Read-only.
+    """
+    PutStore: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.PutStoreRequest, _rules_service_pb2.PutStoreResponse]  # type: ignore[assignment]
+    """Creates or replaces a store's settings the rules need (its time zone)."""
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
     """Promotions: campaigns with rules whose conditions are CEL expressions,
@@ -106,6 +170,32 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def PauseCampaign(
+        self,
+        request: _rules_service_pb2.PauseCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.PauseCampaignResponse, _abc.Awaitable[_rules_service_pb2.PauseCampaignResponse]]:
+        """Pauses an active campaign: it stops applying at once (on every replica
+        within the rules cache's refresh) until resumed.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeCampaign(
+        self,
+        request: _rules_service_pb2.ResumeCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.ResumeCampaignResponse, _abc.Awaitable[_rules_service_pb2.ResumeCampaignResponse]]:
+        """Resumes a paused campaign."""
+
+    @_abc_1.abstractmethod
+    def EndCampaign(
+        self,
+        request: _rules_service_pb2.EndCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.EndCampaignResponse, _abc.Awaitable[_rules_service_pb2.EndCampaignResponse]]:
+        """Ends an active or paused campaign for good."""
+
+    @_abc_1.abstractmethod
     def EvaluateReceipt(
         self,
         request: _rules_service_pb2.EvaluateReceiptRequest,
@@ -114,5 +204,71 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         """Evaluates a receipt against the published campaigns active at the
         receipt's time. Read-only: nothing is counted or spent.
         """
+
+    @_abc_1.abstractmethod
+    def PutCategory(
+        self,
+        request: _rules_service_pb2.PutCategoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.PutCategoryResponse, _abc.Awaitable[_rules_service_pb2.PutCategoryResponse]]:
+        """Creates or replaces a catalogue category. A category's parent must exist and
+        must not be the category itself or one of its descendants.
+        """
+
+    @_abc_1.abstractmethod
+    def PutBrand(
+        self,
+        request: _rules_service_pb2.PutBrandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.PutBrandResponse, _abc.Awaitable[_rules_service_pb2.PutBrandResponse]]:
+        """Creates or replaces a brand."""
+
+    @_abc_1.abstractmethod
+    def PutProductList(
+        self,
+        request: _rules_service_pb2.PutProductListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.PutProductListResponse, _abc.Awaitable[_rules_service_pb2.PutProductListResponse]]:
+        """Creates or replaces a static product list (its SKUs are replaced as a whole)."""
+
+    @_abc_1.abstractmethod
+    def ImportProducts(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rules_service_pb2.ImportProductsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.ImportProductsResponse, _abc.Awaitable[_rules_service_pb2.ImportProductsResponse]]:
+        """Creates or replaces products, streamed in batches: 100,000 products fit in
+        one call. All or nothing: one invalid product refuses the whole import,
+        naming it. Replaying an import writes the same rows, so a retry is safe.
+        """
+
+    @_abc_1.abstractmethod
+    def GetProduct(
+        self,
+        request: _rules_service_pb2.GetProductRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.GetProductResponse, _abc.Awaitable[_rules_service_pb2.GetProductResponse]]:
+        """Returns a product as the rules see it."""
+
+    @_abc_1.abstractmethod
+    def SimulateReceipt(
+        self,
+        request: _rules_service_pb2.SimulateReceiptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.SimulateReceiptResponse, _abc.Awaitable[_rules_service_pb2.SimulateReceiptResponse]]:
+        """Dry run for marketers: evaluates a receipt like EvaluateReceipt, with
+        chosen draft campaigns included as if published, and explains for every
+        rule whether it applied and, if not, why (its condition was false, the
+        campaign's scope excluded the receipt, another rule displaced it, ...).
+        Read-only.
+        """
+
+    @_abc_1.abstractmethod
+    def PutStore(
+        self,
+        request: _rules_service_pb2.PutStoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.PutStoreResponse, _abc.Awaitable[_rules_service_pb2.PutStoreResponse]]:
+        """Creates or replaces a store's settings the rules need (its time zone)."""
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,1 @@
+"""Client libraries for the platform's public APIs."""

@@ -1,0 +1,79 @@
+"""The rules service's calls to the services that hand out rewards: coupons and badges
+(rewards) and points (accounts)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from loyalty.accounts.v1 import accounts_service_pb2 as accounts
+from loyalty.accounts.v1 import accounts_service_pb2_grpc as accounts_grpc
+from loyalty.rewards.v1 import rewards_service_pb2 as rewards
+from loyalty.rewards.v1 import rewards_service_pb2_grpc as rewards_grpc
+from loyalty.runtime.clients import Channels
+from loyalty.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, reraise_remote
+from services.rules.domain import AwardBadge, EarnFixedPoints, Grant, IssueCoupon
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_SECONDS = 5.0
+
+
+class Rewarder:
+    def __init__(self, channels: Channels, timeout: float = TIMEOUT_SECONDS) -> None:
+        self._rewards = rewards_grpc.RewardsServiceStub(channels.get("rewards"))
+        self._accounts = accounts_grpc.AccountsServiceStub(channels.get("accounts"))
+        self._timeout = timeout
+
+    async def grant(self, grants: Sequence[Grant]) -> None:
+        """Hands out every grant; each call is idempotent by the grant's request id, so the
+        bus may redeliver the event after a failure. A refusal that a retry cannot change (an
+        unknown series or badge, an ended series, an accrual limit) is logged and skipped so it
+        does not hold back the others; an unavailable peer raises, and the event comes again."""
+        for grant in grants:
+            try:
+                await self._call(grant)
+            except grpc.aio.AioRpcError as error:
+                remote = reraise_remote(error)
+                if not isinstance(remote, NotFound | FailedPrecondition | InvalidArgument):
+                    raise remote from error
+                log.warning(
+                    "campaign %s rule %s: %s refused for member %s: %s",
+                    grant.campaign_id,
+                    grant.rule_id,
+                    type(grant.effect).__name__,
+                    grant.member_id,
+                    remote,
+                )
+
+    async def _call(self, grant: Grant) -> None:
+        effect = grant.effect
+        if isinstance(effect, IssueCoupon):
+            await self._rewards.IssueCoupon(
+                rewards.IssueCouponRequest(
+                    request_id=grant.request_id, member_id=grant.member_id, series_id=effect.series_id
+                ),
+                timeout=self._timeout,
+            )
+        elif isinstance(effect, AwardBadge):
+            await self._rewards.AwardBadge(
+                rewards.AwardBadgeRequest(
+                    request_id=grant.request_id, member_id=grant.member_id, badge_id=effect.badge_id
+                ),
+                timeout=self._timeout,
+            )
+        elif isinstance(effect, EarnFixedPoints):
+            await self._accounts.AccruePoints(
+                accounts.AccruePointsRequest(
+                    request_id=grant.request_id,
+                    holder_id=grant.member_id,
+                    member_id=grant.member_id,
+                    amount=effect.amount,
+                    source=accounts.ACCRUAL_SOURCE_CAMPAIGN,
+                    source_ref=f"campaign:{grant.campaign_id}",
+                    reason=grant.reason,
+                ),
+                timeout=self._timeout,
+            )

@@ -1,0 +1,1 @@
+"""The platform benchmark: python -m tools.bench (see __main__.py and docs/performance.md)."""

@@ -1,0 +1,201 @@
+"""Measure the ledger's hot operations over gRPC against the accounts service on PostgreSQL.
+
+    .venv/bin/python tools/bench_ledger.py --clients 1,16 --ops 400
+
+It creates a scratch PostgreSQL database on 127.0.0.1 (dropped afterwards), starts the
+accounts service as its own process (`python -m services.accounts`, migrations applied at
+start-up) and drives it with N concurrent clients over one gRPC channel each:
+
+- ``accrue``: AccruePoints, a new lot per call;
+- ``redeem``: RedeemPoints of 1 point;
+- ``commit``: a receipt as the gateway runs it: PlaceHold, then CaptureHold and AccruePoints;
+
+each once against a single hot account (every call serialised on its row lock) and once
+spread over ``--accounts`` accounts. It prints operations per second and p50/p99 latency
+per operation (a receipt counts as one operation), and the errors, if any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import asyncpg
+import grpc
+
+from loyalty.accounts.v1 import accounts_service_pb2 as pb
+from loyalty.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
+
+if TYPE_CHECKING:
+    from loyalty.accounts.v1.accounts_service_pb2_grpc import AccountsServiceAsyncStub
+
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+STARTING_POINTS = 10**9
+
+
+@asynccontextmanager
+async def scratch_database(admin_dsn: str) -> AsyncIterator[str]:
+    name = f"loyalty_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield admin_dsn.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1) + f"/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def accounts_service(database_url: str) -> AsyncIterator[str]:
+    """The accounts service in its own process, as in a cluster; yields its address."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "LOYALTY_ACCOUNTS__DATABASE_URL": database_url,
+        "LOYALTY_ACCOUNTS__PORT": str(port),
+        "LOYALTY_ACCOUNTS__METRICS_PORT": str(free_port()),
+        "LOYALTY_LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.accounts", env=env)
+    address = f"127.0.0.1:{port}"
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub: AccountsServiceAsyncStub = AccountsServiceStub(channel)
+            for _attempt in range(300):
+                try:
+                    await stub.GetBalance(pb.GetBalanceRequest(holder_id="probe"), timeout=1)
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("the accounts service did not start")
+        yield address
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), timeout=30)
+
+
+@dataclass
+class Run:
+    latencies: list[float]
+    errors: dict[str, int]
+    elapsed: float
+
+    def line(self, name: str, clients: int) -> str:
+        ordered = sorted(self.latencies)
+        p50 = statistics.median(ordered) * 1000 if ordered else 0.0
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000 if ordered else 0.0
+        rate = len(ordered) / self.elapsed if self.elapsed else 0.0
+        errors = ", ".join(f"{code}: {count}" for code, count in sorted(self.errors.items())) or "none"
+        return f"{name:<14} {clients:>7} {len(ordered):>6} {rate:>9.1f} {p50:>8.1f} {p99:>8.1f}   {errors}"
+
+
+Operation = Callable[["AccountsServiceAsyncStub", str, str], Awaitable[None]]
+
+
+async def accrue(stub: AccountsServiceAsyncStub, holder: str, key: str) -> None:
+    await stub.AccruePoints(
+        pb.AccruePointsRequest(
+            request_id=key, holder_id=holder, amount=10, source=pb.ACCRUAL_SOURCE_RECEIPT, source_ref=key
+        )
+    )
+
+
+async def redeem(stub: AccountsServiceAsyncStub, holder: str, key: str) -> None:
+    await stub.RedeemPoints(pb.RedeemPointsRequest(request_id=key, holder_id=holder, amount=1, source_ref=key))
+
+
+async def commit(stub: AccountsServiceAsyncStub, holder: str, key: str) -> None:
+    placed = await stub.PlaceHold(
+        pb.PlaceHoldRequest(request_id=f"{key}:hold", holder_id=holder, amount=5, source_ref=key)
+    )
+    await stub.CaptureHold(pb.CaptureHoldRequest(request_id=f"{key}:capture", hold_id=placed.hold.hold_id))
+    await accrue(stub, holder, f"{key}:accrue")
+
+
+async def drive(address: str, operation: Operation, holders: list[str], clients: int, ops: int) -> Run:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    issued = iter(range(ops))
+    run_id = uuid.uuid4().hex[:8]
+
+    async def client(index: int) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub: AccountsServiceAsyncStub = AccountsServiceStub(channel)
+            for number in issued:
+                holder = holders[(number * 7919 + index) % len(holders)]
+                started = time.perf_counter()
+                try:
+                    await operation(stub, holder, f"bench:{run_id}:{number}")
+                except grpc.aio.AioRpcError as failed:
+                    errors[failed.code().name] = errors.get(failed.code().name, 0) + 1
+                else:
+                    latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(index) for index in range(clients)))
+    return Run(latencies, errors, time.perf_counter() - started)
+
+
+async def fund(address: str, holders: list[str]) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: AccountsServiceAsyncStub = AccountsServiceStub(channel)
+        for start in range(0, len(holders), 50):
+            await asyncio.gather(
+                *(
+                    stub.AccruePoints(
+                        pb.AccruePointsRequest(
+                            request_id=f"fund:{holder}",
+                            holder_id=holder,
+                            amount=STARTING_POINTS,
+                            source=pb.ACCRUAL_SOURCE_CAMPAIGN,
+                            source_ref="bench funding",
+                        )
+                    )
+                    for holder in holders[start : start + 50]
+                )
+            )
+
+
+async def main(arguments: argparse.Namespace) -> None:
+    clients = [int(value) for value in arguments.clients.split(",")]
+    hot = ["hot-holder"]
+    many = [f"holder-{index}" for index in range(arguments.accounts)]
+    async with scratch_database(arguments.admin_dsn) as url, accounts_service(url) as address:
+        await fund(address, hot + many)
+        print(f"{'operation':<14} {'clients':>7} {'ops':>6} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   errors")
+        chosen = arguments.operations.split(",")
+        for name, operation in (("accrue", accrue), ("redeem", redeem), ("commit", commit)):
+            if name not in chosen:
+                continue
+            for spread, holders in (("hot", hot), ("many", many)):
+                for count in clients:
+                    run = await drive(address, operation, holders, count, arguments.ops)
+                    print(run.line(f"{name}/{spread}", count), flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1,16", help="comma-separated numbers of concurrent clients")
+    parser.add_argument("--ops", type=int, default=400, help="operations per measurement")
+    parser.add_argument("--accounts", type=int, default=1000, help="accounts the 'many' runs spread over")
+    parser.add_argument("--operations", default="accrue,redeem,commit", help="which operations to measure")
+    parser.add_argument("--admin-dsn", default=ADMIN_DSN, help="PostgreSQL to create the scratch database in")
+    asyncio.run(main(parser.parse_args()))
