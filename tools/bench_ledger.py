@@ -13,6 +13,12 @@ start-up) and drives it with N concurrent clients over one gRPC channel each:
 each once against a single hot account (every call serialised on its row lock) and once
 spread over ``--accounts`` accounts. It prints operations per second and p50/p99 latency
 per operation (a receipt counts as one operation), and the errors, if any.
+
+    .venv/bin/python tools/bench_ledger.py --mass 100000
+
+instead uploads a mass accrual of that many items (one new account each) in chunks of
+10,000, starts it, and prints how long the upload and the background job took and the
+accounts credited per second.
 """
 
 from __future__ import annotations
@@ -174,7 +180,44 @@ async def fund(address: str, holders: list[str]) -> None:
             )
 
 
+MASS_CHUNK = 10_000
+
+
+async def mass_accrual(address: str, count: int) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: AccountsServiceAsyncStub = AccountsServiceStub(channel)
+        items = [pb.MassOperationItem(holder_id=f"mass-{index}", amount=10) for index in range(count)]
+        began = time.perf_counter()
+        create = pb.CreateMassOperationRequest(
+            request_id="bench",
+            kind=pb.MASS_OPERATION_KIND_ACCRUAL,
+            actor="bench",
+            reason="bench",
+            items=items[:MASS_CHUNK],
+        )
+        operation_id = (await stub.CreateMassOperation(create)).operation.operation_id
+        for start in range(MASS_CHUNK, count, MASS_CHUNK):
+            chunk = pb.AddMassOperationItemsRequest(
+                request_id=f"bench:{start}", operation_id=operation_id, items=items[start : start + MASS_CHUNK]
+            )
+            await stub.AddMassOperationItems(chunk)
+        uploaded = time.perf_counter()
+        await stub.StartMassOperation(pb.StartMassOperationRequest(request_id="bench:start", operation_id=operation_id))
+        while True:
+            await asyncio.sleep(0.5)
+            got = (await stub.GetMassOperation(pb.GetMassOperationRequest(operation_id=operation_id))).operation
+            if got.status == pb.MASS_OPERATION_STATUS_DONE:
+                break
+        applied = time.perf_counter()
+    print(f"mass accrual of {count} items: upload {uploaded - began:.1f} s, job {applied - uploaded:.1f} s")
+    print(f"applied {got.applied}, failed {got.failed}: {got.applied / (applied - uploaded):.0f} accounts/s")
+
+
 async def main(arguments: argparse.Namespace) -> None:
+    if arguments.mass:
+        async with scratch_database(arguments.admin_dsn) as url, accounts_service(url) as address:
+            await mass_accrual(address, arguments.mass)
+        return
     clients = [int(value) for value in arguments.clients.split(",")]
     hot = ["hot-holder"]
     many = [f"holder-{index}" for index in range(arguments.accounts)]
@@ -197,5 +240,6 @@ if __name__ == "__main__":
     parser.add_argument("--ops", type=int, default=400, help="operations per measurement")
     parser.add_argument("--accounts", type=int, default=1000, help="accounts the 'many' runs spread over")
     parser.add_argument("--operations", default="accrue,redeem,commit", help="which operations to measure")
+    parser.add_argument("--mass", type=int, default=0, help="measure a mass accrual of this many items instead")
     parser.add_argument("--admin-dsn", default=ADMIN_DSN, help="PostgreSQL to create the scratch database in")
     asyncio.run(main(parser.parse_args()))

@@ -31,21 +31,62 @@ from services.accounts.domain import (
     Hold,
     HoldStatus,
     LotRestriction,
+    MassOperationKind,
+    MassOperationStatus,
     MoneyRounding,
     PointCurrency,
     SpendContext,
     check_accrual,
     check_adjustment,
+    check_block,
     check_currency,
     check_holder,
+    check_mass_items,
     check_points,
     check_references,
+    check_staff,
     check_transfer_parties,
     expiry_of,
 )
 from services.accounts.metrics import LedgerMetrics
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_MASS_KINDS = {
+    pb.MASS_OPERATION_KIND_ACCRUAL: MassOperationKind.ACCRUAL,
+    pb.MASS_OPERATION_KIND_DEDUCTION: MassOperationKind.DEDUCTION,
+}
+_MASS_STATUSES = {
+    MassOperationStatus.DRAFT.value: pb.MASS_OPERATION_STATUS_DRAFT,
+    MassOperationStatus.RUNNING.value: pb.MASS_OPERATION_STATUS_RUNNING,
+    MassOperationStatus.DONE.value: pb.MASS_OPERATION_STATUS_DONE,
+}
+
+
+def mass_operation_to_proto(view: service.MassOperationView) -> pb.MassOperation:
+    operation = view.operation
+    return pb.MassOperation(
+        operation_id=operation.operation_id,
+        kind=next(key for key, kind in _MASS_KINDS.items() if kind.value == operation.kind),
+        currency=operation.currency,
+        actor=operation.actor,
+        reason=operation.reason,
+        status=_MASS_STATUSES[operation.status],
+        total=operation.total,
+        applied=view.applied,
+        failed=view.failed,
+        failures=[
+            pb.MassOperationFailure(index=item.item_index, holder_id=item.holder_id, reason=item.failure or "")
+            for item in view.failures
+        ],
+    )
+
+
+def _mass_items(items: Any, violations: Violations) -> list[tuple[str, int]]:
+    pairs = [(item.holder_id, item.amount) for item in items]
+    check_mass_items(pairs, violations)
+    return pairs
+
 
 _SOURCES = {
     pb.ACCRUAL_SOURCE_RECEIPT: AccrualSource.RECEIPT,
@@ -72,6 +113,10 @@ def balance_to_proto(balance: Balance) -> pb.Balance:
         held=balance.held,
         available=balance.available,
         negative=balance.negative,
+        blocked=balance.blocked,
+        next_expiries=[
+            pb.ExpiryDay(day=expiry.day.isoformat(), amount=expiry.amount) for expiry in balance.next_expiries
+        ],
     )
 
 
@@ -506,3 +551,96 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
                 for line in settlements
             ]
         )
+
+    async def BlockAccount(self, request: pb.BlockAccountRequest, context: Context) -> pb.BlockAccountResponse:
+        currency = request.currency or self._default_currency
+        violations = Violations()
+        check_block(request.holder_id, currency, request.actor, request.reason, violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.BlockAccountResponse:
+            balance = await service.set_blocked(
+                session, request.holder_id, currency, True, request.actor, request.reason
+            )
+            return pb.BlockAccountResponse(balance=balance_to_proto(balance))
+
+        return await self._idempotent.run("BlockAccount", request, pb.BlockAccountResponse, work)
+
+    async def UnblockAccount(self, request: pb.UnblockAccountRequest, context: Context) -> pb.UnblockAccountResponse:
+        currency = request.currency or self._default_currency
+        violations = Violations()
+        check_block(request.holder_id, currency, request.actor, request.reason, violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.UnblockAccountResponse:
+            balance = await service.set_blocked(
+                session, request.holder_id, currency, False, request.actor, request.reason
+            )
+            return pb.UnblockAccountResponse(balance=balance_to_proto(balance))
+
+        return await self._idempotent.run("UnblockAccount", request, pb.UnblockAccountResponse, work)
+
+    async def CreateMassOperation(
+        self, request: pb.CreateMassOperationRequest, context: Context
+    ) -> pb.CreateMassOperationResponse:
+        violations = Violations()
+        now = utcnow()
+        currency = request.currency or self._default_currency
+        kind = _MASS_KINDS.get(request.kind)
+        violations.check(kind is not None, "kind", "required: accrual or deduction")
+        check_currency(currency, violations)
+        check_staff(request.actor, request.reason, violations)
+        expire_at = timestamp_field(request, "expire_time", violations)
+        if expire_at is not None:
+            violations.check(kind == MassOperationKind.ACCRUAL, "expire_time", "only an accrual has an expiry")
+            violations.check(expire_at > now, "expire_time", "must be in the future")
+        items = _mass_items(request.items, violations)
+        violations.raise_if_any()
+        assert kind is not None
+        if kind == MassOperationKind.ACCRUAL and expire_at is None:
+            expire_at = expiry_of(now, self._currencies.get(currency))
+
+        async def work(session: AsyncSession) -> pb.CreateMassOperationResponse:
+            view = await service.create_mass_operation(
+                session, kind, currency, request.actor, request.reason, expire_at, items, request.start
+            )
+            return pb.CreateMassOperationResponse(operation=mass_operation_to_proto(view))
+
+        return await self._idempotent.run("CreateMassOperation", request, pb.CreateMassOperationResponse, work)
+
+    async def AddMassOperationItems(
+        self, request: pb.AddMassOperationItemsRequest, context: Context
+    ) -> pb.AddMassOperationItemsResponse:
+        violations = Violations()
+        violations.check(bool(request.operation_id), "operation_id", "required")
+        items = _mass_items(request.items, violations)
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.AddMassOperationItemsResponse:
+            view = await service.add_mass_items(session, request.operation_id, items)
+            return pb.AddMassOperationItemsResponse(operation=mass_operation_to_proto(view))
+
+        return await self._idempotent.run("AddMassOperationItems", request, pb.AddMassOperationItemsResponse, work)
+
+    async def StartMassOperation(
+        self, request: pb.StartMassOperationRequest, context: Context
+    ) -> pb.StartMassOperationResponse:
+        violations = Violations()
+        violations.check(bool(request.operation_id), "operation_id", "required")
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.StartMassOperationResponse:
+            view = await service.start_mass_operation(session, request.operation_id)
+            return pb.StartMassOperationResponse(operation=mass_operation_to_proto(view))
+
+        return await self._idempotent.run("StartMassOperation", request, pb.StartMassOperationResponse, work)
+
+    async def GetMassOperation(
+        self, request: pb.GetMassOperationRequest, context: Context
+    ) -> pb.GetMassOperationResponse:
+        violations = Violations()
+        violations.check(bool(request.operation_id), "operation_id", "required")
+        violations.raise_if_any()
+        async with self._sessions() as session:
+            view = await service.mass_operation_view(session, request.operation_id)
+        return pb.GetMassOperationResponse(operation=mass_operation_to_proto(view))

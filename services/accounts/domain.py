@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 
 from loyalty.runtime.errors import FailedPrecondition, NotFound, Violations
@@ -88,6 +88,28 @@ class Lot:
 
 
 @dataclass(frozen=True)
+class Expiry:
+    """Points that expire on one (UTC) day, summed over the lots expiring that day."""
+
+    day: date
+    amount: int
+
+
+MAX_NEXT_EXPIRIES = 5
+
+
+def next_expiries(due: list[tuple[datetime, int]], limit: int = MAX_NEXT_EXPIRIES) -> list[Expiry]:
+    """The first `limit` days on which points expire, with how many, from (expiry instant,
+    points) pairs in expiry order; a day is complete only when an instant of a later day
+    follows it, so the caller reads until it sees `limit` + 1 days or runs out."""
+    days: dict[date, int] = {}
+    for expire_at, amount in due:
+        day = expire_at.astimezone(UTC).date()
+        days[day] = days.get(day, 0) + amount
+    return [Expiry(day, amount) for day, amount in sorted(days.items())[:limit]]
+
+
+@dataclass(frozen=True)
 class Balance:
     holder_id: str
     currency: str
@@ -95,6 +117,10 @@ class Balance:
     pending: int
     held: int
     negative: int = 0
+    # Blocked accounts refuse accruals, holds, redemptions and transfers; returns still work.
+    blocked: bool = False
+    # Filled by GetBalance only: the soonest days on which points expire.
+    next_expiries: tuple[Expiry, ...] = ()
 
     @property
     def available(self) -> int:
@@ -381,6 +407,28 @@ def check_hold(hold: Hold | None, now: datetime) -> Hold:
     return hold
 
 
+def ensure_not_blocked(blocked: bool) -> None:
+    """A blocked account (fraud suspicion, dispute) takes no new points and pays nothing;
+    only reversals and staff adjustments still touch it."""
+    if blocked:
+        raise FailedPrecondition("ACCOUNT_BLOCKED", "the account is blocked")
+
+
+def check_block(holder_id: str, currency: str, actor: str, reason: str, violations: Violations) -> None:
+    """Adds a violation for each way a block or unblock request is not acceptable."""
+    check_holder(holder_id, violations)
+    check_currency(currency, violations)
+    check_staff(actor, reason, violations)
+
+
+def check_staff(actor: str, reason: str, violations: Violations) -> None:
+    """Who does a staff action and why: both required, kept for audit."""
+    violations.check(bool(actor.strip()), "actor", "required: who does it")
+    violations.check_length(actor, "actor", MAX_ACTOR_LENGTH)
+    violations.check(bool(reason.strip()), "reason", "required: why")
+    violations.check_length(reason, "reason", MAX_REASON_LENGTH)
+
+
 def ensure_available(balance: Balance, amount: int) -> None:
     if amount > balance.available:
         raise FailedPrecondition("INSUFFICIENT_POINTS", f"{amount} requested, {balance.available} available")
@@ -531,3 +579,37 @@ def check_transfer_parties(from_holder_id: str, to_holder_id: str, violations: V
 def repayment(owed: int, accrued: int) -> int:
     """The part of a new accrual that first repays a negative balance."""
     return min(max(owed, 0), accrued)
+
+
+class MassOperationKind(StrEnum):
+    ACCRUAL = "accrual"
+    DEDUCTION = "deduction"
+
+
+class MassOperationStatus(StrEnum):
+    # Items are still being uploaded; nothing is applied.
+    DRAFT = "draft"
+    # The background job applies the items.
+    RUNNING = "running"
+    # Every item is applied or failed.
+    DONE = "done"
+
+
+MAX_MASS_ITEMS_PER_CALL = 10_000
+
+
+def mass_item_ref(operation_id: str, index: int) -> str:
+    """The source reference, and the idempotency of an item: one entry per operation and index."""
+    return f"mass:{operation_id}:{index}"
+
+
+def check_mass_items(items: list[tuple[str, int]], violations: Violations) -> None:
+    """Adds a violation for the first bad item (a chunk may hold 10,000 of them)."""
+    violations.check(len(items) <= MAX_MASS_ITEMS_PER_CALL, "items", f"at most {MAX_MASS_ITEMS_PER_CALL} per call")
+    for index, (holder_id, amount) in enumerate(items):
+        if not holder_id or len(holder_id) > MAX_HOLDER_ID_LENGTH:
+            violations.add(f"items[{index}].holder_id", f"required, at most {MAX_HOLDER_ID_LENGTH} characters")
+            return
+        if not 0 < amount <= MAX_POINTS_PER_OPERATION:
+            violations.add(f"items[{index}].amount", f"between 1 and {MAX_POINTS_PER_OPERATION}")
+            return

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.runtime.outbox import OutboxRelay, add_event
 from loyalty.runtime.timeutil import utcnow
-from services.accounts import store
+from services.accounts import service, store
 from services.accounts.metrics import LedgerMetrics
 
 log = logging.getLogger(__name__)
@@ -109,5 +109,38 @@ async def run_expiry(
         else:
             job_runs.labels("expire_lots", "ok").inc()
             if written:
+                relay.notify()
+        await asyncio.sleep(interval_seconds)
+
+
+# Items per transaction: large enough that the multi-row writes pay off, small enough that a
+# crash redoes little and progress shows.
+MASS_CHUNK = 1000
+
+
+async def apply_mass_operations(sessions: async_sessionmaker[AsyncSession], chunk: int = MASS_CHUNK) -> int:
+    """Applies every pending item of every running mass operation, a chunk per transaction;
+    returns how many items were handled. Safe to run on every replica at once."""
+    handled = 0
+    while True:
+        async with sessions() as session, session.begin():
+            done = await service.apply_mass_chunk(session, chunk)
+        if not done:
+            return handled
+        handled += done
+
+
+async def run_mass_operations(
+    sessions: async_sessionmaker[AsyncSession], job_runs: Counter, relay: OutboxRelay, interval_seconds: float
+) -> None:
+    while True:
+        try:
+            handled = await apply_mass_operations(sessions)
+        except Exception:
+            log.exception("applying mass operations failed; will retry")
+            job_runs.labels("mass_operations", "failed").inc()
+        else:
+            job_runs.labels("mass_operations", "ok").inc()
+            if handled:
                 relay.notify()
         await asyncio.sleep(interval_seconds)

@@ -20,8 +20,11 @@ from services.accounts.domain import (
     MoneyRounding,
     PointCurrency,
 )
-from services.accounts.jobs import observe_outstanding_points, run_expiry
+from services.accounts.jobs import observe_outstanding_points, run_expiry, run_mass_operations
 from services.accounts.metrics import LedgerMetrics
+
+# How often a replica looks for started mass operations: a started job waits at most this long.
+MASS_POLL_SECONDS = 1.0
 
 
 def currency_registry(configured: dict[str, PointCurrencyConfig]) -> CurrencyRegistry:
@@ -65,6 +68,9 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
             context.settings.expiry_interval_seconds,
         ),
         "expire-lots",
+    )
+    context.run_in_background(
+        run_mass_operations(context.sessions, context.metrics.job_runs, relay, MASS_POLL_SECONDS), "mass-operations"
     )
     api = AccountsApi(
         context.sessions,

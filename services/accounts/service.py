@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loyalty.runtime.errors import FailedPrecondition, NotFound
+from loyalty.runtime.errors import DomainError, FailedPrecondition, NotFound
 from loyalty.runtime.outbox import add_event
 from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import utcnow
 from services.accounts import store
 from services.accounts.domain import (
     LIMITED_SOURCES,
+    MAX_NEXT_EXPIRIES,
     Accrual,
     AccrualLimits,
     AccrualSource,
@@ -22,17 +24,23 @@ from services.accounts.domain import (
     Balance,
     CurrencyRegistry,
     EntryKind,
+    Expiry,
     Hold,
     HoldStatus,
     Lot,
     LotRestriction,
+    MassOperationKind,
+    MassOperationStatus,
     Move,
     SpendContext,
     allocate,
     check_hold,
     ensure_available,
+    ensure_not_blocked,
+    mass_item_ref,
     moves_for_merge,
     moves_for_transfer,
+    next_expiries,
     repayment,
     restore,
     reversible_amount,
@@ -62,6 +70,7 @@ async def accrue_points(session: AsyncSession, accrual: Accrual, limits: Accrual
     now = utcnow()
     await store.open_account(session, accrual.holder_id, accrual.currency, now)
     account = await _locked_account(session, accrual.holder_id, accrual.currency)
+    ensure_not_blocked(account.blocked)
     requested = accrual.amount
     if limits is not None and (limits.per_receipt is not None or limits.per_day is not None):
         day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -91,20 +100,47 @@ async def accrue_points(session: AsyncSession, accrual: Accrual, limits: Accrual
             accrual.member_id,
         ),
     )
-    balance = await get_balance(session, accrual.holder_id, accrual.currency)
-    return AccrualResult(entry, balance, requested - accrual.amount)
+    return AccrualResult(entry, await _balance_of(session, account, now), requested - accrual.amount)
 
 
 async def get_balance(session: AsyncSession, holder_id: str, currency: str) -> Balance:
+    """The balance as of now, with the soonest days on which points expire: read from the
+    lots' dates, so it never waits for the expiry job."""
     account = await store.find_account(session, holder_id, currency)
     if account is None:
         return Balance(holder_id, currency, active=0, pending=0, held=0)
-    return await _balance_of(session, account, utcnow())
+    now = utcnow()
+    balance = await _balance_of(session, account, now)
+    return replace(balance, next_expiries=tuple(await _next_expiries(session, account.account_id, now)))
+
+
+EXPIRY_INSTANTS_BATCH = 100
+
+
+async def _next_expiries(session: AsyncSession, account_id: str, now: datetime) -> list[Expiry]:
+    """Reads expiry instants batch by batch until a day past the last reported one shows
+    up, so the last reported day is complete however many lots expire on it."""
+    due: list[tuple[datetime, int]] = []
+    while True:
+        batch = await store.expiring_points(
+            session, account_id, now, due[-1][0] if due else None, EXPIRY_INSTANTS_BATCH
+        )
+        due.extend(batch)
+        if len(batch) < EXPIRY_INSTANTS_BATCH or len(next_expiries(due, MAX_NEXT_EXPIRIES + 1)) > MAX_NEXT_EXPIRIES:
+            return next_expiries(due)
 
 
 async def _balance_of(session: AsyncSession, account: store.AccountRow, now: datetime) -> Balance:
     figures = await store.balance_figures(session, account.account_id, now)
-    return Balance(account.holder_id, account.currency, figures.active, figures.pending, figures.held, account.debt)
+    return Balance(
+        account.holder_id,
+        account.currency,
+        figures.active,
+        figures.pending,
+        figures.held,
+        account.debt,
+        account.blocked,
+    )
 
 
 async def _locked_account(session: AsyncSession, holder_id: str, currency: str) -> store.AccountRow:
@@ -135,6 +171,7 @@ async def place_hold(
     only as far as the receipt (`context`) may spend them."""
     now = utcnow()
     account = await _locked_account(session, holder_id, currency)
+    ensure_not_blocked(account.blocked)
     ensure_available(await _balance_of(session, account, now), amount)
     allocate(await _lots_to_spend(session, account, amount, now, context), amount, now, context)
     hold = await store.add_hold(
@@ -227,6 +264,7 @@ async def capture_hold(
     Restricted promo lots pay as far as the hold's receipt (store, amount) allows."""
     now = utcnow()
     hold, account = await _locked_hold(session, hold_id, now)
+    ensure_not_blocked(account.blocked)
     registry = currencies or CurrencyRegistry({})
     context = SpendContext(registry.get(account.currency), hold.store_id, hold.receipt_amount, hold.partner_id)
     spend = amount or hold.amount
@@ -259,6 +297,7 @@ async def redeem_points(
     receipt (`context`) may spend them."""
     now = utcnow()
     account = await _locked_account(session, holder_id, currency)
+    ensure_not_blocked(account.blocked)
     ensure_available(await _balance_of(session, account, now), amount)
     return await _redeem(session, account, amount, source_ref, reason, now, member_id, context)
 
@@ -446,6 +485,7 @@ async def transfer_points(
     source, destination = await _lock_pair(session, from_holder_id, to_holder_id, currency, now)
     if source is None:
         raise FailedPrecondition("INSUFFICIENT_POINTS", "the holder has no points in this currency")
+    ensure_not_blocked(source.blocked or destination.blocked)
     ensure_available(await _balance_of(session, source, now), amount)
     moves = moves_for_transfer(await _lots_to_spend(session, source, amount, now, None), amount, now)
     source_ref = f"transfer:{from_holder_id}:{to_holder_id}"
@@ -482,6 +522,7 @@ async def merge_accounts(
     for currency in sorted(account.currency for account in await store.accounts_of(session, from_holder_id)):
         source, destination = await _lock_pair(session, from_holder_id, to_holder_id, currency, now)
         assert source is not None
+        ensure_not_blocked(source.blocked or destination.blocked)
         if await store.live_holds(session, source.account_id, now):
             raise FailedPrecondition("ACCOUNT_HAS_LIVE_HOLDS", f"{currency} points of the holder are held; retry later")
         if source.debt:
@@ -566,3 +607,144 @@ async def liability_report(session: AsyncSession) -> tuple[datetime, list[store.
 async def partner_settlements(session: AsyncSession, start: datetime, end: datetime) -> list[store.Settlement]:
     """What partners owe each other for a period: points one issued that were spent at another."""
     return await store.partner_settlements(session, start, end)
+
+
+async def set_blocked(
+    session: AsyncSession, holder_id: str, currency: str, blocked: bool, actor: str, reason: str
+) -> Balance:
+    """Blocks or unblocks the holder's account in a currency (opened if new, so a suspect
+    holder can be blocked before the first accrual), audited, and announced with
+    account.blocked or account.unblocked. Asking for the state the account is already in
+    changes nothing and records nothing."""
+    now = utcnow()
+    await store.open_account(session, holder_id, currency, now)
+    account = await _locked_account(session, holder_id, currency)
+    if account.blocked != blocked:
+        await store.set_blocked(session, account, blocked, actor, reason, now)
+        await add_event(
+            session,
+            store.outbox,
+            "account.blocked" if blocked else "account.unblocked",
+            key=holder_id,
+            payload={"holder_id": holder_id, "currency": currency, "actor": actor, "reason": reason},
+        )
+    return await _balance_of(session, account, now)
+
+
+@dataclass(frozen=True)
+class MassOperationView:
+    operation: store.MassOperationRow
+    applied: int
+    failed: int
+    failures: list[store.MassItemRow]
+
+
+MAX_LISTED_FAILURES = 100
+
+
+async def mass_operation_view(session: AsyncSession, operation_id: str) -> MassOperationView:
+    operation = await store.find_mass_operation(session, operation_id)
+    if operation is None:
+        raise NotFound("MASS_OPERATION_NOT_FOUND", "no such mass operation")
+    counts = await store.mass_counts(session, operation_id)
+    failures = await store.mass_failures(session, operation_id, MAX_LISTED_FAILURES)
+    return MassOperationView(operation, counts.get(store.MASS_APPLIED, 0), counts.get(store.MASS_FAILED, 0), failures)
+
+
+async def create_mass_operation(
+    session: AsyncSession,
+    kind: MassOperationKind,
+    currency: str,
+    actor: str,
+    reason: str,
+    expire_at: datetime | None,
+    items: list[tuple[str, int]],
+    start: bool,
+) -> MassOperationView:
+    """A mass accrual or deduction with its first items; running at once when `start`,
+    else a draft that takes more items until StartMassOperation."""
+    operation = store.MassOperationRow(
+        operation_id=str(uuid.uuid4()),
+        kind=kind.value,
+        currency=currency,
+        actor=actor,
+        reason=reason,
+        expire_at=expire_at,
+        status=(MassOperationStatus.RUNNING if start else MassOperationStatus.DRAFT).value,
+        total=0,
+        created_at=utcnow(),
+    )
+    session.add(operation)
+    await session.flush()
+    await store.add_mass_items(session, operation, items)
+    return await mass_operation_view(session, operation.operation_id)
+
+
+async def _draft(session: AsyncSession, operation_id: str) -> store.MassOperationRow:
+    operation = await store.find_mass_operation(session, operation_id, for_update=True)
+    if operation is None:
+        raise NotFound("MASS_OPERATION_NOT_FOUND", "no such mass operation")
+    if operation.status != MassOperationStatus.DRAFT.value:
+        raise FailedPrecondition("MASS_OPERATION_STARTED", "the operation has started; it takes no more items")
+    return operation
+
+
+async def add_mass_items(session: AsyncSession, operation_id: str, items: list[tuple[str, int]]) -> MassOperationView:
+    await store.add_mass_items(session, await _draft(session, operation_id), items)
+    return await mass_operation_view(session, operation_id)
+
+
+async def start_mass_operation(session: AsyncSession, operation_id: str) -> MassOperationView:
+    (await _draft(session, operation_id)).status = MassOperationStatus.RUNNING.value
+    await session.flush()
+    return await mass_operation_view(session, operation_id)
+
+
+async def apply_mass_chunk(session: AsyncSession, limit: int) -> int:
+    """Applies up to `limit` pending items of one running operation and marks them, all in
+    the caller's transaction: a crash before the commit leaves them pending, after it they
+    are never applied again. Returns how many items were handled (0: nothing to do)."""
+    now = utcnow()
+    items = await store.claim_mass_items(session, MassOperationStatus.RUNNING.value, limit)
+    if not items:
+        await store.finish_mass_operations(
+            session, MassOperationStatus.RUNNING.value, MassOperationStatus.DONE.value, now
+        )
+        return 0
+    operation = await store.find_mass_operation(session, items[0].operation_id)
+    assert operation is not None
+    # Holder order: accounts are locked in the same order as by every other multi-account operation.
+    items.sort(key=lambda item: (item.holder_id, item.item_index))
+    failures: dict[int, str] = {}
+    if operation.kind == MassOperationKind.ACCRUAL.value:
+        accounts = await store.lock_accounts(
+            session, sorted({item.holder_id for item in items}), operation.currency, now
+        )
+        credits = []
+        for item in items:
+            account = accounts[item.holder_id]
+            if account.blocked:
+                failures[item.item_index] = "ACCOUNT_BLOCKED"
+                continue
+            repaid = repayment(account.debt, item.amount)
+            account.debt -= repaid
+            ref = mass_item_ref(operation.operation_id, item.item_index)
+            credits.append(store.MassCredit(account, item.amount, repaid, ref))
+        await store.add_mass_credits(session, operation, credits, now)
+    else:
+        for item in items:
+            debit = Adjustment(
+                holder_id=item.holder_id,
+                currency=operation.currency,
+                amount=-item.amount,
+                actor=operation.actor,
+                reason=operation.reason,
+                source_ref=mass_item_ref(operation.operation_id, item.item_index),
+            )
+            try:
+                async with session.begin_nested():
+                    await adjust_points(session, debit)
+            except DomainError as refused:
+                failures[item.item_index] = refused.reason
+    await store.settle_mass_items(session, items, failures)
+    return len(items)

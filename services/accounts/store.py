@@ -9,6 +9,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -16,7 +17,9 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     case,
+    false,
     func,
+    insert,
     or_,
     select,
     update,
@@ -27,7 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from loyalty.runtime.idempotency import define_idempotency_table
-from loyalty.runtime.outbox import define_outbox_table
+from loyalty.runtime.outbox import EVENTS_WRITTEN, define_outbox_table
 from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import UtcDateTime
 from services.accounts.domain import (
@@ -62,6 +65,9 @@ class AccountRow(Base):
     # Points a return took back beyond what was left (a negative balance); changed only
     # with the row locked, repaid first by the next accruals.
     debt: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # A blocked account refuses accruals, holds, redemptions and transfers; changed only with
+    # the row locked, so an operation in flight either finishes before the block or is refused.
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class LotRow(Base):
@@ -172,6 +178,55 @@ class AdjustmentRow(Base):
     reason: Mapped[str] = mapped_column(String(MAX_REASON_LENGTH))
     member_id: Mapped[str | None] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class AccountBlockRow(Base):
+    """The audit trail of blocks and unblocks: who, when and why."""
+
+    __tablename__ = "account_blocks"
+    __table_args__ = (Index("ix_account_blocks_account_created", "account_id", "created_at"),)
+
+    block_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.account_id", name="fk_account_blocks_account"))
+    blocked: Mapped[bool] = mapped_column(Boolean)
+    actor: Mapped[str] = mapped_column(String(MAX_ACTOR_LENGTH))
+    reason: Mapped[str] = mapped_column(String(MAX_REASON_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class MassOperationRow(Base):
+    """A mass accrual or deduction: its items are uploaded in chunks, then a background job
+    applies them; who ordered it and why are kept for audit."""
+
+    __tablename__ = "mass_operations"
+
+    operation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    currency: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(MAX_ACTOR_LENGTH))
+    reason: Mapped[str] = mapped_column(String(MAX_REASON_LENGTH))
+    expire_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    status: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class MassItemRow(Base):
+    """One (holder, amount) of a mass operation; applied exactly once: its status changes in
+    the same transaction as the ledger rows it writes."""
+
+    __tablename__ = "mass_operation_items"
+    __table_args__ = (Index("ix_mass_operation_items_pending", "operation_id", "status", "item_index"),)
+
+    operation_id: Mapped[str] = mapped_column(
+        ForeignKey("mass_operations.operation_id", name="fk_mass_operation_items_operation"), primary_key=True
+    )
+    item_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder_id: Mapped[str] = mapped_column(String(MAX_HOLDER_ID_LENGTH))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    failure: Mapped[str | None] = mapped_column(String(64))
 
 
 outbox = define_outbox_table(Base.metadata)
@@ -501,6 +556,49 @@ async def add_adjustment_record(
     await session.flush()
 
 
+async def set_blocked(
+    session: AsyncSession, account: AccountRow, blocked: bool, actor: str, reason: str, now: datetime
+) -> None:
+    """Blocks or unblocks the (locked) account and records who did it and why."""
+    account.blocked = blocked
+    session.add(
+        AccountBlockRow(
+            block_id=str(uuid.uuid4()),
+            account_id=account.account_id,
+            blocked=blocked,
+            actor=actor,
+            reason=reason,
+            created_at=now,
+        )
+    )
+    await session.flush()
+
+
+async def block_history(session: AsyncSession, account_id: str) -> list[AccountBlockRow]:
+    return list(
+        await session.scalars(
+            select(AccountBlockRow)
+            .where(AccountBlockRow.account_id == account_id)
+            .order_by(AccountBlockRow.created_at, AccountBlockRow.block_id)
+        )
+    )
+
+
+async def expiring_points(
+    session: AsyncSession, account_id: str, now: datetime, after: datetime | None, limit: int
+) -> list[tuple[datetime, int]]:
+    """(expiry instant, points) of the account's unexpired lots, soonest first, one pair per
+    instant, `limit` instants after `after` (exclusive); pending lots count, they expire too."""
+    query = (
+        select(LotRow.expire_at, func.sum(LotRow.remaining))
+        .where(LotRow.account_id == account_id, LotRow.remaining > 0, LotRow.expire_at > (after or now))
+        .group_by(LotRow.expire_at)
+        .order_by(LotRow.expire_at)
+        .limit(limit)
+    )
+    return [(expire_at, int(amount)) for expire_at, amount in (await session.execute(query)).all()]
+
+
 async def outstanding_by_currency(session: AsyncSession, now: datetime) -> dict[str, int]:
     """Points left in lots that have not expired, per currency, across all accounts."""
     rows = await session.execute(
@@ -799,3 +897,210 @@ async def partner_settlements(session: AsyncSession, start: datetime, end: datet
         .order_by(issuer, spender, AccountRow.currency)
     )
     return [Settlement(a, b, currency, int(points)) for a, b, currency, points in rows.tuples() if points]
+
+
+MASS_PENDING = "pending"
+MASS_APPLIED = "applied"
+MASS_FAILED = "failed"
+
+
+async def add_mass_items(session: AsyncSession, operation: MassOperationRow, items: list[tuple[str, int]]) -> None:
+    """Appends items to the (locked) operation, numbered after those it has."""
+    if items:
+        await session.execute(
+            insert(MassItemRow),
+            [
+                {
+                    "operation_id": operation.operation_id,
+                    "item_index": operation.total + offset,
+                    "holder_id": holder_id,
+                    "amount": amount,
+                    "status": MASS_PENDING,
+                }
+                for offset, (holder_id, amount) in enumerate(items)
+            ],
+        )
+    operation.total += len(items)
+    await session.flush()
+
+
+async def find_mass_operation(
+    session: AsyncSession, operation_id: str, for_update: bool = False
+) -> MassOperationRow | None:
+    query = select(MassOperationRow).where(MassOperationRow.operation_id == operation_id)
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    operation: MassOperationRow | None = await session.scalar(query)
+    return operation
+
+
+async def mass_counts(session: AsyncSession, operation_id: str) -> dict[str, int]:
+    rows = await session.execute(
+        select(MassItemRow.status, func.count())
+        .where(MassItemRow.operation_id == operation_id)
+        .group_by(MassItemRow.status)
+    )
+    return {status: int(count) for status, count in rows.all()}
+
+
+async def mass_failures(session: AsyncSession, operation_id: str, limit: int) -> list[MassItemRow]:
+    return list(
+        await session.scalars(
+            select(MassItemRow)
+            .where(MassItemRow.operation_id == operation_id, MassItemRow.status == MASS_FAILED)
+            .order_by(MassItemRow.item_index)
+            .limit(limit)
+        )
+    )
+
+
+async def claim_mass_items(session: AsyncSession, running: str, limit: int) -> list[MassItemRow]:
+    """Pending items of the oldest running operation that has any unclaimed, locked; another
+    replica skips them (SKIP LOCKED on PostgreSQL; SQLite has a single writer). Items are read
+    per operation in index order, which the pending-items index serves without a sort."""
+    operations = await session.scalars(
+        select(MassOperationRow.operation_id)
+        .where(MassOperationRow.status == running)
+        .order_by(MassOperationRow.created_at, MassOperationRow.operation_id)
+    )
+    for operation_id in list(operations):
+        items = list(
+            await session.scalars(
+                select(MassItemRow)
+                .where(MassItemRow.operation_id == operation_id, MassItemRow.status == MASS_PENDING)
+                .order_by(MassItemRow.item_index)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        if items:
+            return items
+    return []
+
+
+async def settle_mass_items(session: AsyncSession, items: list[MassItemRow], failures: dict[int, str]) -> None:
+    """Marks the claimed items applied, or failed with their reason: one statement for the
+    applied ones (nearly all of them) rather than one per item."""
+    operation_id = items[0].operation_id
+    applied = [item.item_index for item in items if item.item_index not in failures]
+    if applied:
+        await session.execute(
+            update(MassItemRow)
+            .where(MassItemRow.operation_id == operation_id, MassItemRow.item_index.in_(applied))
+            .values(status=MASS_APPLIED)
+            .execution_options(synchronize_session=False)
+        )
+    for index, reason in failures.items():
+        await session.execute(
+            update(MassItemRow)
+            .where(MassItemRow.operation_id == operation_id, MassItemRow.item_index == index)
+            .values(status=MASS_FAILED, failure=reason)
+            .execution_options(synchronize_session=False)
+        )
+
+
+async def finish_mass_operations(session: AsyncSession, running: str, finished: str, now: datetime) -> None:
+    """Running operations with no pending item left are finished."""
+    pending = select(MassItemRow.item_index).where(
+        MassItemRow.operation_id == MassOperationRow.operation_id, MassItemRow.status == MASS_PENDING
+    )
+    await session.execute(
+        update(MassOperationRow)
+        .where(MassOperationRow.status == running, ~pending.exists())
+        .values(status=finished, finished_at=now)
+    )
+
+
+async def lock_accounts(
+    session: AsyncSession, holder_ids: list[str], currency: str, now: datetime
+) -> dict[str, AccountRow]:
+    """The holders' accounts, opened when new and locked in holder order (as every
+    multi-account operation locks them, so none deadlocks)."""
+    insert_into = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    # Parameters as a list (an executemany the driver batches), not a literal VALUES list
+    # that would be compiled anew for every chunk.
+    await session.execute(
+        insert_into(AccountRow).on_conflict_do_nothing(index_elements=["holder_id", "currency"]),
+        [
+            {"account_id": str(uuid.uuid4()), "holder_id": holder_id, "currency": currency, "created_at": now}
+            for holder_id in sorted(holder_ids)
+        ],
+    )
+    accounts = await session.scalars(
+        select(AccountRow)
+        .where(AccountRow.currency == currency, AccountRow.holder_id.in_(holder_ids))
+        .order_by(AccountRow.holder_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return {account.holder_id: account for account in accounts}
+
+
+@dataclass(frozen=True)
+class MassCredit:
+    account: AccountRow
+    amount: int
+    repaid: int
+    source_ref: str
+
+
+async def add_mass_credits(
+    session: AsyncSession, operation: MassOperationRow, credits: list[MassCredit], now: datetime
+) -> None:
+    """What add_accrual, add_adjustment_record and add_event write for one credit each,
+    written for all of them in a few multi-row statements (the accounts must be locked and
+    their debt already reduced by `repaid`)."""
+    if not credits:
+        return
+    lots, entries, audits, events = [], [], [], []
+    for credit in credits:
+        lot_id, entry_id = str(uuid.uuid4()), str(uuid.uuid4())
+        account = credit.account
+        lots.append(
+            {
+                "lot_id": lot_id,
+                "account_id": account.account_id,
+                "amount": credit.amount,
+                "remaining": credit.amount - credit.repaid,
+                "activate_at": now,
+                "expire_at": operation.expire_at,
+                "source": "mass_job",
+                "source_ref": credit.source_ref,
+                "created_at": now,
+            }
+        )
+        common = {"account_id": account.account_id, "amount": credit.amount, "created_at": now}
+        entries.append(
+            {
+                **common,
+                "entry_id": entry_id,
+                "kind": EntryKind.ADJUSTMENT.value,
+                "lot_id": lot_id,
+                "source_ref": credit.source_ref,
+                "reason": operation.reason,
+            }
+        )
+        audits.append({**common, "entry_id": entry_id, "actor": operation.actor, "reason": operation.reason})
+        events.append(
+            {
+                "event_id": str(uuid.uuid4()),
+                "event_type": "points.adjusted",
+                "key": account.holder_id,
+                "payload": {
+                    "holder_id": account.holder_id,
+                    "currency": account.currency,
+                    "amount": credit.amount,
+                    "entry_id": entry_id,
+                    "reason": operation.reason,
+                    "actor": operation.actor,
+                },
+                "trace_context": {},
+                "occurred_at": now,
+            }
+        )
+    await session.execute(insert(LotRow), lots)
+    await session.execute(insert(EntryRow), entries)
+    await session.execute(insert(AdjustmentRow), audits)
+    await session.execute(outbox.insert(), events)
+    session.info[EVENTS_WRITTEN] = True
+    await session.flush()

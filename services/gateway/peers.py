@@ -66,6 +66,8 @@ class Peers:
                     email=request.email,
                     first_name=request.first_name,
                     channel=members.REGISTRATION_CHANNEL_POS,
+                    # A customer already known is simply identified at the register.
+                    return_existing=True,
                 ),
                 timeout=self.timeout,
             )
@@ -119,16 +121,18 @@ class Peers:
         response = await _call(lambda: self._accounts.PlaceHold(request, timeout=budget))
         return response.hold
 
-    async def capture_hold(self, request_id: str, hold_id: str, amount: int) -> accounts.Entry:
+    async def capture_hold(self, request_id: str, hold_id: str, amount: int) -> accounts.CaptureHoldResponse:
         request = accounts.CaptureHoldRequest(request_id=request_id, hold_id=hold_id, amount=amount)
-        response = await _call(lambda: self._accounts.CaptureHold(request, timeout=self.timeout))
-        return response.entry
+        return await _call(lambda: self._accounts.CaptureHold(request, timeout=self.timeout))
 
-    async def release_hold(self, request_id: str, hold_id: str) -> None:
+    async def release_hold(self, request_id: str, hold_id: str) -> accounts.Balance:
         request = accounts.ReleaseHoldRequest(request_id=request_id, hold_id=hold_id)
-        await _call(lambda: self._accounts.ReleaseHold(request, timeout=self.timeout))
+        response = await _call(lambda: self._accounts.ReleaseHold(request, timeout=self.timeout))
+        return response.balance
 
-    async def accrue(self, request_id: str, holder_id: str, amount: int, source_ref: str) -> accounts.Entry:
+    async def accrue(
+        self, request_id: str, holder_id: str, amount: int, source_ref: str
+    ) -> accounts.AccruePointsResponse:
         request = accounts.AccruePointsRequest(
             request_id=request_id,
             holder_id=holder_id,
@@ -137,8 +141,7 @@ class Peers:
             source_ref=source_ref,
             reason="points earned on a receipt",
         )
-        response = await _call(lambda: self._accounts.AccruePoints(request, timeout=self.timeout))
-        return response.entry
+        return await _call(lambda: self._accounts.AccruePoints(request, timeout=self.timeout))
 
     async def reverse(self, request_id: str, entry_id: str, amount: int, source_ref: str) -> None:
         request = accounts.ReverseOperationRequest(

@@ -11,6 +11,7 @@ from datetime import timedelta
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from loyalty.accounts.v1 import accounts_service_pb2 as accounts
 from loyalty.common.v1 import receipt_pb2
 from loyalty.gateway.v1 import pos_service_pb2 as pos
 from loyalty.members.v1 import members_service_pb2 as members
@@ -54,6 +55,8 @@ def applied_promotions(evaluation: rules.EvaluateReceiptResponse) -> list[pos.Ap
             points=applied.points,
             discount_minor=applied.discount_minor,
             coupon_code=applied.coupon_code,
+            coupon_series_id=applied.coupon_series_id,
+            badge_id=applied.badge_id,
         )
         for applied in evaluation.applied_promotions
     ]
@@ -137,6 +140,15 @@ def returned_event(cheque: store.ChequeRow, returned: store.ReturnRow) -> dict[s
     }
 
 
+@dataclass(frozen=True)
+class Settled:
+    """Where a receipt's saga got to, with what the run saw on the way."""
+
+    state: SagaState
+    cheque: store.ChequeRow | None
+    balance: accounts.Balance | None = None
+
+
 @dataclass
 class Saga:
     sessions: async_sessionmaker[AsyncSession]
@@ -147,12 +159,21 @@ class Saga:
     resume_after: timedelta
 
     async def complete(self, key: ReceiptKey) -> SagaState:
+        """Applies what a committed receipt owes; see ``settle``."""
+        return (await self.settle(key)).state
+
+    async def settle(self, key: ReceiptKey, cheque: store.ChequeRow | None = None) -> Settled:
         """Applies what a committed receipt owes. Each step is idempotent by the receipt, so
-        running this again after a crash or a failure never applies a step twice."""
-        async with self.sessions() as session:
-            cheque = await store.find_cheque(session, key)
+        running this again after a crash or a failure never applies a step twice. The
+        caller may hand in the row it just read or wrote; the answer carries the row as
+        it ends and the balance the last ledger step reported, so a commit needs no
+        further reads to answer."""
+        if cheque is None:
+            async with self.sessions() as session:
+                cheque = await store.find_cheque(session, key)
         if cheque is None or cheque.saga_state == SagaState.COMPLETED.value:
-            return SagaState.COMPLETED
+            return Settled(SagaState.COMPLETED, cheque)
+        balance: accounts.Balance | None = None
         try:
             if not cheque.evaluated:
                 cheque = await self._evaluate_later(cheque)
@@ -168,26 +189,26 @@ class Saga:
             for step in plan.steps:
                 request_id = key.step_request_id(step)
                 if step == "capture_hold":
-                    entry = await self.peers.capture_hold(request_id, plan.hold_id, plan.points_paid)
-                    redemption_entry_id = entry.entry_id
+                    captured = await self.peers.capture_hold(request_id, plan.hold_id, plan.points_paid)
+                    redemption_entry_id, balance = captured.entry.entry_id, captured.balance
                 elif step == "release_hold":
-                    await self.peers.release_hold(request_id, plan.hold_id)
+                    balance = await self.peers.release_hold(request_id, plan.hold_id)
                 elif step == "redeem_coupons":
                     for reservation_id in plan.coupon_reservations:
                         await self.peers.redeem_coupon(f"{request_id}:{reservation_id}", reservation_id)
                 elif step == "accrue_points":
-                    entry = await self.peers.accrue(request_id, plan.holder_id, plan.points, key.ref)
-                    accrual_entry_id = entry.entry_id
+                    accrued = await self.peers.accrue(request_id, plan.holder_id, plan.points, key.ref)
+                    accrual_entry_id, balance = accrued.entry.entry_id, accrued.balance
         except DomainError as error:
             log.warning("receipt %s not completed yet: %s", key.ref, error.reason)
             async with self.sessions() as session, session.begin():
                 await store.record_attempt(session, key, f"{error.reason}: {error.message}")
-            return SagaState.COMMITTED
+            return Settled(SagaState.COMMITTED, cheque)
         async with self.sessions() as session, session.begin():
             row = await store.find_cheque(session, key, lock=True)
             assert row is not None
             if row.saga_state == SagaState.COMPLETED.value:
-                return SagaState.COMPLETED
+                return Settled(SagaState.COMPLETED, row)
             row.saga_state = SagaState.COMPLETED.value
             row.completed_at = utcnow()
             row.attempts += 1
@@ -196,7 +217,7 @@ class Saga:
             row.redemption_entry_id = redemption_entry_id
             await add_event(session, store.outbox, "cheque.committed", key=key.ref, payload=committed_event(row))
         self.relay.notify()
-        return SagaState.COMPLETED
+        return Settled(SagaState.COMPLETED, row, balance)
 
     async def _evaluate_later(self, cheque: store.ChequeRow) -> store.ChequeRow:
         """Evaluates a receipt accepted while the promotions (or the customer) could not be

@@ -476,40 +476,46 @@ class PointOfSale:
         receipt_hash = receipt_fingerprint(request)
         async with self._sessions() as session:
             cheque = await store.find_cheque(session, key)
+            calculation = (
+                await store.find_calculation(session, request.calculation_id)
+                if cheque is None and request.calculation_id
+                else None
+            )
         if cheque is None:
-            planned = await self._planned(terminal, key, request, receipt_hash, offline)
+            planned = await self._planned(terminal, key, request, receipt_hash, offline, calculation)
             cheque = await self._record(planned)
         if cheque.receipt_hash != receipt_hash:
             raise FailedPrecondition(
                 "RECEIPT_NUMBER_REUSED",
                 f"receipt {key.receipt_number} of terminal {key.terminal_id} was committed with other content",
             )
-        if cheque.saga_state == SagaState.COMMITTED.value:
-            await self._saga.complete(key)
-        return await self._commit_answer(key)
-
-    async def _commit_answer(self, key: ReceiptKey) -> pos.CommitChequeResponse:
-        async with self._sessions() as session:
-            cheque = await store.find_cheque(session, key)
-        assert cheque is not None
+        settled = await self._saga.settle(key, cheque) if cheque.saga_state == SagaState.COMMITTED.value else None
+        if settled is not None and settled.cheque is not None:
+            cheque = settled.cheque
         response = pos.CommitChequeResponse.FromString(cheque.response)
         response.state = cheque_state(cheque)
         if cheque.member_id:
             member = members.MemberContext(member_id=cheque.member_id, account_holder_id=cheque.holder_id)
-            response.customer.CopyFrom(await self._customer_with_balance(member))
+            if settled is not None and settled.balance is not None:
+                # The last ledger step of this very commit reported the balance after it.
+                response.customer.CopyFrom(_customer(member, settled.balance.available, settled.balance.pending))
+            else:
+                response.customer.CopyFrom(await self._customer_with_balance(member))
         return response
 
     async def _planned(
-        self, terminal: Terminal, key: ReceiptKey, request: pos.CommitChequeRequest, receipt_hash: str, offline: bool
+        self,
+        terminal: Terminal,
+        key: ReceiptKey,
+        request: pos.CommitChequeRequest,
+        receipt_hash: str,
+        offline: bool,
+        calculation: store.CalculationRow | None,
     ) -> store.ChequeRow:
         """The receipt record to write: from the matching calculation, or calculated afresh
         (and, when the promotions cannot be reached now, left for the saga to evaluate)."""
-        calculation = None
-        if request.calculation_id:
-            async with self._sessions() as session:
-                calculation = await store.find_calculation(session, request.calculation_id)
-            if calculation is not None and calculation.partner_id != terminal.partner_id:
-                calculation = None
+        if calculation is not None and calculation.partner_id != terminal.partner_id:
+            calculation = None
         if calculation is not None and calculation.state == CalculationState.CANCELLED.value:
             raise FailedPrecondition("CALCULATION_CANCELLED", "the calculation was cancelled; calculate again")
         matches = calculation is not None and calculation.receipt_hash == receipt_hash

@@ -109,6 +109,10 @@ def member_to_proto(member: Member) -> pb.Member:
         block_reason=member.block_reason,
         erase_time=to_timestamp(member.erased_at),
         tier_expire_time=to_timestamp(member.tier_expires_at),
+        merged_into=member.merged_into or "",
+        rfm=pb.RfmScore(recency=member.rfm.recency, frequency=member.rfm.frequency, monetary=member.rfm.monetary)
+        if member.rfm
+        else None,
     )
 
 
@@ -162,7 +166,7 @@ def household_to_proto(household: store.Household) -> pb.Household:
 
 
 def segment_to_proto(segment: service.Segment) -> pb.Segment:
-    return pb.Segment(code=segment.code, name=segment.name, size=segment.size)
+    return pb.Segment(code=segment.code, name=segment.name, size=segment.size, expression=segment.expression)
 
 
 def partner_to_proto(partner: service.Partner) -> pb.Partner:
@@ -184,8 +188,10 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         qr_secret: bytes,
         qr_ttl_seconds: int,
         identities: TtlCache[pb.MemberContext],
+        merge_accounts: service.MergeAccounts,
     ) -> None:
         self._sessions = sessions
+        self._merge_accounts = merge_accounts
         self._identities = identities
 
         def committed() -> None:
@@ -218,7 +224,9 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         )
 
         async def work(session: AsyncSession) -> pb.RegisterMemberResponse:
-            member, created = await service.register_member(session, registration)
+            member, created = await service.register_member(
+                session, registration, return_existing=request.return_existing
+            )
             return pb.RegisterMemberResponse(member=member_to_proto(member), created=created)
 
         return await self._idempotent.run("RegisterMember", request, pb.RegisterMemberResponse, work)
@@ -253,6 +261,22 @@ class MembersApi(pb_grpc.MembersServiceServicer):
             return pb.BlockMemberResponse(member=member_to_proto(member))
 
         return await self._idempotent.run("BlockMember", request, pb.BlockMemberResponse, work)
+
+    async def MergeMembers(self, request: pb.MergeMembersRequest, context: Context) -> pb.MergeMembersResponse:
+        service.check_merge(request.survivor_id, request.duplicate_id, request.actor, request.reason)
+
+        async def work(session: AsyncSession) -> pb.MergeMembersResponse:
+            survivor, cards_moved = await service.merge_members(
+                session,
+                request.survivor_id,
+                request.duplicate_id,
+                request.actor.strip(),
+                request.reason.strip(),
+                self._merge_accounts,
+            )
+            return pb.MergeMembersResponse(survivor=member_to_proto(survivor), cards_moved=cards_moved)
+
+        return await self._idempotent.run("MergeMembers", request, pb.MergeMembersResponse, work)
 
     async def UnblockMember(self, request: pb.UnblockMemberRequest, context: Context) -> pb.UnblockMemberResponse:
         require(member_id=request.member_id)
@@ -546,9 +570,10 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         violations.check(bool(request.name.strip()), "name", "required")
         violations.check_length(request.name, "name", service.MAX_NAME_LENGTH)
         violations.raise_if_any()
+        service.check_segment_expression(request.expression)
 
         async def work(session: AsyncSession) -> pb.CreateSegmentResponse:
-            segment = await service.create_segment(session, request.code, request.name)
+            segment = await service.create_segment(session, request.code, request.name, request.expression)
             return pb.CreateSegmentResponse(segment=segment_to_proto(segment))
 
         return await self._idempotent.run("CreateSegment", request, pb.CreateSegmentResponse, work)

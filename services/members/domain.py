@@ -16,6 +16,8 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import cel
+
 CARD_NUMBER_LENGTH = 13
 CARD_NUMBER_PREFIX = "77"
 DEFAULT_TIER = "basic"
@@ -75,6 +77,10 @@ class Member:
     erased_at: datetime | None = None
     tier_expires_at: datetime | None = None
     consents: tuple[Consent, ...] = field(default_factory=tuple)
+    # The survivor this member was merged into as a duplicate.
+    merged_into: str | None = None
+    # Set by the RFM job once the member has bought something.
+    rfm: Rfm | None = None
 
     @property
     def account_holder_id(self) -> str:
@@ -359,3 +365,105 @@ def evaluate_tier(
     if current_expires_at is not None and current_expires_at <= now:
         return TierDecision(best.code, _lasts_until(best, now), "expired")
     return None
+
+
+# Dynamic segments and RFM ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemberFacts:
+    """What a dynamic segment's expression and the RFM scores see of one member."""
+
+    member_id: str
+    tier: str
+    created_at: datetime
+    birth_date: str
+    purchase_count: int
+    total_spend_minor: int
+    last_purchase_at: datetime | None
+
+
+def age_on(birth_date: str, today: date) -> int:
+    """Full years on `today`; -1 when the birth date is unknown."""
+    if not birth_date:
+        return -1
+    born = date.fromisoformat(birth_date)
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def segment_variables(facts: MemberFacts, now: datetime) -> dict[str, Any]:
+    """The CEL activation of a dynamic segment: one `member` map. Unknown numbers are -1, so
+    an expression compares integers without checking for presence first."""
+    return {
+        "member": {
+            "tier": facts.tier,
+            "purchase_count": facts.purchase_count,
+            "total_spend_minor": facts.total_spend_minor,
+            "days_since_last_purchase": (now - facts.last_purchase_at).days if facts.last_purchase_at else -1,
+            "registered_days_ago": (now - facts.created_at).days,
+            "registration_date": facts.created_at.date().isoformat(),
+            "age": age_on(facts.birth_date, now.date()),
+        }
+    }
+
+
+SAMPLE_FACTS = MemberFacts(
+    "sample", DEFAULT_TIER, datetime(2024, 1, 1, tzinfo=ZoneInfo("UTC")), "1990-05-17", 3, 1, None
+)
+
+
+class SegmentExpressionError(ValueError):
+    """A dynamic segment's expression does not compile or is not a condition."""
+
+
+def compile_segment(expression: str) -> cel.Program:
+    """Compiles the expression and trial-runs it on a sample member, so a typo or a
+    non-boolean result is refused when the segment is created, not in every job run."""
+    try:
+        program = cel.compile(expression)
+        result = program.execute(segment_variables(SAMPLE_FACTS, SAMPLE_FACTS.created_at))
+    except Exception as error:  # the CEL runtime raises several types for bad expressions
+        raise SegmentExpressionError(str(error)) from error
+    if not isinstance(result, bool):
+        raise SegmentExpressionError(f"the expression must be true or false, not {type(result).__name__}")
+    return program
+
+
+def in_segment(program: cel.Program, facts: MemberFacts, now: datetime) -> bool:
+    """Whether the member matches; an expression that fails on this member's values (a
+    division by zero, say) leaves them out rather than stopping the whole recomputation."""
+    try:
+        return program.execute(segment_variables(facts, now)) is True
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class Rfm:
+    """Recency, frequency and monetary scores, 1 (lowest) to 5 (best), by quintile among the
+    members who bought anything; 0 for a member without purchases."""
+
+    recency: int
+    frequency: int
+    monetary: int
+
+
+def _quintiles(values: Mapping[str, float]) -> dict[str, int]:
+    """Score 1 to 5 by the quintile of each value, higher values scoring higher. Equal values
+    score alike: each takes the quintile of the first of its equals."""
+    ordered = sorted(values.values())
+    first_rank: dict[float, int] = {}
+    for rank, value in enumerate(ordered):
+        first_rank.setdefault(value, rank)
+    return {key: 1 + first_rank[value] * 5 // len(ordered) for key, value in values.items()}
+
+
+def rfm_scores(facts: Sequence[MemberFacts], now: datetime) -> dict[str, Rfm]:
+    buyers = [member for member in facts if member.last_purchase_at is not None and member.purchase_count > 0]
+    # Recency scores higher the more recent the purchase, so it is ranked on minus the age.
+    recency = _quintiles(
+        {m.member_id: -(now - m.last_purchase_at).total_seconds() for m in buyers if m.last_purchase_at}
+    )
+    frequency = _quintiles({m.member_id: m.purchase_count for m in buyers})
+    monetary = _quintiles({m.member_id: m.total_spend_minor for m in buyers})
+    return {m.member_id: Rfm(recency[m.member_id], frequency[m.member_id], monetary[m.member_id]) for m in buyers}

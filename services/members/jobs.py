@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.runtime.timeutil import utcnow
 from services.members import service, store
-from services.members.domain import DEFAULT_TIER
+from services.members.domain import DEFAULT_TIER, MemberFacts
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 # commits, small enough that a crash loses little and progress shows.
 EMISSION_CHUNK = 20_000
 TIER_REVIEW_BATCH = 500
+# Members read per query when recomputing segments and RFM scores.
+FACTS_PAGE = 10_000
 
 
 async def emit_card_batches(sessions: async_sessionmaker[AsyncSession], chunk: int = EMISSION_CHUNK) -> int:
@@ -75,3 +77,24 @@ async def run_periodically(
             if done:
                 changed()
         await asyncio.sleep(interval_seconds)
+
+
+async def recompute_profiles(sessions: async_sessionmaker[AsyncSession], page: int = FACTS_PAGE) -> int:
+    """Recomputes every dynamic segment and the RFM scores from one read of the members'
+    facts; returns how many memberships changed plus how many members were scored."""
+    facts: list[MemberFacts] = []
+    async with sessions() as session:
+        while True:
+            chunk = await store.member_facts(session, service.SALE, facts[-1].member_id if facts else "", page)
+            facts += chunk
+            if len(chunk) < page:
+                break
+        segments = await store.dynamic_segments(session)
+    done = 0
+    for code, expression in segments:
+        # One transaction per segment, so no lock is held across the whole recomputation.
+        async with sessions() as session, session.begin():
+            done += await service.recompute_segment(session, code, expression, facts)
+    async with sessions() as session, session.begin():
+        done += await service.recompute_rfm(session, facts)
+    return done

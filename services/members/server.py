@@ -13,6 +13,7 @@ from services.members import jobs, store
 from services.members.api import MembersApi
 from services.members.cache import TtlCache
 from services.members.events import GATEWAY_STREAM, gateway_handler
+from services.members.peers import Accounts
 
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
@@ -20,7 +21,7 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
     relay = context.start_outbox_relay(store.outbox)
     identities: TtlCache[members_service_pb2.MemberContext] = TtlCache(settings.identify_cache_seconds)
 
-    def tiers_reviewed() -> None:
+    def members_changed() -> None:
         relay.notify()
         identities.clear()
 
@@ -40,16 +41,27 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
             "review_tiers",
             lambda: jobs.review_tiers(context.sessions),
             context.metrics.job_runs,
-            tiers_reviewed,
+            members_changed,
             settings.tier_job_interval_seconds,
         ),
         "review-tiers",
+    )
+    context.run_in_background(
+        jobs.run_periodically(
+            "recompute_profiles",
+            lambda: jobs.recompute_profiles(context.sessions),
+            context.metrics.job_runs,
+            members_changed,
+            settings.segment_job_interval_seconds,
+        ),
+        "recompute-profiles",
     )
     # Without a configured key, tokens are signed with a key of this process alone: enough
     # for the embedded run, where one replica both issues and verifies them.
     configured = settings.qr_token_secret
     secret = configured.get_secret_value().encode() if configured else secrets.token_bytes(32)
-    api = MembersApi(context.sessions, relay, secret, settings.qr_token_ttl_seconds, identities)
+    accounts = Accounts(context.channels)
+    api = MembersApi(context.sessions, relay, secret, settings.qr_token_ttl_seconds, identities, accounts.merge)
     members_service_pb2_grpc.add_MembersServiceServicer_to_server(api, server)
 
 

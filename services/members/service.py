@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,10 +31,14 @@ from services.members.domain import (
     InvalidIdentifier,
     InvalidToken,
     Member,
+    MemberFacts,
     MemberStatus,
+    SegmentExpressionError,
     TierDefinition,
     batch_card_numbers,
+    compile_segment,
     evaluate_tier,
+    in_segment,
     is_valid_card_number,
     is_valid_code,
     is_valid_locale,
@@ -46,6 +50,7 @@ from services.members.domain import (
     normalize_phone,
     parse_birth_date,
     ranges_overlap,
+    rfm_scores,
     sign_qr_token,
     verify_qr_token,
     window_start,
@@ -56,6 +61,8 @@ log = logging.getLogger(__name__)
 MAX_NAME_LENGTH = 100
 MAX_REFERRAL_CODE_LENGTH = 64
 MAX_REASON_LENGTH = 200
+MAX_ACTOR_LENGTH = 100
+MAX_EXPRESSION_LENGTH = 2000
 MAX_SOURCE_LENGTH = 32
 MAX_PUSH_TOKEN_LENGTH = 512
 MAX_CHAT_ID_LENGTH = 64
@@ -214,8 +221,12 @@ async def _announce_member(session: AsyncSession, event_type: str, member: Membe
     await add_event(session, store.outbox, event_type, key=member.member_id, payload=member_payload(member) | extra)
 
 
-async def register_member(session: AsyncSession, registration: Registration) -> tuple[Member, bool]:
-    """Returns the member and whether it was created; an existing phone or e-mail wins.
+async def register_member(
+    session: AsyncSession, registration: Registration, *, return_existing: bool = False
+) -> tuple[Member, bool]:
+    """Returns the member and whether it was created. An existing phone or e-mail is refused
+    with MEMBER_ALREADY_EXISTS (its id in the details), or answered with created=false when
+    the caller asks for ``return_existing``.
 
     With a card number, the anonymous member holding that card becomes this person: the
     member id (and so the card's points and history) stays."""
@@ -225,8 +236,16 @@ async def register_member(session: AsyncSession, registration: Registration) -> 
     now = utcnow()
     if registration.card_number:
         return await _claim_anonymous_card(session, registration, existing, now), True
+    if existing is not None and existing.merged_into:
+        existing = await get_member(session, existing.merged_into)
     if existing is not None:
-        return existing, False
+        if return_existing:
+            return existing, False
+        raise AlreadyExists(
+            "MEMBER_ALREADY_EXISTS",
+            "the phone or e-mail is already registered",
+            {"member_id": existing.member_id},
+        )
     member = Member(
         member_id=str(uuid.uuid4()),
         phone=registration.phone,
@@ -302,6 +321,8 @@ async def _live_member(session: AsyncSession, member_id: str) -> Member:
     member = await get_member(session, member_id, for_update=True)
     if member.erased_at is not None:
         raise FailedPrecondition("MEMBER_ERASED", "the member's data was erased")
+    if member.merged_into:
+        raise FailedPrecondition("MEMBER_MERGED", f"the member was merged into {member.merged_into}")
     return member
 
 
@@ -436,6 +457,58 @@ async def erase_member(session: AsyncSession, member_id: str) -> Member:
     await store.scrub_member_events(session, member_id)
     await add_event(session, store.outbox, "member.erased", key=member_id, payload={"member_id": member_id})
     return erased
+
+
+# Merge -----------------------------------------------------------------------------
+
+MergeAccounts = Callable[[str, str, str], Awaitable[None]]
+"""Moves every point of one account holder to another (from, to, reason); idempotent."""
+
+
+def check_merge(survivor_id: str, duplicate_id: str, actor: str, reason: str) -> None:
+    violations = Violations()
+    violations.check(bool(survivor_id), "survivor_id", "required")
+    violations.check(bool(duplicate_id), "duplicate_id", "required")
+    violations.check(survivor_id != duplicate_id, "duplicate_id", "must differ from survivor_id")
+    violations.check(bool(actor.strip()), "actor", "required")
+    violations.check_length(actor, "actor", MAX_ACTOR_LENGTH)
+    violations.check(bool(reason.strip()), "reason", "required")
+    violations.check_length(reason, "reason", MAX_REASON_LENGTH)
+    violations.raise_if_any()
+
+
+async def merge_members(
+    session: AsyncSession, survivor_id: str, duplicate_id: str, actor: str, reason: str, merge_accounts: MergeAccounts
+) -> tuple[Member, int]:
+    """Moves the duplicate's cards, purchases and points to the survivor and marks it merged;
+    returns the survivor and how many cards moved.
+
+    The points move first, over gRPC and idempotently: if this transaction then fails, the
+    retry finds the duplicate unmerged and asks accounts again, which answers its first result."""
+    # Locked in id order, so two merges of the same pair cannot deadlock.
+    locked = {member_id: await _live_member(session, member_id) for member_id in sorted((survivor_id, duplicate_id))}
+    survivor, duplicate = locked[survivor_id], locked[duplicate_id]
+    if duplicate.household_id:
+        # Its points sit in the household's pool, which is not the duplicate's to take away.
+        raise FailedPrecondition("MEMBER_IN_HOUSEHOLD", "the duplicate must leave its household first")
+    await merge_accounts(duplicate.account_holder_id, survivor.account_holder_id, reason)
+    cards_moved = await store.move_holdings(session, duplicate_id, survivor_id)
+    await store.save_member(session, dataclasses.replace(duplicate, merged_into=survivor_id))
+    await store.add_merge(session, duplicate_id, survivor_id, actor, reason, cards_moved, utcnow())
+    await add_event(
+        session,
+        store.outbox,
+        "member.merged",
+        key=survivor_id,
+        payload={
+            "survivor_id": survivor_id,
+            "duplicate_id": duplicate_id,
+            "actor": actor,
+            "reason": reason,
+            "cards_moved": cards_moved,
+        },
+    )
+    return survivor, cards_moved
 
 
 # Cards -----------------------------------------------------------------------------
@@ -715,6 +788,9 @@ async def identify_by_card(session: AsyncSession, card_number: str) -> Identific
 
 async def identify_by_phone(session: AsyncSession, phone: str) -> Identification:
     found = await store.identity_by_phone(session, phone)
+    if found is not None and found.member.merged_into:
+        # A merged duplicate keeps its phone, so the phone goes on identifying the survivor.
+        found = await store.identity_by_id(session, found.member.merged_into)
     if found is None:
         raise NotFound("MEMBER_NOT_FOUND", "no member with this phone")
     return _identified(found)
@@ -948,20 +1024,67 @@ class Segment:
     code: str
     name: str
     size: int
+    expression: str = ""
 
 
 async def _segment(session: AsyncSession, code: str) -> Segment:
     name = await store.find_segment_name(session, code)
     if name is None:
         raise NotFound("SEGMENT_NOT_FOUND", f"no segment {code!r}")
-    return Segment(code, name, await store.segment_size(session, code))
+    return Segment(code, name, await store.segment_size(session, code), await store.segment_expression(session, code))
 
 
-async def create_segment(session: AsyncSession, code: str, name: str) -> Segment:
+def check_segment_expression(expression: str) -> None:
+    violations = Violations()
+    violations.check_length(expression, "expression", MAX_EXPRESSION_LENGTH)
+    violations.raise_if_any()
+    if expression.strip():
+        try:
+            compile_segment(expression)
+        except SegmentExpressionError as error:
+            violations.add("expression", str(error))
+    violations.raise_if_any()
+
+
+async def create_segment(session: AsyncSession, code: str, name: str, expression: str = "") -> Segment:
     if await store.find_segment_name(session, code) is not None:
         raise AlreadyExists("SEGMENT_EXISTS", f"segment {code!r} exists")
-    await store.add_segment(session, code, name.strip(), utcnow())
-    return Segment(code, name.strip(), 0)
+    await store.add_segment(session, code, name.strip(), utcnow(), expression.strip())
+    return Segment(code, name.strip(), 0, expression.strip())
+
+
+async def _static_segment(session: AsyncSession, code: str) -> Segment:
+    segment = await _segment(session, code)
+    if segment.expression:
+        raise FailedPrecondition("SEGMENT_IS_DYNAMIC", "a dynamic segment's members come from its expression")
+    return segment
+
+
+async def recompute_segment(session: AsyncSession, code: str, expression: str, facts: Sequence[MemberFacts]) -> int:
+    """Makes the segment's members exactly the members matching its expression; each change
+    is a `segment.joined` or `segment.left` event. Returns how many members changed."""
+    now = utcnow()
+    program = compile_segment(expression)
+    # Under the lock, a second replica's run reads the first one's result and repeats no event.
+    await store.lock_segment(session, code)
+    matching = {member.member_id for member in facts if in_segment(program, member, now)}
+    current = await store.segment_member_ids(session, code)
+    joined, left = sorted(matching - current), sorted(current - matching)
+    await store.add_segment_members(session, code, set(joined))
+    await store.remove_segment_members(session, code, left)
+    for event_type, member_ids in (("segment.joined", joined), ("segment.left", left)):
+        for member_id in member_ids:
+            await add_event(
+                session, store.outbox, event_type, key=member_id, payload={"segment_code": code, "member_id": member_id}
+            )
+    return len(joined) + len(left)
+
+
+async def recompute_rfm(session: AsyncSession, facts: Sequence[MemberFacts]) -> int:
+    """Scores every member who bought something; returns how many were scored."""
+    scores = rfm_scores(facts, utcnow())
+    await store.save_rfm(session, scores)
+    return len(scores)
 
 
 def check_segment_members(member_ids: Sequence[str], phones: Sequence[str]) -> list[str]:
@@ -987,7 +1110,7 @@ async def add_segment_members(
 ) -> tuple[Segment, int, int]:
     """Adds members by id and by phone; returns the segment, how many were added and how
     many ids and phones matched no member."""
-    await _segment(session, code)
+    await _static_segment(session, code)
     known = await store.existing_member_ids(session, set(member_ids))
     by_phone = await store.member_ids_by_phones(session, set(phones))
     unknown = len(set(member_ids) - known) + len(set(phones)) - len(by_phone)
@@ -996,7 +1119,7 @@ async def add_segment_members(
 
 
 async def remove_segment_members(session: AsyncSession, code: str, member_ids: Sequence[str]) -> Segment:
-    await _segment(session, code)
+    await _static_segment(session, code)
     await store.remove_segment_members(session, code, member_ids)
     return await _segment(session, code)
 

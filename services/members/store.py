@@ -6,7 +6,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, String, delete, func, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    case,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -23,7 +36,9 @@ from services.members.domain import (
     CardType,
     Consent,
     Member,
+    MemberFacts,
     MemberStatus,
+    Rfm,
     TierDefinition,
     merge_consents,
 )
@@ -56,6 +71,11 @@ class MemberRow(Base):
     block_reason: Mapped[str] = mapped_column(String(200), default="", server_default="")
     erased_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     tier_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    merged_into: Mapped[str | None] = mapped_column(String(36))
+    # Written only by the RFM job; 0 until the member has bought something.
+    rfm_recency: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rfm_frequency: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rfm_monetary: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     def to_domain(self, consents: Sequence[Consent] = ()) -> Member:
         return Member(
@@ -78,7 +98,22 @@ class MemberRow(Base):
             erased_at=self.erased_at,
             tier_expires_at=self.tier_expires_at,
             consents=tuple(consents),
+            merged_into=self.merged_into,
+            rfm=Rfm(self.rfm_recency, self.rfm_frequency, self.rfm_monetary) if self.rfm_recency else None,
         )
+
+
+class MemberMergeRow(Base):
+    """The audit trail of merges: a duplicate is merged once, into one survivor."""
+
+    __tablename__ = "member_merges"
+
+    duplicate_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    survivor_id: Mapped[str] = mapped_column(String(36), index=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(String(200))
+    cards_moved: Mapped[int] = mapped_column(Integer)
+    merged_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class ConsentRow(Base):
@@ -208,6 +243,9 @@ class SegmentRow(Base):
     code: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # A CEL condition over the member for a dynamic segment, recomputed by a job; empty for
+    # a static or external one, whose members are added through the API.
+    expression: Mapped[str] = mapped_column(String(2000), default="", server_default="")
 
 
 class SegmentMemberRow(Base):
@@ -340,6 +378,7 @@ def _member_columns(member: Member) -> dict[str, object]:
         "block_reason": member.block_reason,
         "erased_at": member.erased_at,
         "tier_expires_at": member.tier_expires_at,
+        "merged_into": member.merged_into,
     }
 
 
@@ -393,6 +432,33 @@ async def scrub_member_events(session: AsyncSession, member_id: str) -> None:
 
 async def drop_segment_memberships(session: AsyncSession, member_id: str) -> None:
     await session.execute(delete(SegmentMemberRow).where(SegmentMemberRow.member_id == member_id))
+
+
+async def move_holdings(session: AsyncSession, duplicate_id: str, survivor_id: str) -> int:
+    """Moves the duplicate's cards and purchases to the survivor; returns how many cards moved."""
+    moved = await session.execute(
+        update(CardRow).where(CardRow.member_id == duplicate_id).values(member_id=survivor_id)
+    )
+    await session.execute(
+        update(PurchaseRow).where(PurchaseRow.member_id == duplicate_id).values(member_id=survivor_id)
+    )
+    return int(moved.rowcount)  # type: ignore[attr-defined]
+
+
+async def add_merge(
+    session: AsyncSession, duplicate_id: str, survivor_id: str, actor: str, reason: str, cards_moved: int, at: datetime
+) -> None:
+    session.add(
+        MemberMergeRow(
+            duplicate_id=duplicate_id,
+            survivor_id=survivor_id,
+            actor=actor,
+            reason=reason,
+            cards_moved=cards_moved,
+            merged_at=at,
+        )
+    )
+    await session.flush()
 
 
 # Cards ---------------------------------------------------------------------------
@@ -707,9 +773,86 @@ async def find_household(session: AsyncSession, household_id: str, for_update: b
 # Segments ------------------------------------------------------------------------
 
 
-async def add_segment(session: AsyncSession, code: str, name: str, at: datetime) -> None:
-    session.add(SegmentRow(code=code, name=name, created_at=at))
+async def add_segment(session: AsyncSession, code: str, name: str, at: datetime, expression: str = "") -> None:
+    session.add(SegmentRow(code=code, name=name, created_at=at, expression=expression))
     await session.flush()
+
+
+async def segment_expression(session: AsyncSession, code: str) -> str:
+    return str(await session.scalar(select(SegmentRow.expression).where(SegmentRow.code == code)) or "")
+
+
+async def dynamic_segments(session: AsyncSession) -> list[tuple[str, str]]:
+    """(code, expression) of every dynamic segment."""
+    rows = await session.execute(
+        select(SegmentRow.code, SegmentRow.expression).where(SegmentRow.expression != "").order_by(SegmentRow.code)
+    )
+    return [(code, expression) for code, expression in rows]
+
+
+async def lock_segment(session: AsyncSession, code: str) -> None:
+    """Serialises recomputations of one segment across replicas (PostgreSQL row lock)."""
+    await session.execute(select(SegmentRow.code).where(SegmentRow.code == code).with_for_update())
+
+
+async def segment_member_ids(session: AsyncSession, code: str) -> set[str]:
+    rows = await session.scalars(select(SegmentMemberRow.member_id).where(SegmentMemberRow.segment_code == code))
+    return set(rows)
+
+
+async def member_facts(session: AsyncSession, sale: str, after: str, limit: int) -> list[MemberFacts]:
+    """A page (by member id) of live members with their purchase totals; erased and merged
+    members are left out."""
+    totals = (
+        select(
+            PurchaseRow.member_id.label("member_id"),
+            func.count(case((PurchaseRow.kind == sale, 1))).label("purchases"),
+            func.sum(PurchaseRow.amount_minor).label("spend"),
+            func.max(case((PurchaseRow.kind == sale, PurchaseRow.occurred_at))).label("last_at"),
+        )
+        .group_by(PurchaseRow.member_id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(
+            MemberRow.member_id,
+            MemberRow.tier,
+            MemberRow.created_at,
+            MemberRow.birth_date,
+            totals.c.purchases,
+            totals.c.spend,
+            totals.c.last_at,
+        )
+        .outerjoin(totals, totals.c.member_id == MemberRow.member_id)
+        .where(MemberRow.erased_at.is_(None), MemberRow.merged_into.is_(None), MemberRow.member_id > after)
+        .order_by(MemberRow.member_id)
+        .limit(limit)
+    )
+    return [
+        MemberFacts(member_id, tier, created_at, birth_date, int(purchases or 0), int(spend or 0), last_at)
+        for member_id, tier, created_at, birth_date, purchases, spend, last_at in rows
+    ]
+
+
+async def save_rfm(session: AsyncSession, scores: dict[str, Rfm]) -> None:
+    """Replaces every score by the ones given (in one transaction, so readers never see a
+    half-scored base); a member left out, e.g. with every purchase returned, scores 0."""
+    await session.execute(
+        update(MemberRow).where(MemberRow.rfm_recency != 0).values(rfm_recency=0, rfm_frequency=0, rfm_monetary=0)
+    )
+    if scores:
+        await session.execute(
+            update(MemberRow),
+            [
+                {
+                    "member_id": member_id,
+                    "rfm_recency": rfm.recency,
+                    "rfm_frequency": rfm.frequency,
+                    "rfm_monetary": rfm.monetary,
+                }
+                for member_id, rfm in scores.items()
+            ],
+        )
 
 
 async def find_segment_name(session: AsyncSession, code: str) -> str | None:

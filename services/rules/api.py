@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -22,6 +23,7 @@ from loyalty.runtime.validation import check_receipt, line_amount
 from services.rules import service, store
 from services.rules.domain import (
     BASIS_POINTS_DENOMINATOR,
+    COUNTER_NAME,
     DAYS_OF_MONTH,
     HOURS,
     MAX_BASIS_POINTS,
@@ -49,11 +51,16 @@ from services.rules.domain import (
     DiscountBase,
     DiscountPercent,
     EarnFixedPoints,
+    EarnPointsCheapestItem,
+    EarnPointsMultiplier,
+    EarnPointsNthLine,
+    EarnPointsPerAmount,
     EarnPointsPercent,
     Effect,
     Evaluation,
     FixedPrice,
     GroupMode,
+    IncrementCounter,
     IssueCoupon,
     NthItemDiscount,
     PresentedCoupon,
@@ -74,6 +81,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_RULES_PER_CAMPAIGN = 200
 MAX_ID_LENGTH = 64
 MAX_SIMULATED_DRAFTS = 20
+MAX_CALENDAR_DAYS = 400
 _STATUS = {
     CampaignStatus.DRAFT: pb.CAMPAIGN_STATUS_DRAFT,
     CampaignStatus.ACTIVE: pb.CAMPAIGN_STATUS_ACTIVE,
@@ -139,6 +147,37 @@ def _effect_from_proto(effect: pb.Effect, where: str, violations: Violations) ->
         earn = effect.earn_points_percent
         rate = basis_points(earn.basis_points, maximum=MAX_BASIS_POINTS)
         return EarnPointsPercent(rate, _scope_from_proto(earn.scope))
+    if kind == "increment_counter":
+        increment = effect.increment_counter
+        violations.check(
+            COUNTER_NAME.fullmatch(increment.counter) is not None,
+            f"{field}.counter",
+            "a lowercase letter, then up to 39 lowercase letters, digits or underscores",
+        )
+        violations.check(increment.by > 0, f"{field}.by", "must be positive")
+        return IncrementCounter(increment.counter, increment.by)
+    if kind == "earn_points_per_amount":
+        per_amount = effect.earn_points_per_amount
+        violations.check(per_amount.points > 0, f"{field}.points", "must be positive")
+        violations.check(per_amount.per_minor > 0, f"{field}.per_minor", "must be positive")
+        return EarnPointsPerAmount(per_amount.points, per_amount.per_minor, _scope_from_proto(per_amount.scope))
+    if kind == "earn_points_cheapest_item":
+        cheapest_points = effect.earn_points_cheapest_item
+        rate = basis_points(cheapest_points.basis_points, maximum=MAX_BASIS_POINTS)
+        return EarnPointsCheapestItem(rate, _scope_from_proto(cheapest_points.scope))
+    if kind == "earn_points_nth_line":
+        nth_line = effect.earn_points_nth_line
+        violations.check(nth_line.n >= 1, f"{field}.n", "at least 1")
+        rate = basis_points(nth_line.basis_points, maximum=MAX_BASIS_POINTS)
+        return EarnPointsNthLine(nth_line.n, rate, _scope_from_proto(nth_line.scope))
+    if kind == "earn_points_multiplier":
+        multiplier = effect.earn_points_multiplier
+        violations.check(
+            BASIS_POINTS_DENOMINATOR < multiplier.basis_points <= MAX_BASIS_POINTS,
+            f"{field}.basis_points",
+            f"between {BASIS_POINTS_DENOMINATOR + 1} and {MAX_BASIS_POINTS}",
+        )
+        return EarnPointsMultiplier(multiplier.basis_points, _scope_from_proto(multiplier.scope))
     if kind == "earn_fixed_points":
         amount = effect.earn_fixed_points.amount
         violations.check(amount > 0, f"{field}.amount", "must be positive")
@@ -347,6 +386,30 @@ def _effect_to_proto(effect: Effect) -> pb.Effect:
         )
     if isinstance(effect, EarnFixedPoints):
         return pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=effect.amount))
+    if isinstance(effect, EarnPointsPerAmount):
+        return pb.Effect(
+            earn_points_per_amount=pb.EarnPointsPerAmount(
+                points=effect.points, per_minor=effect.per_minor, scope=_scope_to_proto(effect.scope)
+            )
+        )
+    if isinstance(effect, EarnPointsCheapestItem):
+        return pb.Effect(
+            earn_points_cheapest_item=pb.EarnPointsCheapestItem(
+                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope)
+            )
+        )
+    if isinstance(effect, EarnPointsNthLine):
+        return pb.Effect(
+            earn_points_nth_line=pb.EarnPointsNthLine(
+                n=effect.n, basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope)
+            )
+        )
+    if isinstance(effect, EarnPointsMultiplier):
+        return pb.Effect(
+            earn_points_multiplier=pb.EarnPointsMultiplier(
+                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope)
+            )
+        )
     if isinstance(effect, DiscountPercent):
         return pb.Effect(
             discount_percent=pb.DiscountPercent(basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope))
@@ -381,6 +444,8 @@ def _effect_to_proto(effect: Effect) -> pb.Effect:
         return pb.Effect(issue_coupon=pb.IssueCoupon(series_id=effect.series_id))
     if isinstance(effect, AwardBadge):
         return pb.Effect(award_badge=pb.AwardBadge(badge_id=effect.badge_id))
+    if isinstance(effect, IncrementCounter):
+        return pb.Effect(increment_counter=pb.IncrementCounter(counter=effect.counter, by=effect.by))
     if effect.all_but_minor is not None:
         return pb.Effect(redemption_cap=pb.RedemptionCap(all_but_minor=effect.all_but_minor))
     return pb.Effect(redemption_cap=pb.RedemptionCap(basis_points=effect.basis_points or 0))
@@ -591,7 +656,13 @@ def evaluation_to_proto(evaluation: Evaluation) -> pb.EvaluateReceiptResponse:
 
 
 def usage_to_proto(usage: CampaignUsage) -> pb.CampaignUsage:
-    return pb.CampaignUsage(discount_minor=usage.discount_minor, points=usage.points, receipts=usage.receipts)
+    return pb.CampaignUsage(
+        discount_minor=usage.discount_minor,
+        points=usage.points,
+        receipts=usage.receipts,
+        participants=usage.participants,
+        coupons_issued=usage.coupons_issued,
+    )
 
 
 class RulesApi(pb_grpc.RulesServiceServicer):
@@ -650,8 +721,19 @@ class RulesApi(pb_grpc.RulesServiceServicer):
         violations.raise_if_any()
 
         async def work(session: AsyncSession) -> pb.PublishCampaignResponse:
-            published = await service.publish_campaign(session, request.campaign_id)
-            return pb.PublishCampaignResponse(campaign=campaign_to_proto(published))
+            published, conflicts = await service.publish_checked(session, request.campaign_id, request.accept_conflicts)
+            return pb.PublishCampaignResponse(
+                campaign=campaign_to_proto(published),
+                conflicts=[
+                    pb.CampaignConflict(
+                        kind=pb.CampaignConflictKind.Value(f"CAMPAIGN_CONFLICT_KIND_{conflict.kind.value}"),
+                        subject_id=conflict.subject_id,
+                        other_campaign_id=conflict.other_campaign_id,
+                        description=conflict.description,
+                    )
+                    for conflict in conflicts
+                ],
+            )
 
         return await self._idempotent.run("PublishCampaign", request, pb.PublishCampaignResponse, work)
 
@@ -689,6 +771,8 @@ class RulesApi(pb_grpc.RulesServiceServicer):
         subject = subject_from_proto(request.subject)
         if await self._live.mentions("purchases"):
             subject = await self._with_purchases(subject)
+        if await self._live.mentions("counters"):
+            subject = await self._with_counters(subject)
         coupons = coupons_from_proto(request.coupons)
         with self._evaluation_time.time():
             products = await self._catalogue.lookup([line.sku for line in receipt.lines])
@@ -702,6 +786,13 @@ class RulesApi(pb_grpc.RulesServiceServicer):
         async with self._sessions() as session:
             purchases = await service.member_purchases(session, subject.member_id)
         return dataclasses.replace(subject, purchases=purchases)
+
+    async def _with_counters(self, subject: Subject) -> Subject:
+        if not subject.member_id:
+            return subject
+        async with self._sessions() as session:
+            counters = await service.member_counters(session, subject.member_id)
+        return dataclasses.replace(subject, counters=counters)
 
     async def PutCategory(self, request: pb.PutCategoryRequest, context: Context) -> pb.PutCategoryResponse:
         category = category_from_proto(request.category)
@@ -778,7 +869,8 @@ class RulesApi(pb_grpc.RulesServiceServicer):
         violations.raise_if_any()
         simulation = service.Simulation(
             receipt,
-            await self._with_purchases(subject_from_proto(request.subject)),  # drafts may read them
+            # drafts may read them
+            await self._with_counters(await self._with_purchases(subject_from_proto(request.subject))),
             coupons_from_proto(request.coupons),
             tuple(request.draft_campaign_ids),
             request.drafts_only,
@@ -804,6 +896,55 @@ class RulesApi(pb_grpc.RulesServiceServicer):
                 )
                 for explanation in explanations
             ],
+        )
+
+    async def ListCalendar(self, request: pb.ListCalendarRequest, context: Context) -> pb.ListCalendarResponse:
+        violations = Violations()
+        start = timestamp_field(request, "start_time", violations)
+        end = timestamp_field(request, "end_time", violations)
+        violations.check(request.HasField("start_time"), "start_time", "required")
+        violations.check(
+            start is None or end is None or start < end <= start + timedelta(days=MAX_CALENDAR_DAYS),
+            "end_time",
+            f"after start_time, at most {MAX_CALENDAR_DAYS} days later",
+        )
+        violations.check(request.HasField("end_time"), "end_time", "required")
+        violations.check(
+            request.channel == receipt_pb2.SALES_CHANNEL_UNSPECIFIED or request.channel in _CHANNEL_SCOPES,
+            "channel",
+            "a sales channel",
+        )
+        violations.check(
+            all(status in pb.CampaignStatus.values() and status for status in request.statuses),
+            "statuses",
+            "campaign statuses",
+        )
+        if request.store_id:
+            _check_id(request.store_id, "store_id", violations)
+        violations.raise_if_any()
+        assert start is not None and end is not None  # checked above
+        async with self._sessions() as session:
+            campaigns = await service.list_calendar(
+                session, start, end, _CHANNEL_SCOPES.get(request.channel, ""), request.store_id
+            )
+        entries = []
+        for campaign in campaigns:
+            proto = campaign_to_proto(campaign)
+            if request.statuses and proto.status not in request.statuses:
+                continue
+            entries.append(
+                pb.CalendarEntry(
+                    campaign_id=proto.campaign_id,
+                    name=proto.name,
+                    status=proto.status,
+                    start_time=proto.start_time if proto.HasField("start_time") else None,
+                    end_time=proto.end_time if proto.HasField("end_time") else None,
+                    store_ids=proto.scope.store_ids,
+                    channels=proto.scope.channels,
+                )
+            )
+        return pb.ListCalendarResponse(
+            entries=entries[: service.MAX_CALENDAR_ENTRIES], truncated=len(entries) > service.MAX_CALENDAR_ENTRIES
         )
 
     async def PutStore(self, request: pb.PutStoreRequest, context: Context) -> pb.PutStoreResponse:

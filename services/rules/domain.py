@@ -21,7 +21,8 @@ points.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
@@ -253,12 +254,76 @@ class AwardBadge:
     badge_id: str
 
 
-PointsEffect = EarnPointsPercent | EarnFixedPoints
+@dataclass(frozen=True)
+class IncrementCounter:
+    """Adds `by` to the member's counter `counter` once the receipt is committed (taken back
+    when the whole receipt is returned); conditions read it as member.counters.<counter>."""
+
+    counter: str
+    by: int
+
+
+@dataclass(frozen=True)
+class EarnPointsPerAmount:
+    """`points` for each whole `per_minor` of the final amount of the lines in scope
+    (10 points per each 100.00: 354.99 earns 30), spread over those lines."""
+
+    points: int
+    per_minor: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class EarnPointsCheapestItem:
+    """Points worth `basis_points` of the final price of the cheapest whole unit in scope."""
+
+    basis_points: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class EarnPointsNthLine:
+    """Points worth `basis_points` of the final amount of the n-th line in scope (in position
+    order); nothing when fewer lines are in scope."""
+
+    n: int
+    basis_points: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class EarnPointsMultiplier:
+    """Multiplies what the other points rules and coupons earned on the lines in scope:
+    20000 basis points (x2) adds as much again. It is applied after every other points
+    effect, always to their points (never to another multiplier's), so two x2 multipliers
+    make x3, not x4."""
+
+    basis_points: int
+    scope: Scope = EVERYTHING
+
+
+PointsEffect = (
+    EarnPointsPercent
+    | EarnFixedPoints
+    | EarnPointsPerAmount
+    | EarnPointsCheapestItem
+    | EarnPointsNthLine
+    | EarnPointsMultiplier
+)
 DiscountEffect = DiscountPercent | DiscountAmount | FixedPrice | BuyMPayN | NthItemDiscount | CheapestItemDiscount
 RewardEffect = IssueCoupon | AwardBadge
-Effect = PointsEffect | DiscountEffect | RedemptionCap | RewardEffect
+Effect = PointsEffect | DiscountEffect | RedemptionCap | RewardEffect | IncrementCounter
 # The effects an event-triggered campaign may have: nothing to discount or cap without a receipt.
 TRIGGERED_EFFECTS = (EarnFixedPoints, IssueCoupon, AwardBadge)
+DISCOUNT_EFFECTS = (DiscountPercent, DiscountAmount, FixedPrice, BuyMPayN, NthItemDiscount, CheapestItemDiscount)
+POINTS_EFFECTS = (
+    EarnPointsPercent,
+    EarnFixedPoints,
+    EarnPointsPerAmount,
+    EarnPointsCheapestItem,
+    EarnPointsNthLine,
+    EarnPointsMultiplier,
+)
 
 
 class CampaignTrigger(StrEnum):
@@ -275,6 +340,9 @@ class CampaignUsage:
     discount_minor: int = 0
     points: int = 0
     receipts: int = 0
+    # members it applied to at least once (read only for GetCampaign, not for the limits)
+    participants: int = 0
+    coupons_issued: int = 0
 
 
 @dataclass(frozen=True)
@@ -434,6 +502,19 @@ class Subject:
     tier: str
     segments: tuple[str, ...]
     purchases: tuple[Purchase, ...] = ()
+    # the member's counters as committed receipts left them (loaded only when a live
+    # condition reads member.counters)
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+COUNTER_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_COUNTER_READ = re.compile(r"\bcounters\.([a-z][a-z0-9_]*)")
+
+
+def counter_names(conditions: str) -> set[str]:
+    """The counters a condition text reads as member.counters.<name>: a counter never
+    incremented reads as 0 rather than failing the condition."""
+    return set(_COUNTER_READ.findall(conditions))
 
 
 def purchase_facts(purchases: Sequence[Purchase], moment: datetime) -> dict[str, int]:
@@ -526,6 +607,7 @@ def activation(
     catalogue: Catalogue = NO_CATALOGUE,
     local: datetime | None = None,
     with_lines: bool = True,
+    counters_read: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The variables a condition sees (documented in docs/rules.md); times are the store's
     local time `local` when known. `receipt.lines` (a map per line) is by far the dearest
@@ -572,6 +654,7 @@ def activation(
             "tier": subject.tier,
             "segments": list(subject.segments),
             "purchases": purchase_facts(subject.purchases, receipt.time),
+            "counters": {**dict.fromkeys(counters_read, 0), **subject.counters},
         },
     }
     if with_lines:
@@ -599,7 +682,7 @@ def compile_condition(condition: str) -> cel.Program | None:
         program = cel.compile(condition)
     except Exception as error:
         raise ConditionError(str(error)) from error
-    _holds(program, activation(SAMPLE_RECEIPT, SAMPLE_SUBJECT, SAMPLE_COUPONS))
+    _holds(program, activation(SAMPLE_RECEIPT, SAMPLE_SUBJECT, SAMPLE_COUPONS, counters_read=counter_names(condition)))
     return program
 
 
@@ -784,18 +867,37 @@ def _raw_discounts(effect: DiscountEffect, basket: _Basket, discount_base: Disco
     return _unit_discounts(len(units), basket, units, 1, effect.basis_points)
 
 
-def _points(effect: PointsEffect, basket: _Basket) -> list[int]:
+def _points(effect: PointsEffect, basket: _Basket, earned: list[int]) -> list[int]:
+    """The points per line; `earned` is what the other (non-multiplier) points effects gave."""
+    if isinstance(effect, EarnFixedPoints):
+        return spread(
+            effect.amount,
+            [
+                amount if selected else 0
+                for amount, selected in zip(basket.current, basket.in_scope(EVERYTHING), strict=True)
+            ],
+        )
+    mask = basket.in_scope(effect.scope)
+    if isinstance(effect, EarnPointsMultiplier):
+        extra = effect.basis_points - BASIS_POINTS_DENOMINATOR
+        return [scaled(points, extra) if selected else 0 for points, selected in zip(earned, mask, strict=True)]
+    weights = [amount if selected else 0 for amount, selected in zip(basket.current, mask, strict=True)]
     if isinstance(effect, EarnPointsPercent):
-        mask = basket.in_scope(effect.scope)
-        weights = [amount if selected else 0 for amount, selected in zip(basket.current, mask, strict=True)]
         return spread(scaled(sum(weights), effect.basis_points), weights)
-    return spread(
-        effect.amount,
-        [
-            amount if selected else 0
-            for amount, selected in zip(basket.current, basket.in_scope(EVERYTHING), strict=True)
-        ],
-    )
+    if isinstance(effect, EarnPointsPerAmount):
+        return spread(sum(weights) // effect.per_minor * effect.points, weights)
+    points = [0] * len(basket.lines)
+    if isinstance(effect, EarnPointsNthLine):
+        chosen = [index for index, selected in enumerate(mask) if selected]
+        if len(chosen) >= effect.n:
+            index = chosen[effect.n - 1]
+            points[index] = scaled(basket.current[index], effect.basis_points)
+        return points
+    units = _units(basket, mask, basket.current)
+    if units:
+        price, _, index = units[-1]
+        points[index] = scaled(price, effect.basis_points)
+    return points
 
 
 @dataclass
@@ -809,11 +911,22 @@ class _Pick:
     points: list[int] = field(default_factory=list)
 
 
-def _worth(effect: Effect, basket: _Basket, discount_base: DiscountBase) -> int:
-    """What a rule gives the customer on the basket as it stands (a point counts as a minor unit)."""
-    if isinstance(effect, EarnPointsPercent | EarnFixedPoints):
-        return sum(_points(effect, basket))
-    if isinstance(effect, RedemptionCap | IssueCoupon | AwardBadge):
+def _earned(picks: Sequence[_Pick], basket: _Basket) -> list[int]:
+    """What the non-multiplier points effects among `picks` earn per line on the basket as it stands."""
+    earned = [0] * len(basket.lines)
+    for pick in picks:
+        if isinstance(pick.effect, POINTS_EFFECTS) and not isinstance(pick.effect, EarnPointsMultiplier):
+            earned = [a + b for a, b in zip(earned, _points(pick.effect, basket, earned), strict=True)]
+    return earned
+
+
+def _worth(effect: Effect, basket: _Basket, discount_base: DiscountBase, picks: Sequence[_Pick]) -> int:
+    """What a rule gives the customer on the basket as it stands (a point counts as a minor unit);
+    a multiplier is worth its share of what the rules picked so far earn."""
+    if isinstance(effect, POINTS_EFFECTS):
+        earned = _earned(picks, basket) if isinstance(effect, EarnPointsMultiplier) else []
+        return sum(_points(effect, basket, earned))
+    if isinstance(effect, RedemptionCap | IssueCoupon | AwardBadge | IncrementCounter):
         return 0
     return sum(_discounts(effect, basket, discount_base))
 
@@ -855,7 +968,9 @@ class _Evaluator:
         local: datetime,
         with_lines: bool,
         refusals: Mapping[str, str],
+        counters_read: set[str],
     ) -> None:
+        self.counters_read = counters_read
         self.refusals = refusals
         self.receipt = receipt
         self.local = local
@@ -887,7 +1002,15 @@ class _Evaluator:
         """The conditions' variables, converted to CEL once per receipt (not per condition),
         and only if some condition is to run."""
         if self._variables is None:
-            facts = activation(self.receipt, self.subject, self.coupons, self.catalogue, self.local, self.with_lines)
+            facts = activation(
+                self.receipt,
+                self.subject,
+                self.coupons,
+                self.catalogue,
+                self.local,
+                self.with_lines,
+                self.counters_read,
+            )
             self._variables = cel.Context(variables=facts)
         return self._variables
 
@@ -910,18 +1033,21 @@ class _Evaluator:
             rule = compiled.rule
             if not self.holds(compiled.program, rule.rule_id):
                 continue
-            if isinstance(rule.effect, EarnPointsPercent | EarnFixedPoints) and not self.subject.member_id:
+            if isinstance(rule.effect, POINTS_EFFECTS) and not self.subject.member_id:
                 self.skipped.append((rule.rule_id, "anonymous receipts earn no points"))
                 continue
             if isinstance(rule.effect, IssueCoupon | AwardBadge) and not self.subject.member_id:
                 self.skipped.append((rule.rule_id, "anonymous receipts get no coupons or badges"))
+                continue
+            if isinstance(rule.effect, IncrementCounter) and not self.subject.member_id:
+                self.skipped.append((rule.rule_id, "anonymous receipts keep no counters"))
                 continue
             chosen.append(compiled)
         return chosen
 
     def apply(self, campaign: Campaign, group: RuleGroup, rule: Rule) -> None:
         discounts = [0] * len(self.basket.lines)
-        if not isinstance(rule.effect, EarnPointsPercent | EarnFixedPoints | RedemptionCap | IssueCoupon | AwardBadge):
+        if isinstance(rule.effect, DISCOUNT_EFFECTS):
             discounts = _discounts(rule.effect, self.basket, group.discount_base)
             self.basket.apply(discounts)
         source = (campaign.campaign_id, campaign.version, rule.rule_id, rule.receipt_text)
@@ -933,7 +1059,7 @@ class _Evaluator:
             rules, passed = rules[:1], rules[1:]
             self.skipped.extend((r.rule.rule_id, f"group {group.group_id}: an earlier rule applied") for r in passed)
         elif group.mode is GroupMode.BEST and rules:
-            best = max(rules, key=lambda r: _worth(r.rule.effect, self.basket, group.discount_base))
+            best = max(rules, key=lambda r: _worth(r.rule.effect, self.basket, group.discount_base, self.picks))
             self.skipped.extend(
                 (r.rule.rule_id, f"group {group.group_id}: {best.rule.rule_id} is worth more")
                 for r in rules
@@ -975,8 +1101,9 @@ def evaluate(
     canonical = dataclasses.replace(receipt, lines=tuple(sorted(receipt.lines, key=lambda line: line.position)))
     moment = receipt.time if receipt.time.tzinfo else receipt.time.replace(tzinfo=UTC)
     with_lines = any(compiled.mentions("lines") for compiled in campaigns)
+    counters_read = set().union(*(counter_names(compiled.conditions) for compiled in campaigns))
     evaluator = _Evaluator(
-        canonical, subject, coupons, catalogue, moment.astimezone(time_zone), with_lines, refusals or {}
+        canonical, subject, coupons, catalogue, moment.astimezone(time_zone), with_lines, refusals or {}, counters_read
     )
     live = [compiled for compiled in campaigns if evaluator.admits(compiled.campaign)]
     ordered = sorted(
@@ -999,9 +1126,11 @@ def evaluate(
     basket = evaluator.basket
     points = [0] * len(canonical.lines)
     cap: RedemptionCap | None = None
+    # a multiplier works on what the other points effects earned, so two multipliers never compound
+    earned = _earned(evaluator.picks, basket)
     for pick in evaluator.picks:
-        if isinstance(pick.effect, EarnPointsPercent | EarnFixedPoints):
-            pick.points = _points(pick.effect, basket)
+        if isinstance(pick.effect, POINTS_EFFECTS):
+            pick.points = _points(pick.effect, basket, earned)
             points = [a + b for a, b in zip(points, pick.points, strict=True)]
         elif isinstance(pick.effect, RedemptionCap) and cap is None:
             cap = pick.effect
@@ -1175,3 +1304,111 @@ def grants_for(
         # the second test only narrows the type: `kinds` is a subset of these three
         if member_id and isinstance(rule.effect, kinds) and isinstance(rule.effect, TRIGGERED_EFFECTS)
     ]
+
+
+class ConflictKind(StrEnum):
+    """What publication checks for (docs/rules.md, "Checks on publish"); the values are stable."""
+
+    EXCLUSIVE_OVERLAP = "EXCLUSIVE_OVERLAP"
+    UNREACHABLE_RULE = "UNREACHABLE_RULE"
+    DISCOUNT_OVER_100_PERCENT = "DISCOUNT_OVER_100_PERCENT"
+
+
+@dataclass(frozen=True)
+class Conflict:
+    kind: ConflictKind
+    subject_id: str  # the group or rule of the campaign being published
+    other_campaign_id: str
+    description: str
+
+
+def periods_overlap(a: Campaign, b: Campaign) -> bool:
+    """Whether two campaigns' periods (start inclusive, end exclusive, None open) share a moment."""
+    return (a.end_at is None or b.start_at is None or b.start_at < a.end_at) and (
+        b.end_at is None or a.start_at is None or a.start_at < b.end_at
+    )
+
+
+def scopes_overlap(a: CampaignScope, b: CampaignScope) -> bool:
+    """Whether some receipt may fall in both scopes: every restriction both set shares a value
+    (segments are not compared: one member can be in many segments)."""
+    pairs: tuple[tuple[tuple[Any, ...], tuple[Any, ...]], ...] = (
+        (a.tiers, b.tiers),
+        (a.store_ids, b.store_ids),
+        (a.channels, b.channels),
+        (a.weekdays, b.weekdays),
+        (a.days_of_month, b.days_of_month),
+        (a.hours, b.hours),
+    )
+    return all(not mine or not theirs or set(mine) & set(theirs) for mine, theirs in pairs)
+
+
+def _always(condition: str) -> bool:
+    return condition.strip() in ("", "true")
+
+
+def publication_conflicts(campaign: Campaign, others: Sequence[Campaign]) -> list[Conflict]:
+    """What makes a campaign about to be published misbehave: an exclusive group that may meet
+    another campaign's exclusive group on the same receipts (only one can win, by priority),
+    rules a FIRST group can never reach behind an always-true rule, and percentages of the
+    original amount adding up to more than 100% in one group on one scope."""
+    conflicts: list[Conflict] = []
+    groups = campaign.all_groups()
+    exclusive = [group for group in groups if group.mode is GroupMode.EXCLUSIVE]
+    for group in exclusive[1:]:
+        conflicts.append(
+            Conflict(
+                ConflictKind.EXCLUSIVE_OVERLAP,
+                group.group_id,
+                campaign.campaign_id,
+                f"the campaign has more than one exclusive group: {exclusive[0].group_id} and {group.group_id}",
+            )
+        )
+    if exclusive:
+        for other in others:
+            if (
+                other.campaign_id != campaign.campaign_id
+                and any(group.mode is GroupMode.EXCLUSIVE for group in other.all_groups())
+                and periods_overlap(campaign, other)
+                and scopes_overlap(campaign.scope, other.scope)
+            ):
+                conflicts.append(
+                    Conflict(
+                        ConflictKind.EXCLUSIVE_OVERLAP,
+                        exclusive[0].group_id,
+                        other.campaign_id,
+                        f"campaign {other.campaign_id} also has an exclusive group over the same period and scope",
+                    )
+                )
+    for group in groups:
+        ordered = _by_priority(group.rules)
+        if group.mode is GroupMode.FIRST:
+            blocker = next((rule for rule in ordered[:-1] if _always(rule.condition)), None)
+            if blocker is not None:
+                conflicts.extend(
+                    Conflict(
+                        ConflictKind.UNREACHABLE_RULE,
+                        rule.rule_id,
+                        "",
+                        f"never applies: rule {blocker.rule_id} comes first in FIRST group and always holds",
+                    )
+                    for rule in ordered[ordered.index(blocker) + 1 :]
+                )
+        if group.discount_base is DiscountBase.ORIGINAL and group.mode in (GroupMode.ALL, GroupMode.EXCLUSIVE):
+            by_scope: dict[Scope, list[Rule]] = {}
+            for rule in ordered:
+                if isinstance(rule.effect, DiscountPercent):
+                    by_scope.setdefault(rule.effect.scope, []).append(rule)
+            for rules in by_scope.values():
+                total = sum(rule.effect.basis_points for rule in rules if isinstance(rule.effect, DiscountPercent))
+                if total > BASIS_POINTS_DENOMINATOR:
+                    conflicts.append(
+                        Conflict(
+                            ConflictKind.DISCOUNT_OVER_100_PERCENT,
+                            rules[-1].rule_id,
+                            "",
+                            f"rules {', '.join(rule.rule_id for rule in rules)} take {total / 100:g}% "
+                            "of the original amount on the same lines",
+                        )
+                    )
+    return conflicts

@@ -31,9 +31,11 @@ from services.rules.domain import (
     Catalogue,
     Category,
     CompiledCampaign,
+    Conflict,
     Evaluation,
     Explanation,
     Grant,
+    IncrementCounter,
     IssueCoupon,
     PresentedCoupon,
     Product,
@@ -48,6 +50,7 @@ from services.rules.domain import (
     explain,
     grants_for,
     limit_refusals,
+    publication_conflicts,
     triggered_rules,
 )
 
@@ -65,19 +68,62 @@ async def get_campaign(session: AsyncSession, campaign_id: str) -> Campaign:
 
 
 async def campaign_usage(session: AsyncSession, campaign_id: str) -> CampaignUsage:
-    return (await store.campaign_usage(session, [campaign_id])).get(campaign_id, CampaignUsage())
+    """The campaign's statistics from committed receipts (returns are not taken off)."""
+    usage = (await store.campaign_usage(session, [campaign_id])).get(campaign_id, CampaignUsage())
+    return dataclasses.replace(usage, participants=await store.campaign_participants(session, campaign_id))
 
 
 async def publish_campaign(session: AsyncSession, campaign_id: str) -> Campaign:
+    published, _ = await publish_checked(session, campaign_id, accept_conflicts=True)
+    return published
+
+
+MAX_CALENDAR_ENTRIES = 500
+
+
+async def list_calendar(
+    session: AsyncSession, start: datetime, end: datetime, channel: str, store_id: str
+) -> list[Campaign]:
+    """Campaigns of any status whose period meets [start, end), that may run in `channel` and
+    `store_id` (empty: any), by start (open starts first) then id."""
+    campaigns = await store.campaigns_with_status(session, tuple(CampaignStatus), starts_before=end, ends_after=start)
+    return sorted(
+        (
+            campaign
+            for campaign in campaigns
+            if (not channel or not campaign.scope.channels or channel in campaign.scope.channels)
+            and (not store_id or not campaign.scope.store_ids or store_id in campaign.scope.store_ids)
+        ),
+        key=lambda campaign: (campaign.start_at is not None, campaign.start_at or start, campaign.campaign_id),
+    )
+
+
+async def publish_checked(
+    session: AsyncSession, campaign_id: str, accept_conflicts: bool
+) -> tuple[Campaign, list[Conflict]]:
+    """Publishes a draft after checking it against itself and the published campaigns; with
+    conflicts it is refused (CAMPAIGN_CONFLICTS, each conflict in the error's metadata) unless
+    `accept_conflicts`, when it is published and the conflicts are answered."""
     campaign = await store.find_campaign(session, campaign_id, for_update=True)
     if campaign is None:
         raise NotFound("CAMPAIGN_NOT_FOUND", f"no campaign {campaign_id!r}")
     if campaign.status is not CampaignStatus.DRAFT:
         raise FailedPrecondition("CAMPAIGN_ALREADY_PUBLISHED", "a published campaign cannot be published again")
     compile_campaign(campaign)
+    others = await store.campaigns_with_status(session, (CampaignStatus.ACTIVE, CampaignStatus.PAUSED))
+    conflicts = publication_conflicts(campaign, others)
+    if conflicts and not accept_conflicts:
+        raise FailedPrecondition(
+            "CAMPAIGN_CONFLICTS",
+            "; ".join(f"{c.kind.value} {c.subject_id}: {c.description}" for c in conflicts),
+            {
+                f"conflict_{index}": f"{c.kind.value}|{c.subject_id}|{c.other_campaign_id}"
+                for index, c in enumerate(conflicts)
+            },
+        )
     await store.mark_published(session, campaign_id, campaign.version + 1, utcnow())
     await add_event(session, store.outbox, "campaign.published", key=campaign_id, payload={"campaign_id": campaign_id})
-    return await get_campaign(session, campaign_id)
+    return await get_campaign(session, campaign_id), conflicts
 
 
 async def change_status(session: AsyncSession, campaign_id: str, change: str) -> Campaign:
@@ -338,6 +384,9 @@ async def handle_gateway_event(session: AsyncSession, event: Event) -> list[Gran
         await record_gateway_event(session, event)
         if event.event_type == "cheque.committed":
             await count_promotions(session, event.payload)
+            await count_counters(session, event.payload)
+        elif event.event_type == "cheque.returned":
+            await revert_counters(session, event.payload)
     member_id = str(event.payload.get("member_id") or "")
     if event.event_type != "cheque.committed" or not member_id:
         return []
@@ -360,18 +409,62 @@ def _rule_promotions(payload: dict[str, Any]) -> list[dict[str, Any]]:
 async def count_promotions(session: AsyncSession, payload: dict[str, Any]) -> None:
     """Adds a committed receipt to its campaigns' budgets and to the member's uses: one use
     per campaign per receipt, however many of its rules applied."""
-    given: dict[str, tuple[int, int]] = {}
-    for entry in _rule_promotions(payload):
-        discount, points = given.get(str(entry["campaign_id"]), (0, 0))
+    given: dict[str, tuple[int, int, int]] = {}
+    entries = _rule_promotions(payload)
+    member_id = str(payload.get("member_id") or "")
+    # coupons are issued to members only (reward rules are skipped on anonymous receipts)
+    rules = await store.rule_effects(session, [entry["rule_id"] for entry in entries]) if member_id else {}
+    for entry in entries:
+        discount, points, coupons = given.get(str(entry["campaign_id"]), (0, 0, 0))
+        rule = rules.get(entry["rule_id"])
         given[str(entry["campaign_id"])] = (
             discount + int(entry.get("discount_minor") or 0),
             points + int(entry.get("points") or 0),
+            coupons + (rule is not None and isinstance(rule.effect, IssueCoupon)),
         )
-    member_id = str(payload.get("member_id") or "")
-    for campaign_id, (discount, points) in sorted(given.items()):
-        await store.count_usage(session, campaign_id, discount, points)
+    for campaign_id, (discount, points, coupons) in sorted(given.items()):
+        await store.count_usage(session, campaign_id, discount, points, coupons)
         if member_id:
             await store.count_member_use(session, campaign_id, member_id)
+
+
+def _receipt_key(payload: dict[str, Any]) -> str:
+    """A receipt as both cheque.committed and cheque.returned name it."""
+    return f"{payload.get('partner_id') or ''}:{payload.get('terminal_id') or ''}:{payload.get('receipt_number') or ''}"
+
+
+async def count_counters(session: AsyncSession, payload: dict[str, Any]) -> None:
+    """Adds a committed receipt's IncrementCounter rules to its member's counters, and
+    remembers what it added so that returning the whole receipt takes it back."""
+    member_id = str(payload.get("member_id") or "")
+    applied = _rule_promotions(payload)
+    if not member_id or not applied:
+        return
+    rules = await store.rule_effects(session, [entry["rule_id"] for entry in applied])
+    changes: dict[str, int] = {}
+    for entry in applied:
+        rule = rules.get(entry["rule_id"])
+        if rule is not None and isinstance(rule.effect, IncrementCounter):
+            changes[rule.effect.counter] = changes.get(rule.effect.counter, 0) + rule.effect.by
+    paid = int(payload.get("paid_minor") or 0)
+    if changes and await store.record_counter_receipt(session, _receipt_key(payload), member_id, changes, paid):
+        await store.add_to_counters(session, member_id, changes)
+
+
+async def revert_counters(session: AsyncSession, payload: dict[str, Any]) -> None:
+    """Takes back what a receipt added to the counters once the whole receipt is returned:
+    cancelled, or its returns together reach what was paid for it. A partial return keeps
+    the increment (the purchase still happened)."""
+    returned = await store.counter_receipt_returned(
+        session, _receipt_key(payload), int(payload.get("returned_minor") or 0), bool(payload.get("cancelled"))
+    )
+    if returned is not None:
+        member_id, changes = returned
+        await store.add_to_counters(session, member_id, {counter: -by for counter, by in changes.items()})
+
+
+async def member_counters(session: AsyncSession, member_id: str) -> dict[str, int]:
+    return await store.member_counters(session, member_id)
 
 
 async def registration_grants(live: LiveCampaigns, event: Event) -> list[Grant]:

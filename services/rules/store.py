@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, delete, func, select
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
@@ -36,10 +36,15 @@ from services.rules.domain import (
     DiscountBase,
     DiscountPercent,
     EarnFixedPoints,
+    EarnPointsCheapestItem,
+    EarnPointsMultiplier,
+    EarnPointsNthLine,
+    EarnPointsPerAmount,
     EarnPointsPercent,
     Effect,
     FixedPrice,
     GroupMode,
+    IncrementCounter,
     IssueCoupon,
     NthItemDiscount,
     Product,
@@ -188,6 +193,7 @@ class CampaignUsageRow(Base):
     discount_minor: Mapped[int] = mapped_column(BigInteger)
     points: Mapped[int] = mapped_column(BigInteger)
     receipts: Mapped[int] = mapped_column(BigInteger)
+    coupons_issued: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class CampaignMemberUseRow(Base):
@@ -198,6 +204,30 @@ class CampaignMemberUseRow(Base):
     member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     campaign_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     uses: Mapped[int] = mapped_column(Integer)
+
+
+class MemberCounterRow(Base):
+    """A member's counter as the committed receipts (less the wholly returned ones) left it."""
+
+    __tablename__ = "member_counters"
+
+    member_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    counter: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class CounterReceiptRow(Base):
+    """What a committed receipt added to its member's counters, so that returning the whole
+    receipt takes exactly that back, once."""
+
+    __tablename__ = "counter_receipts"
+
+    receipt_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(64))
+    changes: Mapped[dict[str, int]] = mapped_column(JSON)
+    paid_minor: Mapped[int] = mapped_column(BigInteger)
+    returned_minor: Mapped[int] = mapped_column(BigInteger)
+    reverted: Mapped[bool] = mapped_column(Boolean)
 
 
 class CatalogueVersionRow(Base):
@@ -218,6 +248,10 @@ inbox = define_inbox_table(Base.metadata)
 _EFFECT_KINDS: dict[str, type[Effect]] = {
     "earn_points_percent": EarnPointsPercent,
     "earn_fixed_points": EarnFixedPoints,
+    "earn_points_per_amount": EarnPointsPerAmount,
+    "earn_points_cheapest_item": EarnPointsCheapestItem,
+    "earn_points_nth_line": EarnPointsNthLine,
+    "earn_points_multiplier": EarnPointsMultiplier,
     "discount_percent": DiscountPercent,
     "discount_amount": DiscountAmount,
     "fixed_price": FixedPrice,
@@ -227,6 +261,7 @@ _EFFECT_KINDS: dict[str, type[Effect]] = {
     "redemption_cap": RedemptionCap,
     "issue_coupon": IssueCoupon,
     "award_badge": AwardBadge,
+    "increment_counter": IncrementCounter,
 }
 _EFFECT_NAMES = {kind: name for name, kind in _EFFECT_KINDS.items()}
 
@@ -351,6 +386,26 @@ async def active_campaigns(session: AsyncSession) -> list[Campaign]:
         select(CampaignRow).options(*_WITH_RULES).where(CampaignRow.status == CampaignStatus.ACTIVE.value)
     )
     return [_to_domain(row) for row in rows]
+
+
+async def campaigns_with_status(
+    session: AsyncSession,
+    statuses: Iterable[CampaignStatus],
+    starts_before: datetime | None = None,
+    ends_after: datetime | None = None,
+) -> list[Campaign]:
+    """Campaigns in `statuses` whose period meets [ends_after, starts_before) when given."""
+    query = (
+        select(CampaignRow)
+        .options(*_WITH_RULES)
+        .where(CampaignRow.status.in_([status.value for status in statuses]))
+        .order_by(CampaignRow.start_at, CampaignRow.campaign_id)
+    )
+    if starts_before is not None:
+        query = query.where((CampaignRow.start_at.is_(None)) | (CampaignRow.start_at < starts_before))
+    if ends_after is not None:
+        query = query.where((CampaignRow.end_at.is_(None)) | (CampaignRow.end_at > ends_after))
+    return [_to_domain(row) for row in await session.scalars(query)]
 
 
 async def last_publication(session: AsyncSession) -> datetime | None:
@@ -486,9 +541,15 @@ async def member_purchases(session: AsyncSession, member_id: str) -> tuple[Purch
     return tuple(Purchase(occurred_at, amount, is_return) for occurred_at, amount, is_return in rows)
 
 
-async def count_usage(session: AsyncSession, campaign_id: str, discount_minor: int, points: int) -> None:
+async def count_usage(
+    session: AsyncSession, campaign_id: str, discount_minor: int, points: int, coupons_issued: int = 0
+) -> None:
     statement = _insert(session)(CampaignUsageRow).values(
-        campaign_id=campaign_id, discount_minor=discount_minor, points=points, receipts=1
+        campaign_id=campaign_id,
+        discount_minor=discount_minor,
+        points=points,
+        receipts=1,
+        coupons_issued=coupons_issued,
     )
     await session.execute(
         statement.on_conflict_do_update(
@@ -497,6 +558,7 @@ async def count_usage(session: AsyncSession, campaign_id: str, discount_minor: i
                 "discount_minor": CampaignUsageRow.discount_minor + statement.excluded.discount_minor,
                 "points": CampaignUsageRow.points + statement.excluded.points,
                 "receipts": CampaignUsageRow.receipts + 1,
+                "coupons_issued": CampaignUsageRow.coupons_issued + statement.excluded.coupons_issued,
             },
         )
     )
@@ -513,7 +575,18 @@ async def count_member_use(session: AsyncSession, campaign_id: str, member_id: s
 
 async def campaign_usage(session: AsyncSession, campaign_ids: Iterable[str]) -> dict[str, CampaignUsage]:
     rows = await session.scalars(select(CampaignUsageRow).where(CampaignUsageRow.campaign_id.in_(sorted(campaign_ids))))
-    return {row.campaign_id: CampaignUsage(row.discount_minor, row.points, row.receipts) for row in rows}
+    return {
+        row.campaign_id: CampaignUsage(row.discount_minor, row.points, row.receipts, coupons_issued=row.coupons_issued)
+        for row in rows
+    }
+
+
+async def campaign_participants(session: AsyncSession, campaign_id: str) -> int:
+    """The members a campaign applied to on at least one committed receipt."""
+    count = await session.scalar(
+        select(func.count()).select_from(CampaignMemberUseRow).where(CampaignMemberUseRow.campaign_id == campaign_id)
+    )
+    return int(count or 0)
 
 
 async def member_uses(session: AsyncSession, member_id: str, campaign_ids: Iterable[str]) -> dict[str, int]:
@@ -529,3 +602,63 @@ async def rule_effects(session: AsyncSession, rule_ids: Iterable[str]) -> dict[s
     """The rules by id (a published rule never changes: publishing freezes the campaign)."""
     rows = await session.scalars(select(RuleRow).where(RuleRow.rule_id.in_(sorted(set(rule_ids)))))
     return {row.rule_id: _rule_to_domain(row) for row in rows}
+
+
+async def add_to_counters(session: AsyncSession, member_id: str, changes: dict[str, int]) -> None:
+    """Adds to (or, negative, takes from) the member's counters in one atomic statement each,
+    so concurrent receipts of a member never lose an increment."""
+    for counter, by in sorted(changes.items()):
+        statement = _insert(session)(MemberCounterRow).values(member_id=member_id, counter=counter, value=by)
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=["member_id", "counter"], set_={"value": MemberCounterRow.value + by}
+            )
+        )
+
+
+async def record_counter_receipt(
+    session: AsyncSession, receipt_key: str, member_id: str, changes: dict[str, int], paid_minor: int
+) -> bool:
+    """Remembers what a committed receipt added; False when it was already recorded."""
+    statement = (
+        _insert(session)(CounterReceiptRow)
+        .values(
+            receipt_key=receipt_key,
+            member_id=member_id,
+            changes=changes,
+            paid_minor=paid_minor,
+            returned_minor=0,
+            reverted=False,
+        )
+        .on_conflict_do_nothing(index_elements=["receipt_key"])
+    )
+    result = await session.execute(statement)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def counter_receipt_returned(
+    session: AsyncSession, receipt_key: str, returned_minor: int, cancelled: bool
+) -> tuple[str, dict[str, int]] | None:
+    """Adds a return to a recorded receipt; answers its member and changes when the receipt is
+    now wholly returned (cancelled, or returns reaching what was paid) and was not before.
+    Conditional updates rather than a read then a write: the first takes the row (or, on
+    SQLite, the database) lock, so of two concurrent returns exactly one flips `reverted`."""
+    pending = (CounterReceiptRow.receipt_key == receipt_key) & ~CounterReceiptRow.reverted
+    await session.execute(
+        update(CounterReceiptRow)
+        .where(pending)
+        .values(returned_minor=CounterReceiptRow.returned_minor + returned_minor)
+    )
+    whole = pending if cancelled else pending & (CounterReceiptRow.returned_minor >= CounterReceiptRow.paid_minor)
+    flipped = await session.execute(update(CounterReceiptRow).where(whole).values(reverted=True))
+    if not flipped.rowcount:  # type: ignore[attr-defined]
+        return None
+    row = await session.get_one(CounterReceiptRow, receipt_key)
+    return row.member_id, dict(row.changes)
+
+
+async def member_counters(session: AsyncSession, member_id: str) -> dict[str, int]:
+    rows = await session.execute(
+        select(MemberCounterRow.counter, MemberCounterRow.value).where(MemberCounterRow.member_id == member_id)
+    )
+    return {counter: value for counter, value in rows.tuples()}

@@ -409,6 +409,8 @@ async def test_a_customer_registered_at_the_register_earns_and_sees_their_histor
     assert registered.created and registered.customer.member_id
     again = await platform.client.register(f"reg-{phone}", phone, first_name="Ivan", card_number=card)
     assert (again.created, again.customer.member_id) == (True, registered.customer.member_id), "a retry replays"
+    known = await platform.client.register(f"reg-again-{phone}", phone, first_name="Ivan")
+    assert (known.created, known.customer.member_id) == (False, registered.customer.member_id)
     by_new_card = pos.CustomerIdentifier(card_number=card)
     sale = platform.receipt("9501", 20_000)
     await platform.client.commit(sale, by_new_card)

@@ -52,7 +52,7 @@ STANDARD_LABELS = (
 CALLERS = {
     "gateway": set(),
     "members": {"gateway"},
-    "accounts": {"gateway", "rules"},
+    "accounts": {"gateway", "rules", "members"},
     "rules": {"gateway"},
     "rewards": {"gateway", "rules"},
     "notifications": set(),

@@ -68,7 +68,9 @@ async def test_accrued_points_are_in_the_balance_and_the_outbox(database_url: st
             await service.accrue_points(session, accrual(1_000, currency="MILES"))
         assert second.balance.active == 125
         async with sessions() as session:
-            assert await service.get_balance(session, "member-1", "BONUS") == Balance("member-1", "BONUS", 125, 0, 0)
+            bonus = await service.get_balance(session, "member-1", "BONUS")
+            assert (bonus.active, bonus.pending, bonus.held, bonus.negative) == (125, 0, 0, 0)
+            assert sum(expiry.amount for expiry in bonus.next_expiries) == 125, "both lots expire in a year"
             assert (await service.get_balance(session, "member-1", "MILES")).active == 1_000
             assert await service.get_balance(session, "member-2", "BONUS") == Balance("member-2", "BONUS", 0, 0, 0)
             events = (await session.execute(select(store.outbox.c.event_type, store.outbox.c.payload))).all()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from unittest import mock
 
@@ -26,7 +26,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loyalty.runtime import db
 from loyalty.runtime.errors import DomainError
 from services.accounts import jobs, service, store
-from services.accounts.domain import Accrual, AccrualSource, Adjustment, Balance, balance_at, held_total
+from services.accounts.domain import (
+    Accrual,
+    AccrualSource,
+    Adjustment,
+    Balance,
+    balance_at,
+    held_total,
+    next_expiries,
+)
 from services.accounts.metrics import LedgerMetrics
 from tests import infra
 
@@ -265,7 +273,14 @@ async def books(sessions: async_sessionmaker[AsyncSession], holder_id: str, now:
         # The database's sums must agree with the domain's definition of a balance.
         lots_open = await store.open_lots(session, account.account_id, now)
         held = held_total(await store.live_holds(session, account.account_id, now), now)
-        assert balance == balance_at(holder_id, CURRENCY, lots_open, held, now, account.debt)
+        # ...and next_expiries to the lots' unexpired remainders summed by day.
+        due = sorted(
+            (lot.expire_at, lot.remaining)
+            for lot in lots_open
+            if lot.remaining and lot.expire_at is not None and lot.expire_at > now
+        )
+        expected = balance_at(holder_id, CURRENCY, lots_open, held, now, account.debt)
+        assert balance == replace(expected, next_expiries=tuple(next_expiries(due)))
         entries = await session.scalar(
             select(func.coalesce(func.sum(store.EntryRow.amount), 0)).where(
                 store.EntryRow.account_id == account.account_id

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -319,14 +321,57 @@ async def test_concurrent_registrations_of_one_phone_over_grpc_create_one_member
     tmp_path: Path, database_url: str
 ) -> None:
     async with members_service(tmp_path, database_url) as members:
-        responses = await asyncio.gather(
+        outcomes = await asyncio.gather(
             *(
                 members.stub.RegisterMember(
                     pb.RegisterMemberRequest(request_id=f"concurrent-{index}", phone="8 916 123 45 67")
                 )
                 for index in range(10)
-            )
+            ),
+            return_exceptions=True,
         )
-        assert len({response.member.member_id for response in responses}) == 1
-        assert sum(response.created for response in responses) == 1
+        created = [outcome for outcome in outcomes if isinstance(outcome, pb.RegisterMemberResponse)]
+        refused = [outcome for outcome in outcomes if isinstance(outcome, grpc.aio.AioRpcError)]
+        assert len(created) == 1 and created[0].created
+        assert len(refused) == 9
+        member_id = created[0].member.member_id
+        assert {already_existing_member(error) for error in refused} == {member_id}
+        assert len(await members.events("member.registered")) == 1
+
+
+def already_existing_member(error: grpc.aio.AioRpcError) -> str:
+    """The member id an ALREADY_EXISTS refusal carries in its ErrorInfo metadata."""
+    assert read_remote_error(error).reason == "MEMBER_ALREADY_EXISTS"
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.metadata["member_id"])
+    raise AssertionError("no ErrorInfo in the refusal")
+
+
+async def test_a_duplicate_registration_is_refused_unless_the_caller_asks_for_the_existing_member(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with members_service(tmp_path, database_url) as members:
+        first = await members.stub.RegisterMember(
+            pb.RegisterMemberRequest(request_id="dup-1", phone="+79161234567", email="anna@example.com")
+        )
+        for request in (
+            pb.RegisterMemberRequest(request_id="dup-2", phone="8 916 123-45-67"),
+            pb.RegisterMemberRequest(request_id="dup-3", phone="+79160000000", email="ANNA@example.com"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await members.stub.RegisterMember(request)
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert already_existing_member(refused.value) == first.member.member_id
+        existing = await members.stub.RegisterMember(
+            pb.RegisterMemberRequest(request_id="dup-4", phone="+7 916 123 45 67", return_existing=True)
+        )
+        assert (existing.member.member_id, existing.created) == (first.member.member_id, False)
+        replayed = await members.stub.RegisterMember(
+            pb.RegisterMemberRequest(request_id="dup-1", phone="+79161234567", email="anna@example.com")
+        )
+        assert replayed == first, "a retry of the first registration replays its answer"
         assert len(await members.events("member.registered")) == 1

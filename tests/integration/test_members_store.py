@@ -26,9 +26,11 @@ async def test_registration_is_deduplicated_by_phone_and_email(database_url: str
             first, created = await service.register_member(session, registration(email="anna@example.com"))
         assert created
         async with sessions() as session, session.begin():
-            again, created_again = await service.register_member(session, registration("8 916 123-45-67"))
+            again, created_again = await service.register_member(
+                session, registration("8 916 123-45-67"), return_existing=True
+            )
             by_email, created_by_email = await service.register_member(
-                session, registration("+79160000000", "ANNA@example.com")
+                session, registration("+79160000000", "ANNA@example.com"), return_existing=True
             )
         assert (again.member_id, created_again) == (first.member_id, False)
         assert (by_email.member_id, created_by_email) == (first.member_id, False)
@@ -48,7 +50,11 @@ async def test_concurrent_registrations_of_one_phone_create_one_member(database_
             request.request_id = f"reg-{index}"
 
             async def work(session: object) -> pb.RegisterMemberResponse:
-                member, created = await service.register_member(session, registration())  # type: ignore[arg-type]
+                member, created = await service.register_member(
+                    session,  # type: ignore[arg-type]
+                    registration(),
+                    return_existing=True,
+                )
                 return pb.RegisterMemberResponse(member=pb.Member(member_id=member.member_id), created=created)
 
             return await run_idempotent(

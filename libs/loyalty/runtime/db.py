@@ -47,7 +47,11 @@ def create_engine(url: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _tune_sqlite)
         event.listen(engine.sync_engine, "begin", _begin_immediate)
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No pre-ping: it costs a round trip on every checkout of the hot path (7% of the
+    # gateway's samples under load). A connection the server dropped fails one call,
+    # is discarded with the pool's stale connections, and the caller's retry (every
+    # mutating call is idempotent) gets a fresh one; recycling bounds a connection's age.
+    return create_async_engine(url, pool_pre_ping=False, pool_recycle=1800, pool_size=10, max_overflow=20)
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

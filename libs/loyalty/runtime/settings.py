@@ -177,6 +177,9 @@ class Settings(BaseSettings):
     tier_job_interval_seconds: float = Field(
         default=3600.0, gt=0, description="how often tiers are re-evaluated (lapsed tiers, inactivity)"
     )
+    segment_job_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="how often dynamic segments and RFM scores are recomputed"
+    )
     card_emission_interval_seconds: float = Field(
         default=5.0, gt=0, description="how often the card emission job looks for ordered batches"
     )

@@ -176,6 +176,58 @@ ENTRY_KIND_TRANSFER: EntryKind.ValueType  # 6
 """Points (or a negative balance) moved between holders (TransferPoints, MergeAccounts)."""
 Global___EntryKind: _TypeAlias = EntryKind  # noqa: Y015
 
+class _MassOperationKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MassOperationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MassOperationKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MASS_OPERATION_KIND_UNSPECIFIED: _MassOperationKind.ValueType  # 0
+    """Not set; invalid."""
+    MASS_OPERATION_KIND_ACCRUAL: _MassOperationKind.ValueType  # 1
+    """Credits each item's points as a new lot."""
+    MASS_OPERATION_KIND_DEDUCTION: _MassOperationKind.ValueType  # 2
+    """Debits each item's points, soonest-expiring first."""
+
+class MassOperationKind(_MassOperationKind, metaclass=_MassOperationKindEnumTypeWrapper):
+    """What a mass operation does to each listed holder."""
+
+MASS_OPERATION_KIND_UNSPECIFIED: MassOperationKind.ValueType  # 0
+"""Not set; invalid."""
+MASS_OPERATION_KIND_ACCRUAL: MassOperationKind.ValueType  # 1
+"""Credits each item's points as a new lot."""
+MASS_OPERATION_KIND_DEDUCTION: MassOperationKind.ValueType  # 2
+"""Debits each item's points, soonest-expiring first."""
+Global___MassOperationKind: _TypeAlias = MassOperationKind  # noqa: Y015
+
+class _MassOperationStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MassOperationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MassOperationStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MASS_OPERATION_STATUS_UNSPECIFIED: _MassOperationStatus.ValueType  # 0
+    """Not set."""
+    MASS_OPERATION_STATUS_DRAFT: _MassOperationStatus.ValueType  # 1
+    """Taking items; nothing applied yet."""
+    MASS_OPERATION_STATUS_RUNNING: _MassOperationStatus.ValueType  # 2
+    """The background job is applying the items."""
+    MASS_OPERATION_STATUS_DONE: _MassOperationStatus.ValueType  # 3
+    """Every item is applied or failed."""
+
+class MassOperationStatus(_MassOperationStatus, metaclass=_MassOperationStatusEnumTypeWrapper):
+    """Where a mass operation stands."""
+
+MASS_OPERATION_STATUS_UNSPECIFIED: MassOperationStatus.ValueType  # 0
+"""Not set."""
+MASS_OPERATION_STATUS_DRAFT: MassOperationStatus.ValueType  # 1
+"""Taking items; nothing applied yet."""
+MASS_OPERATION_STATUS_RUNNING: MassOperationStatus.ValueType  # 2
+"""The background job is applying the items."""
+MASS_OPERATION_STATUS_DONE: MassOperationStatus.ValueType  # 3
+"""Every item is applied or failed."""
+Global___MassOperationStatus: _TypeAlias = MassOperationStatus  # noqa: Y015
+
 @_typing.final
 class PointCurrency(_message.Message):
     """A point currency of the program."""
@@ -288,6 +340,8 @@ class Balance(_message.Message):
     HELD_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     NEGATIVE_FIELD_NUMBER: _builtins.int
+    BLOCKED_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRIES_FIELD_NUMBER: _builtins.int
     holder_id: _builtins.str
     """The account holder: a member id, or a household id for a pooled account."""
     currency: _builtins.str
@@ -302,6 +356,15 @@ class Balance(_message.Message):
     """Points that can be spent now: active minus held minus negative."""
     negative: _builtins.int
     """Points owed: a return took back more than was left. The next accruals repay it first."""
+    blocked: _builtins.bool
+    """True while the account is blocked (see BlockAccount)."""
+    @_builtins.property
+    def next_expiries(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpiryDay]:
+        """The next days on which points expire, soonest first, at most 5, with how many points
+        expire each day (pending points included). Filled by GetBalance only; empty in the
+        balances returned by mutations.
+        """
+
     def __init__(
         self,
         *,
@@ -312,14 +375,42 @@ class Balance(_message.Message):
         held: _builtins.int = ...,
         available: _builtins.int = ...,
         negative: _builtins.int = ...,
+        blocked: _builtins.bool = ...,
+        next_expiries: _abc.Iterable[Global___ExpiryDay] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "available", b"available", "currency", b"currency", "held", b"held", "holder_id", b"holder_id", "negative", b"negative", "pending", b"pending"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "available", b"available", "blocked", b"blocked", "currency", b"currency", "held", b"held", "holder_id", b"holder_id", "negative", b"negative", "next_expiries", b"next_expiries", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Balance: _TypeAlias = Balance  # noqa: Y015
+
+@_typing.final
+class ExpiryDay(_message.Message):
+    """Points that expire on one day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """The day, in UTC, as YYYY-MM-DD."""
+    amount: _builtins.int
+    """Points that expire that day, unless spent first."""
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "day", b"day"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpiryDay: _TypeAlias = ExpiryDay  # noqa: Y015
 
 @_typing.final
 class Entry(_message.Message):
@@ -1534,3 +1625,473 @@ class GetPartnerSettlementResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPartnerSettlementResponse: _TypeAlias = GetPartnerSettlementResponse  # noqa: Y015
+
+@_typing.final
+class BlockAccountRequest(_message.Message):
+    """Request of BlockAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    holder_id: _builtins.str
+    """The account holder (member or household id)."""
+    currency: _builtins.str
+    """The point currency; empty means the default."""
+    actor: _builtins.str
+    """Who blocks it: the staff user's id or login; required, kept for audit."""
+    reason: _builtins.str
+    """Why, e.g. "fraud review #123"; required, kept for audit."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        holder_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "currency", b"currency", "holder_id", b"holder_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockAccountRequest: _TypeAlias = BlockAccountRequest  # noqa: Y015
+
+@_typing.final
+class BlockAccountResponse(_message.Message):
+    """Response of BlockAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The account's balance, now blocked."""
+
+    def __init__(
+        self,
+        *,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockAccountResponse: _TypeAlias = BlockAccountResponse  # noqa: Y015
+
+@_typing.final
+class UnblockAccountRequest(_message.Message):
+    """Request of UnblockAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_ID_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    holder_id: _builtins.str
+    """The account holder (member or household id)."""
+    currency: _builtins.str
+    """The point currency; empty means the default."""
+    actor: _builtins.str
+    """Who lifts the block; required, kept for audit."""
+    reason: _builtins.str
+    """Why; required, kept for audit."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        holder_id: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "currency", b"currency", "holder_id", b"holder_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockAccountRequest: _TypeAlias = UnblockAccountRequest  # noqa: Y015
+
+@_typing.final
+class UnblockAccountResponse(_message.Message):
+    """Response of UnblockAccount."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The account's balance, no longer blocked."""
+
+    def __init__(
+        self,
+        *,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnblockAccountResponse: _TypeAlias = UnblockAccountResponse  # noqa: Y015
+
+@_typing.final
+class MassOperationItem(_message.Message):
+    """One holder and the points to credit or debit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    holder_id: _builtins.str
+    """The account holder (member or household id)."""
+    amount: _builtins.int
+    """Points, positive."""
+    def __init__(
+        self,
+        *,
+        holder_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "holder_id", b"holder_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MassOperationItem: _TypeAlias = MassOperationItem  # noqa: Y015
+
+@_typing.final
+class MassOperationFailure(_message.Message):
+    """An item that could not be applied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    HOLDER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The item's position in the operation, from 0, in upload order."""
+    holder_id: _builtins.str
+    """The item's holder."""
+    reason: _builtins.str
+    """Why, e.g. INSUFFICIENT_POINTS or ACCOUNT_BLOCKED."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        holder_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder_id", b"holder_id", "index", b"index", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MassOperationFailure: _TypeAlias = MassOperationFailure  # noqa: Y015
+
+@_typing.final
+class MassOperation(_message.Message):
+    """A mass accrual or deduction and its progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation's id."""
+    kind: Global___MassOperationKind.ValueType
+    """What it does."""
+    currency: _builtins.str
+    """The point currency."""
+    actor: _builtins.str
+    """Who ordered it."""
+    reason: _builtins.str
+    """Why; the reason of every entry it writes."""
+    status: Global___MassOperationStatus.ValueType
+    """Where it stands."""
+    total: _builtins.int
+    """Items uploaded."""
+    applied: _builtins.int
+    """Items applied."""
+    failed: _builtins.int
+    """Items that failed; total - applied - failed are still to do."""
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MassOperationFailure]:
+        """The first 100 failed items, by index."""
+
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        kind: Global___MassOperationKind.ValueType = ...,
+        currency: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        status: Global___MassOperationStatus.ValueType = ...,
+        total: _builtins.int = ...,
+        applied: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        failures: _abc.Iterable[Global___MassOperationFailure] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied", b"applied", "currency", b"currency", "failed", b"failed", "failures", b"failures", "kind", b"kind", "operation_id", b"operation_id", "reason", b"reason", "status", b"status", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MassOperation: _TypeAlias = MassOperation  # noqa: Y015
+
+@_typing.final
+class CreateMassOperationRequest(_message.Message):
+    """Request of CreateMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    kind: Global___MassOperationKind.ValueType
+    """Accrual or deduction; required."""
+    currency: _builtins.str
+    """The point currency; empty means the default."""
+    actor: _builtins.str
+    """Who orders it: the staff user's id or login; required, kept for audit."""
+    reason: _builtins.str
+    """Why, e.g. "campaign: spring bonus"; required, shown in the history and the audit trail."""
+    start: _builtins.bool
+    """Run at once (no more items can be added) instead of creating a draft."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """For an accrual: when the points expire; empty means the currency's default lifetime."""
+
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___MassOperationItem]:
+        """The first items, at most 10,000."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        kind: Global___MassOperationKind.ValueType = ...,
+        currency: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        items: _abc.Iterable[Global___MassOperationItem] | None = ...,
+        start: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "currency", b"currency", "expire_time", b"expire_time", "items", b"items", "kind", b"kind", "reason", b"reason", "request_id", b"request_id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMassOperationRequest: _TypeAlias = CreateMassOperationRequest  # noqa: Y015
+
+@_typing.final
+class CreateMassOperationResponse(_message.Message):
+    """Response of CreateMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___MassOperation:
+        """The operation."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___MassOperation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMassOperationResponse: _TypeAlias = CreateMassOperationResponse  # noqa: Y015
+
+@_typing.final
+class AddMassOperationItemsRequest(_message.Message):
+    """Request of AddMassOperationItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key, e.g. "<upload id>:chunk:<n>": a retried chunk is added once."""
+    operation_id: _builtins.str
+    """The draft operation."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___MassOperationItem]:
+        """Items to append, at most 10,000."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        operation_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___MassOperationItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "operation_id", b"operation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddMassOperationItemsRequest: _TypeAlias = AddMassOperationItemsRequest  # noqa: Y015
+
+@_typing.final
+class AddMassOperationItemsResponse(_message.Message):
+    """Response of AddMassOperationItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___MassOperation:
+        """The operation with the items added."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___MassOperation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddMassOperationItemsResponse: _TypeAlias = AddMassOperationItemsResponse  # noqa: Y015
+
+@_typing.final
+class StartMassOperationRequest(_message.Message):
+    """Request of StartMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    operation_id: _builtins.str
+    """The draft operation."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartMassOperationRequest: _TypeAlias = StartMassOperationRequest  # noqa: Y015
+
+@_typing.final
+class StartMassOperationResponse(_message.Message):
+    """Response of StartMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___MassOperation:
+        """The operation, now running."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___MassOperation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartMassOperationResponse: _TypeAlias = StartMassOperationResponse  # noqa: Y015
+
+@_typing.final
+class GetMassOperationRequest(_message.Message):
+    """Request of GetMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """The operation."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMassOperationRequest: _TypeAlias = GetMassOperationRequest  # noqa: Y015
+
+@_typing.final
+class GetMassOperationResponse(_message.Message):
+    """Response of GetMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___MassOperation:
+        """The operation and its progress."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___MassOperation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMassOperationResponse: _TypeAlias = GetMassOperationResponse  # noqa: Y015

@@ -111,6 +111,36 @@ class AccountsServiceStub:
                 request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementRequest.SerializeToString,
                 response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementResponse.FromString,
                 _registered_method=True)
+        self.BlockAccount = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/BlockAccount',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.BlockAccountRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.BlockAccountResponse.FromString,
+                _registered_method=True)
+        self.UnblockAccount = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/UnblockAccount',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.UnblockAccountRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.UnblockAccountResponse.FromString,
+                _registered_method=True)
+        self.CreateMassOperation = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/CreateMassOperation',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CreateMassOperationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CreateMassOperationResponse.FromString,
+                _registered_method=True)
+        self.AddMassOperationItems = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/AddMassOperationItems',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AddMassOperationItemsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AddMassOperationItemsResponse.FromString,
+                _registered_method=True)
+        self.StartMassOperation = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/StartMassOperation',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.StartMassOperationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.StartMassOperationResponse.FromString,
+                _registered_method=True)
+        self.GetMassOperation = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/GetMassOperation',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServiceServicer:
@@ -249,6 +279,59 @@ class AccountsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BlockAccount(self, request, context):
+        """Blocks a holder's account in a currency (fraud suspicion, dispute), opening it if new.
+        A blocked account refuses accruals, holds, captures, redemptions, transfers and merges
+        with FAILED_PRECONDITION ACCOUNT_BLOCKED; returns (ReverseOperation), releases and
+        staff adjustments still work. The actor and reason are kept in an audit trail and
+        sent in the account.blocked event. Blocking a blocked account changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnblockAccount(self, request, context):
+        """Lifts a block (audited, account.unblocked event). Unblocking an account that is not
+        blocked changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateMassOperation(self, request, context):
+        """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
+        its first items, at most 10,000 per call. With start set it runs at once; otherwise it
+        is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
+        background job applies the items, each exactly once, as audited staff adjustments
+        (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
+        events). A deduction beyond what is available, or an accrual to a blocked account,
+        fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddMassOperationItems(self, request, context):
+        """Appends up to 10,000 items to a draft; fails with MASS_OPERATION_STARTED once it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartMassOperation(self, request, context):
+        """Starts applying a draft's items in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMassOperation(self, request, context):
+        """The progress of a mass operation: items in total, applied and failed, with reasons.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -326,6 +409,36 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.GetPartnerSettlement,
                     request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementRequest.FromString,
                     response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementResponse.SerializeToString,
+            ),
+            'BlockAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.BlockAccount,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.BlockAccountRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.BlockAccountResponse.SerializeToString,
+            ),
+            'UnblockAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnblockAccount,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.UnblockAccountRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.UnblockAccountResponse.SerializeToString,
+            ),
+            'CreateMassOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMassOperation,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CreateMassOperationRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CreateMassOperationResponse.SerializeToString,
+            ),
+            'AddMassOperationItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddMassOperationItems,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AddMassOperationItemsRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AddMassOperationItemsResponse.SerializeToString,
+            ),
+            'StartMassOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartMassOperation,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.StartMassOperationRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.StartMassOperationResponse.SerializeToString,
+            ),
+            'GetMassOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMassOperation,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -735,6 +848,168 @@ class AccountsService:
             '/loyalty.accounts.v1.AccountsService/GetPartnerSettlement',
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementRequest.SerializeToString,
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetPartnerSettlementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlockAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/BlockAccount',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.BlockAccountRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.BlockAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnblockAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/UnblockAccount',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.UnblockAccountRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.UnblockAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMassOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/CreateMassOperation',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CreateMassOperationRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CreateMassOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddMassOperationItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/AddMassOperationItems',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AddMassOperationItemsRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.AddMassOperationItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartMassOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/StartMassOperation',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.StartMassOperationRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.StartMassOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMassOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/GetMassOperation',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

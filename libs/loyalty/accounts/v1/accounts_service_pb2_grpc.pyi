@@ -102,6 +102,32 @@ class AccountsServiceStub:
     """Coalition settlements for a period: per pair of partners, the points one issued that
     were spent at the other (net of reversed redemptions), and their worth in money.
     """
+    BlockAccount: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.BlockAccountRequest, _accounts_service_pb2.BlockAccountResponse]
+    """Blocks a holder's account in a currency (fraud suspicion, dispute), opening it if new.
+    A blocked account refuses accruals, holds, captures, redemptions, transfers and merges
+    with FAILED_PRECONDITION ACCOUNT_BLOCKED; returns (ReverseOperation), releases and
+    staff adjustments still work. The actor and reason are kept in an audit trail and
+    sent in the account.blocked event. Blocking a blocked account changes nothing.
+    """
+    UnblockAccount: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.UnblockAccountRequest, _accounts_service_pb2.UnblockAccountResponse]
+    """Lifts a block (audited, account.unblocked event). Unblocking an account that is not
+    blocked changes nothing.
+    """
+    CreateMassOperation: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.CreateMassOperationRequest, _accounts_service_pb2.CreateMassOperationResponse]
+    """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
+    its first items, at most 10,000 per call. With start set it runs at once; otherwise it
+    is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
+    background job applies the items, each exactly once, as audited staff adjustments
+    (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
+    events). A deduction beyond what is available, or an accrual to a blocked account,
+    fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+    """
+    AddMassOperationItems: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.AddMassOperationItemsRequest, _accounts_service_pb2.AddMassOperationItemsResponse]
+    """Appends up to 10,000 items to a draft; fails with MASS_OPERATION_STARTED once it runs."""
+    StartMassOperation: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.StartMassOperationRequest, _accounts_service_pb2.StartMassOperationResponse]
+    """Starts applying a draft's items in the background."""
+    GetMassOperation: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.GetMassOperationRequest, _accounts_service_pb2.GetMassOperationResponse]
+    """The progress of a mass operation: items in total, applied and failed, with reasons."""
 
 @_typing.type_check_only
 class AccountsServiceAsyncStub(AccountsServiceStub):
@@ -177,6 +203,32 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     """Coalition settlements for a period: per pair of partners, the points one issued that
     were spent at the other (net of reversed redemptions), and their worth in money.
     """
+    BlockAccount: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.BlockAccountRequest, _accounts_service_pb2.BlockAccountResponse]  # type: ignore[assignment]
+    """Blocks a holder's account in a currency (fraud suspicion, dispute), opening it if new.
+    A blocked account refuses accruals, holds, captures, redemptions, transfers and merges
+    with FAILED_PRECONDITION ACCOUNT_BLOCKED; returns (ReverseOperation), releases and
+    staff adjustments still work. The actor and reason are kept in an audit trail and
+    sent in the account.blocked event. Blocking a blocked account changes nothing.
+    """
+    UnblockAccount: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.UnblockAccountRequest, _accounts_service_pb2.UnblockAccountResponse]  # type: ignore[assignment]
+    """Lifts a block (audited, account.unblocked event). Unblocking an account that is not
+    blocked changes nothing.
+    """
+    CreateMassOperation: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.CreateMassOperationRequest, _accounts_service_pb2.CreateMassOperationResponse]  # type: ignore[assignment]
+    """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
+    its first items, at most 10,000 per call. With start set it runs at once; otherwise it
+    is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
+    background job applies the items, each exactly once, as audited staff adjustments
+    (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
+    events). A deduction beyond what is available, or an accrual to a blocked account,
+    fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+    """
+    AddMassOperationItems: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.AddMassOperationItemsRequest, _accounts_service_pb2.AddMassOperationItemsResponse]  # type: ignore[assignment]
+    """Appends up to 10,000 items to a draft; fails with MASS_OPERATION_STARTED once it runs."""
+    StartMassOperation: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.StartMassOperationRequest, _accounts_service_pb2.StartMassOperationResponse]  # type: ignore[assignment]
+    """Starts applying a draft's items in the background."""
+    GetMassOperation: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.GetMassOperationRequest, _accounts_service_pb2.GetMassOperationResponse]  # type: ignore[assignment]
+    """The progress of a mass operation: items in total, applied and failed, with reasons."""
 
 class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
     """The points ledger: accounts per holder and point currency, append-only
@@ -339,5 +391,67 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Coalition settlements for a period: per pair of partners, the points one issued that
         were spent at the other (net of reversed redemptions), and their worth in money.
         """
+
+    @_abc_1.abstractmethod
+    def BlockAccount(
+        self,
+        request: _accounts_service_pb2.BlockAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.BlockAccountResponse, _abc.Awaitable[_accounts_service_pb2.BlockAccountResponse]]:
+        """Blocks a holder's account in a currency (fraud suspicion, dispute), opening it if new.
+        A blocked account refuses accruals, holds, captures, redemptions, transfers and merges
+        with FAILED_PRECONDITION ACCOUNT_BLOCKED; returns (ReverseOperation), releases and
+        staff adjustments still work. The actor and reason are kept in an audit trail and
+        sent in the account.blocked event. Blocking a blocked account changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def UnblockAccount(
+        self,
+        request: _accounts_service_pb2.UnblockAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.UnblockAccountResponse, _abc.Awaitable[_accounts_service_pb2.UnblockAccountResponse]]:
+        """Lifts a block (audited, account.unblocked event). Unblocking an account that is not
+        blocked changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateMassOperation(
+        self,
+        request: _accounts_service_pb2.CreateMassOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.CreateMassOperationResponse, _abc.Awaitable[_accounts_service_pb2.CreateMassOperationResponse]]:
+        """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
+        its first items, at most 10,000 per call. With start set it runs at once; otherwise it
+        is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
+        background job applies the items, each exactly once, as audited staff adjustments
+        (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
+        events). A deduction beyond what is available, or an accrual to a blocked account,
+        fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+        """
+
+    @_abc_1.abstractmethod
+    def AddMassOperationItems(
+        self,
+        request: _accounts_service_pb2.AddMassOperationItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.AddMassOperationItemsResponse, _abc.Awaitable[_accounts_service_pb2.AddMassOperationItemsResponse]]:
+        """Appends up to 10,000 items to a draft; fails with MASS_OPERATION_STARTED once it runs."""
+
+    @_abc_1.abstractmethod
+    def StartMassOperation(
+        self,
+        request: _accounts_service_pb2.StartMassOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.StartMassOperationResponse, _abc.Awaitable[_accounts_service_pb2.StartMassOperationResponse]]:
+        """Starts applying a draft's items in the background."""
+
+    @_abc_1.abstractmethod
+    def GetMassOperation(
+        self,
+        request: _accounts_service_pb2.GetMassOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.GetMassOperationResponse, _abc.Awaitable[_accounts_service_pb2.GetMassOperationResponse]]:
+        """The progress of a mass operation: items in total, applied and failed, with reasons."""
 
 def add_AccountsServiceServicer_to_server(servicer: AccountsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

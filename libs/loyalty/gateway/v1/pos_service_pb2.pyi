@@ -299,6 +299,8 @@ class AppliedPromotion(_message.Message):
     POINTS_FIELD_NUMBER: _builtins.int
     DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
     COUPON_CODE_FIELD_NUMBER: _builtins.int
+    COUPON_SERIES_ID_FIELD_NUMBER: _builtins.int
+    BADGE_ID_FIELD_NUMBER: _builtins.int
     campaign_id: _builtins.str
     """The campaign id."""
     rule_id: _builtins.str
@@ -311,6 +313,12 @@ class AppliedPromotion(_message.Message):
     """Discount it gave, in minor units."""
     coupon_code: _builtins.str
     """The coupon that gave it; empty for a promotion rule."""
+    coupon_series_id: _builtins.str
+    """A coupon of this series is issued to the customer once the receipt is
+    committed (print "a coupon is waiting for you"); empty if none.
+    """
+    badge_id: _builtins.str
+    """A badge awarded once the receipt is committed; empty if none."""
     def __init__(
         self,
         *,
@@ -320,10 +328,12 @@ class AppliedPromotion(_message.Message):
         points: _builtins.int = ...,
         discount_minor: _builtins.int = ...,
         coupon_code: _builtins.str = ...,
+        coupon_series_id: _builtins.str = ...,
+        badge_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "coupon_code", b"coupon_code", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["badge_id", b"badge_id", "campaign_id", b"campaign_id", "coupon_code", b"coupon_code", "coupon_series_id", b"coupon_series_id", "discount_minor", b"discount_minor", "points", b"points", "receipt_text", b"receipt_text", "rule_id", b"rule_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

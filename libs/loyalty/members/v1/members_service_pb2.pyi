@@ -240,6 +240,8 @@ class Member(_message.Message):
     BLOCK_REASON_FIELD_NUMBER: _builtins.int
     ERASE_TIME_FIELD_NUMBER: _builtins.int
     TIER_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MERGED_INTO_FIELD_NUMBER: _builtins.int
+    RFM_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id, assigned at registration."""
     phone: _builtins.str
@@ -278,6 +280,8 @@ class Member(_message.Message):
     """The household the member belongs to; empty when none."""
     block_reason: _builtins.str
     """Why the member was blocked; empty when active."""
+    merged_into: _builtins.str
+    """The member this one was merged into; empty unless it was merged away as a duplicate."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the member registered."""
@@ -295,6 +299,10 @@ class Member(_message.Message):
     @_builtins.property
     def tier_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the current tier ends unless requalified; unset when it does not lapse."""
+
+    @_builtins.property
+    def rfm(self) -> Global___RfmScore:
+        """The member's RFM scores; unset until the member has bought something and the job ran."""
 
     def __init__(
         self,
@@ -320,10 +328,12 @@ class Member(_message.Message):
         block_reason: _builtins.str = ...,
         erase_time: _timestamp_pb2.Timestamp | None = ...,
         tier_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        merged_into: _builtins.str = ...,
+        rfm: Global___RfmScore | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "erase_time", b"erase_time", "tier_expire_time", b"tier_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "erase_time", b"erase_time", "rfm", b"rfm", "tier_expire_time", b"tier_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "birth_date", b"birth_date", "block_reason", b"block_reason", "consents", b"consents", "create_time", b"create_time", "email", b"email", "erase_time", b"erase_time", "first_name", b"first_name", "household_id", b"household_id", "last_name", b"last_name", "locale", b"locale", "member_id", b"member_id", "participation_type", b"participation_type", "phone", b"phone", "push_token", b"push_token", "registration_channel", b"registration_channel", "status", b"status", "telegram_chat_id", b"telegram_chat_id", "tier", b"tier", "tier_expire_time", b"tier_expire_time", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "birth_date", b"birth_date", "block_reason", b"block_reason", "consents", b"consents", "create_time", b"create_time", "email", b"email", "erase_time", b"erase_time", "first_name", b"first_name", "household_id", b"household_id", "last_name", b"last_name", "locale", b"locale", "member_id", b"member_id", "merged_into", b"merged_into", "participation_type", b"participation_type", "phone", b"phone", "push_token", b"push_token", "registration_channel", b"registration_channel", "rfm", b"rfm", "status", b"status", "telegram_chat_id", b"telegram_chat_id", "tier", b"tier", "tier_expire_time", b"tier_expire_time", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,26 +648,66 @@ class Segment(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    EXPRESSION_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Stable code, e.g. "employees"."""
     name: _builtins.str
     """Display name."""
     size: _builtins.int
     """How many members are in it."""
+    expression: _builtins.str
+    """Dynamic segments only: the CEL condition over `member` that decides membership,
+    recomputed periodically (see docs/members.md for the variables). Empty for a static or
+    external segment, whose members are added and removed through AddSegmentMembers and
+    RemoveSegmentMembers.
+    """
     def __init__(
         self,
         *,
         code: _builtins.str = ...,
         name: _builtins.str = ...,
         size: _builtins.int = ...,
+        expression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expression", b"expression", "name", b"name", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Segment: _TypeAlias = Segment  # noqa: Y015
+
+@_typing.final
+class RfmScore(_message.Message):
+    """Recency, frequency and monetary scores, 1 (lowest) to 5 (best), by quintile among the
+    members who bought anything; recomputed periodically.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECENCY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_FIELD_NUMBER: _builtins.int
+    MONETARY_FIELD_NUMBER: _builtins.int
+    recency: _builtins.int
+    """How recently the member last bought."""
+    frequency: _builtins.int
+    """How many purchases the member made."""
+    monetary: _builtins.int
+    """How much the member spent, net of returns."""
+    def __init__(
+        self,
+        *,
+        recency: _builtins.int = ...,
+        frequency: _builtins.int = ...,
+        monetary: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frequency", b"frequency", "monetary", b"monetary", "recency", b"recency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RfmScore: _TypeAlias = RfmScore  # noqa: Y015
 
 @_typing.final
 class Partner(_message.Message):
@@ -761,6 +811,7 @@ class RegisterMemberRequest(_message.Message):
     LOCALE_FIELD_NUMBER: _builtins.int
     BIRTH_DATE_FIELD_NUMBER: _builtins.int
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
+    RETURN_EXISTING_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key; a repeat with the same key returns the first result."""
     phone: _builtins.str
@@ -785,6 +836,12 @@ class RegisterMemberRequest(_message.Message):
     """An anonymous card the person already holds: its anonymous member becomes
     this person, keeping the card's history. Optional.
     """
+    return_existing: _builtins.bool
+    """What a phone or e-mail already registered answers: false (default) refuses it with
+    ALREADY_EXISTS, reason MEMBER_ALREADY_EXISTS, the existing id in the ErrorInfo
+    metadata `member_id`; true answers the existing member with created=false (for a
+    till that registers whoever it sees).
+    """
     @_builtins.property
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]:
         """Consents given while registering; update_time is set by the service."""
@@ -804,10 +861,11 @@ class RegisterMemberRequest(_message.Message):
         locale: _builtins.str = ...,
         birth_date: _builtins.str = ...,
         card_number: _builtins.str = ...,
+        return_existing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["birth_date", b"birth_date", "card_number", b"card_number", "channel", b"channel", "consents", b"consents", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "locale", b"locale", "phone", b"phone", "referral_code", b"referral_code", "request_id", b"request_id", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["birth_date", b"birth_date", "card_number", b"card_number", "channel", b"channel", "consents", b"consents", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "locale", b"locale", "phone", b"phone", "referral_code", b"referral_code", "request_id", b"request_id", "return_existing", b"return_existing", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2165,22 +2223,30 @@ class CreateSegmentRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    EXPRESSION_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key."""
     code: _builtins.str
     """Stable code: lower case letters, digits, '_' and '-'."""
     name: _builtins.str
     """Display name."""
+    expression: _builtins.str
+    """A CEL condition over `member` making the segment dynamic, e.g.
+    `member.total_spend_minor >= 1000000 && member.days_since_last_purchase <= 90`.
+    Empty for a static or external segment. Refused with INVALID_ARGUMENT when it does not
+    compile or is not true/false.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         code: _builtins.str = ...,
         name: _builtins.str = ...,
+        expression: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "expression", b"expression", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2381,6 +2447,72 @@ class GetSegmentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSegmentResponse: _TypeAlias = GetSegmentResponse  # noqa: Y015
+
+@_typing.final
+class MergeMembersRequest(_message.Message):
+    """Request of MergeMembers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SURVIVOR_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key; a repeat with the same key returns the first result."""
+    survivor_id: _builtins.str
+    """The member who stays and receives everything."""
+    duplicate_id: _builtins.str
+    """The duplicate merged away; must differ from survivor_id."""
+    actor: _builtins.str
+    """Who merged them (an operator's login), for the audit trail. Required."""
+    reason: _builtins.str
+    """Why, for the audit trail and both point histories. Required."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        survivor_id: _builtins.str = ...,
+        duplicate_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "duplicate_id", b"duplicate_id", "reason", b"reason", "request_id", b"request_id", "survivor_id", b"survivor_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeMembersRequest: _TypeAlias = MergeMembersRequest  # noqa: Y015
+
+@_typing.final
+class MergeMembersResponse(_message.Message):
+    """Response of MergeMembers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SURVIVOR_FIELD_NUMBER: _builtins.int
+    CARDS_MOVED_FIELD_NUMBER: _builtins.int
+    cards_moved: _builtins.int
+    """How many cards moved from the duplicate to the survivor."""
+    @_builtins.property
+    def survivor(self) -> Global___Member:
+        """The survivor after the merge."""
+
+    def __init__(
+        self,
+        *,
+        survivor: Global___Member | None = ...,
+        cards_moved: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["survivor", b"survivor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cards_moved", b"cards_moved", "survivor", b"survivor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeMembersResponse: _TypeAlias = MergeMembersResponse  # noqa: Y015
 
 @_typing.final
 class SetPartnerRequest(_message.Message):

@@ -191,6 +191,11 @@ class MembersServiceStub:
                 request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerRequest.SerializeToString,
                 response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerResponse.FromString,
                 _registered_method=True)
+        self.MergeMembers = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/MergeMembers',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.MergeMembersRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.MergeMembersResponse.FromString,
+                _registered_method=True)
         self.GetPartner = channel.unary_unary(
                 '/loyalty.members.v1.MembersService/GetPartner',
                 request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerRequest.SerializeToString,
@@ -431,6 +436,15 @@ class MembersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeMembers(self, request, context):
+        """Merges a duplicate member into a survivor: the duplicate's cards, purchase statistics
+        and points (through the accounts service) move to the survivor; the duplicate is kept,
+        marked merged, and its phone identifies the survivor from then on. Audited (who, why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPartner(self, request, context):
         """A partner and its stores.
         """
@@ -595,6 +609,11 @@ def add_MembersServiceServicer_to_server(servicer, server):
                     servicer.SetPartner,
                     request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerRequest.FromString,
                     response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerResponse.SerializeToString,
+            ),
+            'MergeMembers': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeMembers,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.MergeMembersRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.MergeMembersResponse.SerializeToString,
             ),
             'GetPartner': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPartner,
@@ -1441,6 +1460,33 @@ class MembersService:
             '/loyalty.members.v1.MembersService/SetPartner',
             loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerRequest.SerializeToString,
             loyalty_dot_members_dot_v1_dot_members__service__pb2.SetPartnerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeMembers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/MergeMembers',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.MergeMembersRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.MergeMembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -116,6 +116,11 @@ class MembersServiceStub:
     """A segment and its size."""
     SetPartner: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.SetPartnerRequest, _members_service_pb2.SetPartnerResponse]
     """Registers a partner and the stores it owns, or replaces them."""
+    MergeMembers: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.MergeMembersRequest, _members_service_pb2.MergeMembersResponse]
+    """Merges a duplicate member into a survivor: the duplicate's cards, purchase statistics
+    and points (through the accounts service) move to the survivor; the duplicate is kept,
+    marked merged, and its phone identifies the survivor from then on. Audited (who, why).
+    """
     GetPartner: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.GetPartnerRequest, _members_service_pb2.GetPartnerResponse]
     """A partner and its stores."""
 
@@ -207,6 +212,11 @@ class MembersServiceAsyncStub(MembersServiceStub):
     """A segment and its size."""
     SetPartner: _aio.UnaryUnaryMultiCallable[_members_service_pb2.SetPartnerRequest, _members_service_pb2.SetPartnerResponse]  # type: ignore[assignment]
     """Registers a partner and the stores it owns, or replaces them."""
+    MergeMembers: _aio.UnaryUnaryMultiCallable[_members_service_pb2.MergeMembersRequest, _members_service_pb2.MergeMembersResponse]  # type: ignore[assignment]
+    """Merges a duplicate member into a survivor: the duplicate's cards, purchase statistics
+    and points (through the accounts service) move to the survivor; the duplicate is kept,
+    marked merged, and its phone identifies the survivor from then on. Audited (who, why).
+    """
     GetPartner: _aio.UnaryUnaryMultiCallable[_members_service_pb2.GetPartnerRequest, _members_service_pb2.GetPartnerResponse]  # type: ignore[assignment]
     """A partner and its stores."""
 
@@ -481,6 +491,17 @@ class MembersServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_members_service_pb2.SetPartnerResponse, _abc.Awaitable[_members_service_pb2.SetPartnerResponse]]:
         """Registers a partner and the stores it owns, or replaces them."""
+
+    @_abc_1.abstractmethod
+    def MergeMembers(
+        self,
+        request: _members_service_pb2.MergeMembersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.MergeMembersResponse, _abc.Awaitable[_members_service_pb2.MergeMembersResponse]]:
+        """Merges a duplicate member into a survivor: the duplicate's cards, purchase statistics
+        and points (through the accounts service) move to the survivor; the duplicate is kept,
+        marked merged, and its phone identifies the survivor from then on. Audited (who, why).
+        """
 
     @_abc_1.abstractmethod
     def GetPartner(

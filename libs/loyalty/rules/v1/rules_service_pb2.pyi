@@ -164,6 +164,180 @@ more than what is left of a line.
 """
 Global___DiscountBase: _TypeAlias = DiscountBase  # noqa: Y015
 
+class _CampaignConflictKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CampaignConflictKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CampaignConflictKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAMPAIGN_CONFLICT_KIND_UNSPECIFIED: _CampaignConflictKind.ValueType  # 0
+    """Not used."""
+    CAMPAIGN_CONFLICT_KIND_EXCLUSIVE_OVERLAP: _CampaignConflictKind.ValueType  # 1
+    """Two exclusive groups may meet on one receipt (in this campaign, or in a
+    published or paused campaign with an overlapping period and scope): only
+    the first by priority applies.
+    """
+    CAMPAIGN_CONFLICT_KIND_UNREACHABLE_RULE: _CampaignConflictKind.ValueType  # 2
+    """A rule of a FIRST group that can never apply: an earlier rule of the group
+    has no condition (or "true").
+    """
+    CAMPAIGN_CONFLICT_KIND_DISCOUNT_OVER_100_PERCENT: _CampaignConflictKind.ValueType  # 3
+    """Percentages of the original amount on the same lines in one group add up
+    to more than 100% (the lines are only ever discounted to zero).
+    """
+
+class CampaignConflictKind(_CampaignConflictKind, metaclass=_CampaignConflictKindEnumTypeWrapper):
+    """What publishing a campaign may break."""
+
+CAMPAIGN_CONFLICT_KIND_UNSPECIFIED: CampaignConflictKind.ValueType  # 0
+"""Not used."""
+CAMPAIGN_CONFLICT_KIND_EXCLUSIVE_OVERLAP: CampaignConflictKind.ValueType  # 1
+"""Two exclusive groups may meet on one receipt (in this campaign, or in a
+published or paused campaign with an overlapping period and scope): only
+the first by priority applies.
+"""
+CAMPAIGN_CONFLICT_KIND_UNREACHABLE_RULE: CampaignConflictKind.ValueType  # 2
+"""A rule of a FIRST group that can never apply: an earlier rule of the group
+has no condition (or "true").
+"""
+CAMPAIGN_CONFLICT_KIND_DISCOUNT_OVER_100_PERCENT: CampaignConflictKind.ValueType  # 3
+"""Percentages of the original amount on the same lines in one group add up
+to more than 100% (the lines are only ever discounted to zero).
+"""
+Global___CampaignConflictKind: _TypeAlias = CampaignConflictKind  # noqa: Y015
+
+@_typing.final
+class ListCalendarRequest(_message.Message):
+    """Request of ListCalendar."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    channel: _receipt_pb2.SalesChannel.ValueType
+    """Only campaigns that can run in this channel (their scope names it or no
+    channel); unspecified means any.
+    """
+    store_id: _builtins.str
+    """Only campaigns that can run in this store (their scope names it or no
+    store); empty means any.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The range's start (inclusive). Required."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The range's end (exclusive); after start_time, at most 400 days later."""
+
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___CampaignStatus.ValueType]:
+        """The statuses to list (as GetCampaign reports them, SCHEDULED included);
+        empty lists every status.
+        """
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        statuses: _abc.Iterable[Global___CampaignStatus.ValueType] | None = ...,
+        channel: _receipt_pb2.SalesChannel.ValueType = ...,
+        store_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "end_time", b"end_time", "start_time", b"start_time", "statuses", b"statuses", "store_id", b"store_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCalendarRequest: _TypeAlias = ListCalendarRequest  # noqa: Y015
+
+@_typing.final
+class CalendarEntry(_message.Message):
+    """A campaign on the calendar."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    STORE_IDS_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """The campaign's id."""
+    name: _builtins.str
+    """Its name."""
+    status: Global___CampaignStatus.ValueType
+    """Its status now."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Its start; unset means from the start of time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Its end (exclusive); unset means open-ended."""
+
+    @_builtins.property
+    def store_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The stores it is restricted to; empty means every store."""
+
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_receipt_pb2.SalesChannel.ValueType]:
+        """The channels it is restricted to; empty means every channel."""
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        status: Global___CampaignStatus.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        store_ids: _abc.Iterable[_builtins.str] | None = ...,
+        channels: _abc.Iterable[_receipt_pb2.SalesChannel.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "channels", b"channels", "end_time", b"end_time", "name", b"name", "start_time", b"start_time", "status", b"status", "store_ids", b"store_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalendarEntry: _TypeAlias = CalendarEntry  # noqa: Y015
+
+@_typing.final
+class ListCalendarResponse(_message.Message):
+    """Response of ListCalendar."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """True when more than 500 campaigns matched: narrow the range or filters."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___CalendarEntry]:
+        """The campaigns, by start (open starts first), then id; at most 500."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___CalendarEntry] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCalendarResponse: _TypeAlias = ListCalendarResponse  # noqa: Y015
+
 @_typing.final
 class Scope(_message.Message):
     """The receipt lines an effect acts on. A line matches when its SKU is listed,
@@ -239,6 +413,168 @@ class EarnPointsPercent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EarnPointsPercent: _TypeAlias = EarnPointsPercent  # noqa: Y015
+
+@_typing.final
+class IncrementCounter(_message.Message):
+    """Adds to a counter of the member once the receipt is committed (a stamp card,
+    the Nth purchase in a period); conditions read it as
+    member.counters.<counter>, 0 until first incremented. The increment is taken
+    back when the whole receipt is returned or cancelled. Anonymous receipts
+    keep no counters.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTER_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    counter: _builtins.str
+    """The counter's name: a lowercase letter, then up to 39 lowercase letters,
+    digits or underscores, e.g. "big_purchases".
+    """
+    by: _builtins.int
+    """How much to add; at least 1."""
+    def __init__(
+        self,
+        *,
+        counter: _builtins.str = ...,
+        by: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "counter", b"counter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IncrementCounter: _TypeAlias = IncrementCounter  # noqa: Y015
+
+@_typing.final
+class EarnPointsPerAmount(_message.Message):
+    """Earn `points` for each whole `per_minor` of the final amount of the lines in
+    scope: 10 points per each 100.00 (per_minor 10000) earns 30 on 354.99.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    PER_MINOR_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    points: _builtins.int
+    """Points per step. At least 1."""
+    per_minor: _builtins.int
+    """The step in minor units of the receipt currency. At least 1."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines that count; empty means the whole receipt."""
+
+    def __init__(
+        self,
+        *,
+        points: _builtins.int = ...,
+        per_minor: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["per_minor", b"per_minor", "points", b"points", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarnPointsPerAmount: _TypeAlias = EarnPointsPerAmount  # noqa: Y015
+
+@_typing.final
+class EarnPointsCheapestItem(_message.Message):
+    """Earn points as a percentage of the final price of the cheapest whole unit in
+    scope (lines sold by weight have no units).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    basis_points: _builtins.int
+    """The rate in basis points of the unit price. 1..100000."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The goods it applies to; empty means all."""
+
+    def __init__(
+        self,
+        *,
+        basis_points: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarnPointsCheapestItem: _TypeAlias = EarnPointsCheapestItem  # noqa: Y015
+
+@_typing.final
+class EarnPointsNthLine(_message.Message):
+    """Earn points as a percentage of the final amount of the n-th line in scope,
+    counted in line position order; nothing when fewer lines are in scope.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    N_FIELD_NUMBER: _builtins.int
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    n: _builtins.int
+    """Which line, from 1."""
+    basis_points: _builtins.int
+    """The rate in basis points of the line's amount. 1..100000."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines that are counted; empty means all."""
+
+    def __init__(
+        self,
+        *,
+        n: _builtins.int = ...,
+        basis_points: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "n", b"n", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarnPointsNthLine: _TypeAlias = EarnPointsNthLine  # noqa: Y015
+
+@_typing.final
+class EarnPointsMultiplier(_message.Message):
+    """Multiplies the points that every other points rule and points coupon earned
+    on the lines in scope. Multipliers are applied last, each to the points of
+    the other rules (never to another multiplier's), so two x2 rules make x3.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    basis_points: _builtins.int
+    """The factor in basis points: 20000 is x2. 10001..100000."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines whose points are multiplied; empty means all."""
+
+    def __init__(
+        self,
+        *,
+        basis_points: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarnPointsMultiplier: _TypeAlias = EarnPointsMultiplier  # noqa: Y015
 
 @_typing.final
 class DiscountPercent(_message.Message):
@@ -556,6 +892,11 @@ class Effect(_message.Message):
     REDEMPTION_CAP_FIELD_NUMBER: _builtins.int
     ISSUE_COUPON_FIELD_NUMBER: _builtins.int
     AWARD_BADGE_FIELD_NUMBER: _builtins.int
+    EARN_POINTS_PER_AMOUNT_FIELD_NUMBER: _builtins.int
+    EARN_POINTS_CHEAPEST_ITEM_FIELD_NUMBER: _builtins.int
+    EARN_POINTS_NTH_LINE_FIELD_NUMBER: _builtins.int
+    EARN_POINTS_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    INCREMENT_COUNTER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def earn_points_percent(self) -> Global___EarnPointsPercent:
         """Points as a percentage of the eligible lines."""
@@ -600,6 +941,26 @@ class Effect(_message.Message):
     def award_badge(self) -> Global___AwardBadge:
         """A badge, awarded after the receipt is committed."""
 
+    @_builtins.property
+    def earn_points_per_amount(self) -> Global___EarnPointsPerAmount:
+        """Points per each whole step of money."""
+
+    @_builtins.property
+    def earn_points_cheapest_item(self) -> Global___EarnPointsCheapestItem:
+        """Points on the cheapest item."""
+
+    @_builtins.property
+    def earn_points_nth_line(self) -> Global___EarnPointsNthLine:
+        """Points on the n-th line."""
+
+    @_builtins.property
+    def earn_points_multiplier(self) -> Global___EarnPointsMultiplier:
+        """A multiplier of the points the other rules earned."""
+
+    @_builtins.property
+    def increment_counter(self) -> Global___IncrementCounter:
+        """A counter of the member, changed when the receipt is committed."""
+
     def __init__(
         self,
         *,
@@ -614,12 +975,17 @@ class Effect(_message.Message):
         redemption_cap: Global___RedemptionCap | None = ...,
         issue_coupon: Global___IssueCoupon | None = ...,
         award_badge: Global___AwardBadge | None = ...,
+        earn_points_per_amount: Global___EarnPointsPerAmount | None = ...,
+        earn_points_cheapest_item: Global___EarnPointsCheapestItem | None = ...,
+        earn_points_nth_line: Global___EarnPointsNthLine | None = ...,
+        earn_points_multiplier: Global___EarnPointsMultiplier | None = ...,
+        increment_counter: Global___IncrementCounter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_cheapest_item", b"earn_points_cheapest_item", "earn_points_multiplier", b"earn_points_multiplier", "earn_points_nth_line", b"earn_points_nth_line", "earn_points_per_amount", b"earn_points_per_amount", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "increment_counter", b"increment_counter", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_cheapest_item", b"earn_points_cheapest_item", "earn_points_multiplier", b"earn_points_multiplier", "earn_points_nth_line", b"earn_points_nth_line", "earn_points_per_amount", b"earn_points_per_amount", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "increment_counter", b"increment_counter", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["earn_points_percent", "earn_fixed_points", "discount_percent", "discount_amount", "fixed_price", "buy_m_pay_n", "nth_item_discount", "cheapest_item_discount", "redemption_cap", "issue_coupon", "award_badge"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["earn_points_percent", "earn_fixed_points", "discount_percent", "discount_amount", "fixed_price", "buy_m_pay_n", "nth_item_discount", "cheapest_item_discount", "redemption_cap", "issue_coupon", "award_badge", "earn_points_per_amount", "earn_points_cheapest_item", "earn_points_nth_line", "earn_points_multiplier", "increment_counter"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -647,7 +1013,8 @@ class Rule(_message.Message):
     the receipt time in UTC, coupon_codes, coupon_series, and lines: each with
     position, sku, price_minor, quantity_milli, amount_minor, no_promotions and
     the catalogue's category_ids (with ancestors), brand_id, own_brand, list_ids,
-    attributes) and `member` (id, identified, tier, segments); empty means
+    attributes) and `member` (id, identified, tier, segments, purchases,
+    counters); empty means
     always. docs/rules.md lists every variable. Examples:
     receipt.total_minor >= 200000 && member.tier == "gold";
     "SERIES1" in receipt.coupon_series;
@@ -837,29 +1204,39 @@ Global___CampaignLimits: _TypeAlias = CampaignLimits  # noqa: Y015
 
 @_typing.final
 class CampaignUsage(_message.Message):
-    """What a campaign has given so far, as counted from committed receipts."""
+    """What a campaign has given so far, as counted from committed receipts
+    (returns are not taken off): the campaign's statistics.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DISCOUNT_MINOR_FIELD_NUMBER: _builtins.int
     POINTS_FIELD_NUMBER: _builtins.int
     RECEIPTS_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    COUPONS_ISSUED_FIELD_NUMBER: _builtins.int
     discount_minor: _builtins.int
     """Discount given by its rules, in minor units."""
     points: _builtins.int
     """Points given by its rules."""
     receipts: _builtins.int
     """Committed receipts it applied to."""
+    participants: _builtins.int
+    """Distinct members it applied to on at least one committed receipt."""
+    coupons_issued: _builtins.int
+    """Coupons its IssueCoupon rules issued on committed receipts."""
     def __init__(
         self,
         *,
         discount_minor: _builtins.int = ...,
         points: _builtins.int = ...,
         receipts: _builtins.int = ...,
+        participants: _builtins.int = ...,
+        coupons_issued: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["discount_minor", b"discount_minor", "points", b"points", "receipts", b"receipts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coupons_issued", b"coupons_issued", "discount_minor", b"discount_minor", "participants", b"participants", "points", b"points", "receipts", b"receipts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1186,23 +1563,65 @@ class PublishCampaignRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    ACCEPT_CONFLICTS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Client-chosen idempotency key."""
     campaign_id: _builtins.str
     """The campaign to publish."""
+    accept_conflicts: _builtins.bool
+    """Publish even when the checks find conflicts (they are answered in the
+    response). Without it a campaign with conflicts is refused with
+    FAILED_PRECONDITION, reason CAMPAIGN_CONFLICTS, each conflict in the error's
+    metadata as conflict_<n> = "<kind>|<group or rule id>|<other campaign id>".
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         campaign_id: _builtins.str = ...,
+        accept_conflicts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_conflicts", b"accept_conflicts", "campaign_id", b"campaign_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishCampaignRequest: _TypeAlias = PublishCampaignRequest  # noqa: Y015
+
+@_typing.final
+class CampaignConflict(_message.Message):
+    """One conflict found when publishing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_ID_FIELD_NUMBER: _builtins.int
+    OTHER_CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    kind: Global___CampaignConflictKind.ValueType
+    """What is wrong."""
+    subject_id: _builtins.str
+    """The group or rule of the published campaign it concerns."""
+    other_campaign_id: _builtins.str
+    """The other campaign involved, for an exclusive overlap."""
+    description: _builtins.str
+    """A sentence for the marketer."""
+    def __init__(
+        self,
+        *,
+        kind: Global___CampaignConflictKind.ValueType = ...,
+        subject_id: _builtins.str = ...,
+        other_campaign_id: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "kind", b"kind", "other_campaign_id", b"other_campaign_id", "subject_id", b"subject_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignConflict: _TypeAlias = CampaignConflict  # noqa: Y015
 
 @_typing.final
 class PublishCampaignResponse(_message.Message):
@@ -1211,18 +1630,24 @@ class PublishCampaignResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CAMPAIGN_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def campaign(self) -> Global___Campaign:
         """The published campaign."""
+
+    @_builtins.property
+    def conflicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CampaignConflict]:
+        """The conflicts accepted with accept_conflicts; empty when there were none."""
 
     def __init__(
         self,
         *,
         campaign: Global___Campaign | None = ...,
+        conflicts: _abc.Iterable[Global___CampaignConflict] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "conflicts", b"conflicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -106,6 +106,11 @@ class RulesServiceStub:
                 request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreRequest.SerializeToString,
                 response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreResponse.FromString,
                 _registered_method=True)
+        self.ListCalendar = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/ListCalendar',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCalendarRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCalendarResponse.FromString,
+                _registered_method=True)
 
 
 class RulesServiceServicer:
@@ -222,6 +227,14 @@ class RulesServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCalendar(self, request, context):
+        """The campaigns whose period meets a date range, for a marketer's calendar:
+        filtered by status, sales channel and store, ordered by start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RulesServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -294,6 +307,11 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.PutStore,
                     request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreRequest.FromString,
                     response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreResponse.SerializeToString,
+            ),
+            'ListCalendar': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCalendar,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCalendarRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCalendarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -676,6 +694,33 @@ class RulesService:
             '/loyalty.rules.v1.RulesService/PutStore',
             loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreRequest.SerializeToString,
             loyalty_dot_rules_dot_v1_dot_rules__service__pb2.PutStoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCalendar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/ListCalendar',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCalendarRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCalendarResponse.FromString,
             options,
             channel_credentials,
             insecure,

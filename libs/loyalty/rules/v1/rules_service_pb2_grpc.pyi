@@ -81,6 +81,10 @@ class RulesServiceStub:
     """
     PutStore: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.PutStoreRequest, _rules_service_pb2.PutStoreResponse]
     """Creates or replaces a store's settings the rules need (its time zone)."""
+    ListCalendar: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.ListCalendarRequest, _rules_service_pb2.ListCalendarResponse]
+    """The campaigns whose period meets a date range, for a marketer's calendar:
+    filtered by status, sales channel and store, ordered by start.
+    """
 
 @_typing.type_check_only
 class RulesServiceAsyncStub(RulesServiceStub):
@@ -135,6 +139,10 @@ class RulesServiceAsyncStub(RulesServiceStub):
     """
     PutStore: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.PutStoreRequest, _rules_service_pb2.PutStoreResponse]  # type: ignore[assignment]
     """Creates or replaces a store's settings the rules need (its time zone)."""
+    ListCalendar: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.ListCalendarRequest, _rules_service_pb2.ListCalendarResponse]  # type: ignore[assignment]
+    """The campaigns whose period meets a date range, for a marketer's calendar:
+    filtered by status, sales channel and store, ordered by start.
+    """
 
 class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
     """Promotions: campaigns with rules whose conditions are CEL expressions,
@@ -270,5 +278,15 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rules_service_pb2.PutStoreResponse, _abc.Awaitable[_rules_service_pb2.PutStoreResponse]]:
         """Creates or replaces a store's settings the rules need (its time zone)."""
+
+    @_abc_1.abstractmethod
+    def ListCalendar(
+        self,
+        request: _rules_service_pb2.ListCalendarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.ListCalendarResponse, _abc.Awaitable[_rules_service_pb2.ListCalendarResponse]]:
+        """The campaigns whose period meets a date range, for a marketer's calendar:
+        filtered by status, sales channel and store, ordered by start.
+        """
 
 def add_RulesServiceServicer_to_server(servicer: RulesServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
