@@ -107,7 +107,7 @@ async def _wait_serving(addresses: dict[str, str], seconds: float) -> None:
 
 async def _api_keys(settings: Settings, args: argparse.Namespace) -> None:
     """Terminal keys managed straight in the gateway's database, for operators with access to it."""
-    pepper = settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b""
+    pepper = auth.pepper_of(settings)
     engine = db.create_engine(settings.database_url("gateway"))
     try:
         sessions = db.create_session_factory(engine)

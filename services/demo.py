@@ -41,7 +41,7 @@ async def ensure_demo_key(settings: Settings) -> str:
     the demo must work without an admin token configured."""
     path = demo_key_file(settings)
     kept = path.read_text().strip() if path.exists() else ""
-    pepper = settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b""
+    pepper = auth.pepper_of(settings)
     engine = db.create_engine(settings.database_url("gateway"))
     try:
         sessions = db.create_session_factory(engine)

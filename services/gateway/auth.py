@@ -21,6 +21,7 @@ from loyalty.gateway.v1 import api_key_service_pb2 as keys_pb
 from loyalty.runtime.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated, Violations
 from loyalty.runtime.paging import Cursor, page_size
 from loyalty.runtime.ratelimit import RateLimiter
+from loyalty.runtime.settings import Settings
 from loyalty.runtime.timeutil import to_timestamp, utcnow
 from loyalty.runtime.validation import MAX_ID_LENGTH
 from services.gateway import store
@@ -40,6 +41,10 @@ class Terminal:
     def check_store(self, store_id: str) -> None:
         if self.store_ids and store_id not in self.store_ids:
             raise PermissionDenied("STORE_NOT_IN_KEY_SCOPE", f"this API key may not act for store {store_id!r}")
+
+
+def pepper_of(settings: Settings) -> bytes:
+    return settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b""
 
 
 def _hash(secret: str, pepper: bytes) -> str:

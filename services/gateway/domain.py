@@ -230,8 +230,7 @@ def plan_return(
                 points_refunded=share(line.points_paid),
             )
         )
-    complete = all(returned_after[line.position] >= line.quantity_milli for line in sold)
-    return ReturnPlan(lines=lines, returned_after=returned_after, complete=complete)
+    return ReturnPlan(lines=lines, returned_after=returned_after, complete=is_fully_returned(sold, returned_after))
 
 
 def is_fully_returned(sold: Sequence[SoldLine], returned: Mapping[int, int]) -> bool:

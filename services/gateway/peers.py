@@ -6,10 +6,7 @@ its calls, the saga gives each step the default.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
-
-import grpc
+from collections.abc import Sequence
 
 from loyalty.accounts.v1 import accounts_service_pb2 as accounts
 from loyalty.accounts.v1 import accounts_service_pb2_grpc as accounts_grpc
@@ -22,18 +19,9 @@ from loyalty.rewards.v1 import rewards_service_pb2_grpc as rewards_grpc
 from loyalty.rules.v1 import rules_service_pb2 as rules
 from loyalty.rules.v1 import rules_service_pb2_grpc as rules_grpc
 from loyalty.runtime.clients import Channels
-from loyalty.runtime.errors import reraise_remote
+from loyalty.runtime.errors import call_remote
 
 DOWNSTREAM_TIMEOUT_SECONDS = 3.0
-
-Response = TypeVar("Response")
-
-
-async def _call(call: Callable[[], Awaitable[Response]], field_prefix: str = "") -> Response:
-    try:
-        return await call()
-    except grpc.aio.AioRpcError as error:
-        raise reraise_remote(error, field_prefix=field_prefix) from error
 
 
 class Peers:
@@ -52,13 +40,13 @@ class Peers:
             request = members.IdentifyMemberRequest(qr_token=identifier.qr_token)
         else:
             request = members.IdentifyMemberRequest(phone=identifier.phone)
-        response = await _call(
+        response = await call_remote(
             lambda: self._members.IdentifyMember(request, timeout=budget or self.timeout), "identifier."
         )
         return response.context
 
     async def register(self, request: pos.RegisterCustomerRequest) -> tuple[members.Member, bool]:
-        registered = await _call(
+        registered = await call_remote(
             lambda: self._members.RegisterMember(
                 members.RegisterMemberRequest(
                     request_id=f"pos:{request.request_id}",
@@ -73,7 +61,7 @@ class Peers:
             )
         )
         if request.card_number:
-            await _call(
+            await call_remote(
                 lambda: self._members.IssueCard(
                     members.IssueCardRequest(
                         request_id=f"pos:{request.request_id}:card",
@@ -98,10 +86,10 @@ class Peers:
             else rules.Subject()
         )
         request = rules.EvaluateReceiptRequest(receipt=receipt, subject=subject, coupons=coupons)
-        return await _call(lambda: self._rules.EvaluateReceipt(request, timeout=budget or self.timeout))
+        return await call_remote(lambda: self._rules.EvaluateReceipt(request, timeout=budget or self.timeout))
 
     async def balance(self, holder_id: str, budget: float | None = None) -> accounts.Balance:
-        response = await _call(
+        response = await call_remote(
             lambda: self._accounts.GetBalance(
                 accounts.GetBalanceRequest(holder_id=holder_id), timeout=budget or self.timeout
             )
@@ -110,7 +98,7 @@ class Peers:
 
     async def history(self, holder_id: str, page_size: int, page_token: str) -> accounts.ListEntriesResponse:
         request = accounts.ListEntriesRequest(holder_id=holder_id, page_size=page_size, page_token=page_token)
-        return await _call(lambda: self._accounts.ListEntries(request, timeout=self.timeout))
+        return await call_remote(lambda: self._accounts.ListEntries(request, timeout=self.timeout))
 
     async def place_hold(
         self, request_id: str, holder_id: str, amount: int, ttl_seconds: int, source_ref: str, budget: float
@@ -118,16 +106,16 @@ class Peers:
         request = accounts.PlaceHoldRequest(
             request_id=request_id, holder_id=holder_id, amount=amount, ttl_seconds=ttl_seconds, source_ref=source_ref
         )
-        response = await _call(lambda: self._accounts.PlaceHold(request, timeout=budget))
+        response = await call_remote(lambda: self._accounts.PlaceHold(request, timeout=budget))
         return response.hold
 
     async def capture_hold(self, request_id: str, hold_id: str, amount: int) -> accounts.CaptureHoldResponse:
         request = accounts.CaptureHoldRequest(request_id=request_id, hold_id=hold_id, amount=amount)
-        return await _call(lambda: self._accounts.CaptureHold(request, timeout=self.timeout))
+        return await call_remote(lambda: self._accounts.CaptureHold(request, timeout=self.timeout))
 
     async def release_hold(self, request_id: str, hold_id: str) -> accounts.Balance:
         request = accounts.ReleaseHoldRequest(request_id=request_id, hold_id=hold_id)
-        response = await _call(lambda: self._accounts.ReleaseHold(request, timeout=self.timeout))
+        response = await call_remote(lambda: self._accounts.ReleaseHold(request, timeout=self.timeout))
         return response.balance
 
     async def accrue(
@@ -141,13 +129,13 @@ class Peers:
             source_ref=source_ref,
             reason="points earned on a receipt",
         )
-        return await _call(lambda: self._accounts.AccruePoints(request, timeout=self.timeout))
+        return await call_remote(lambda: self._accounts.AccruePoints(request, timeout=self.timeout))
 
     async def reverse(self, request_id: str, entry_id: str, amount: int, source_ref: str) -> None:
         request = accounts.ReverseOperationRequest(
             request_id=request_id, entry_id=entry_id, amount=amount, source_ref=source_ref
         )
-        await _call(lambda: self._accounts.ReverseOperation(request, timeout=self.timeout))
+        await call_remote(lambda: self._accounts.ReverseOperation(request, timeout=self.timeout))
 
     async def reserve_coupon(
         self,
@@ -167,23 +155,23 @@ class Peers:
             ttl_seconds=ttl_seconds,
             terminal_id=terminal_id,
         )
-        return await _call(lambda: self._rewards.ReserveCoupon(request, timeout=budget))
+        return await call_remote(lambda: self._rewards.ReserveCoupon(request, timeout=budget))
 
     async def redeem_coupon(self, request_id: str, reservation_id: str) -> None:
         request = rewards.RedeemCouponRequest(request_id=request_id, reservation_id=reservation_id)
-        await _call(lambda: self._rewards.RedeemCoupon(request, timeout=self.timeout))
+        await call_remote(lambda: self._rewards.RedeemCoupon(request, timeout=self.timeout))
 
     async def release_coupon(self, request_id: str, reservation_id: str, budget: float | None = None) -> None:
         request = rewards.ReleaseReservationRequest(request_id=request_id, reservation_id=reservation_id)
-        await _call(lambda: self._rewards.ReleaseReservation(request, timeout=budget or self.timeout))
+        await call_remote(lambda: self._rewards.ReleaseReservation(request, timeout=budget or self.timeout))
 
     async def reinstate_coupon(self, request_id: str, code: str, receipt_ref: str) -> None:
         request = rewards.ReinstateCouponRequest(request_id=request_id, code=code, receipt_ref=receipt_ref)
-        await _call(lambda: self._rewards.ReinstateCoupon(request, timeout=self.timeout))
+        await call_remote(lambda: self._rewards.ReinstateCoupon(request, timeout=self.timeout))
 
     async def gift_card(self, card_number: str, pin: str, terminal_id: str) -> rewards.GiftCard:
         request = rewards.GetGiftCardRequest(card_number=card_number, pin=pin, terminal_id=terminal_id)
-        response = await _call(lambda: self._rewards.GetGiftCard(request, timeout=self.timeout))
+        response = await call_remote(lambda: self._rewards.GetGiftCard(request, timeout=self.timeout))
         return response.card
 
     async def spend_gift_card(
@@ -197,7 +185,7 @@ class Peers:
             receipt_ref=receipt_ref,
             terminal_id=terminal_id,
         )
-        return await _call(lambda: self._rewards.SpendGiftCard(request, timeout=self.timeout))
+        return await call_remote(lambda: self._rewards.SpendGiftCard(request, timeout=self.timeout))
 
     async def refund_gift_card(
         self, request_id: str, card_number: str, amount: int, receipt_ref: str
@@ -205,4 +193,4 @@ class Peers:
         request = rewards.RefundGiftCardRequest(
             request_id=request_id, card_number=card_number, amount_minor=amount, receipt_ref=receipt_ref
         )
-        return await _call(lambda: self._rewards.RefundGiftCard(request, timeout=self.timeout))
+        return await call_remote(lambda: self._rewards.RefundGiftCard(request, timeout=self.timeout))

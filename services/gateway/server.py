@@ -13,7 +13,7 @@ from loyalty.runtime.ratelimit import create_rate_limiter
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
 from services.gateway import store
 from services.gateway.api import ApiKeyApi, PosApi
-from services.gateway.auth import ApiKeys
+from services.gateway.auth import ApiKeys, pepper_of
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.peers import Peers
 from services.gateway.saga import Saga
@@ -50,7 +50,7 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
         settings.api_key_rate_limit,
         settings.api_key_rate_window_seconds,
         settings.api_key_cache_seconds,
-        settings.api_key_pepper.get_secret_value().encode() if settings.api_key_pepper else b"",
+        pepper_of(settings),
     )
     context.run_in_background(saga.run_resumer(settings.saga_resume_seconds), "resume-receipts")
     pos_service_pb2_grpc.add_PosServiceServicer_to_server(PosApi(point_of_sale, keys), server)

@@ -887,11 +887,6 @@ class PointOfSale:
             refunded_minor=refunded.refunded_minor, balance_minor=refunded.card.balance_minor
         )
 
-    # The saga's resumer runs in the background of the service.
-
-    async def run_resumer(self, interval_seconds: float) -> None:
-        await self._saga.run_resumer(interval_seconds)
-
 
 def cheque_state(cheque: store.ChequeRow) -> pos.ChequeState.ValueType:
     if cheque.cancelled:

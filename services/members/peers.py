@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
-
 from loyalty.accounts.v1 import accounts_service_pb2 as accounts
 from loyalty.accounts.v1 import accounts_service_pb2_grpc as accounts_grpc
 from loyalty.runtime.clients import Channels
-from loyalty.runtime.errors import reraise_remote
+from loyalty.runtime.errors import call_remote
 
 TIMEOUT_SECONDS = 10.0
 
@@ -20,15 +18,10 @@ class Accounts:
     async def merge(self, from_holder_id: str, to_holder_id: str, reason: str) -> None:
         """Moves every point of one holder to another. The request id names the pair, and a
         duplicate is merged once, so a retried merge gets accounts' first answer back."""
-        try:
-            await self._accounts.MergeAccounts(
-                accounts.MergeAccountsRequest(
-                    request_id=f"members-merge:{from_holder_id}:{to_holder_id}",
-                    from_holder_id=from_holder_id,
-                    to_holder_id=to_holder_id,
-                    reason=reason,
-                ),
-                timeout=self._timeout,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise reraise_remote(error) from error
+        request = accounts.MergeAccountsRequest(
+            request_id=f"members-merge:{from_holder_id}:{to_holder_id}",
+            from_holder_id=from_holder_id,
+            to_holder_id=to_holder_id,
+            reason=reason,
+        )
+        await call_remote(lambda: self._accounts.MergeAccounts(request, timeout=self._timeout))

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-
-import grpc
+from functools import partial
 
 from loyalty.accounts.v1 import accounts_service_pb2 as accounts
 from loyalty.accounts.v1 import accounts_service_pb2_grpc as accounts_grpc
 from loyalty.rewards.v1 import rewards_service_pb2 as rewards
 from loyalty.rewards.v1 import rewards_service_pb2_grpc as rewards_grpc
 from loyalty.runtime.clients import Channels
-from loyalty.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, reraise_remote
+from loyalty.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, call_remote
 from services.rules.domain import AwardBadge, EarnFixedPoints, Grant, IssueCoupon
 
 log = logging.getLogger(__name__)
@@ -34,11 +33,8 @@ class Rewarder:
         does not hold back the others; an unavailable peer raises, and the event comes again."""
         for grant in grants:
             try:
-                await self._call(grant)
-            except grpc.aio.AioRpcError as error:
-                remote = reraise_remote(error)
-                if not isinstance(remote, NotFound | FailedPrecondition | InvalidArgument):
-                    raise remote from error
+                await call_remote(partial(self._call, grant))
+            except (NotFound, FailedPrecondition, InvalidArgument) as remote:
                 log.warning(
                     "campaign %s rule %s: %s refused for member %s: %s",
                     grant.campaign_id,

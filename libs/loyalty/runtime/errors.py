@@ -9,13 +9,16 @@ with no detail, so a stack trace never reaches a client.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+T = TypeVar("T")
 
 ERROR_DOMAIN = "loyalty.platform"
 
@@ -176,3 +179,11 @@ def reraise_remote(error: grpc.aio.AioRpcError, field_prefix: str = "") -> Domai
     error_type = mapped.get(remote.code, Unavailable)
     reason = remote.reason or ("UPSTREAM_UNAVAILABLE" if error_type is Unavailable else remote.code.name)
     return error_type(reason, remote.message)
+
+
+async def call_remote(call: Callable[[], Awaitable[T]], field_prefix: str = "") -> T:
+    """Runs one call to a peer service, its failure turned into our DomainError."""
+    try:
+        return await call()
+    except grpc.aio.AioRpcError as error:
+        raise reraise_remote(error, field_prefix=field_prefix) from error
