@@ -65,8 +65,11 @@ async def run_periodically(
     interval_seconds: float,
 ) -> None:
     """Runs `work` every `interval_seconds`; `changed` is called after a run that did
-    something (it wakes the outbox relay)."""
+    something (it wakes the outbox relay). The first run comes one interval after the start,
+    so a replica that restarts does not redo what was just done, and a job started by hand
+    (an operator, a test) never races a start-up run."""
     while True:
+        await asyncio.sleep(interval_seconds)
         try:
             done = await work()
         except Exception:
@@ -76,7 +79,6 @@ async def run_periodically(
             job_runs.labels(name, "ok").inc()
             if done:
                 changed()
-        await asyncio.sleep(interval_seconds)
 
 
 async def recompute_profiles(sessions: async_sessionmaker[AsyncSession], page: int = FACTS_PAGE) -> int:
