@@ -1,6 +1,6 @@
 """Measure the ledger's hot operations over gRPC against the accounts service on PostgreSQL.
 
-    .venv/bin/python tools/bench_ledger.py --clients 1,16 --ops 400
+    .venv/bin/python tools/bench_ledger.py --clients 1,64 --ops 3200 --operations hold,commit
 
 It creates a scratch PostgreSQL database on 127.0.0.1 (dropped afterwards), starts the
 accounts service as its own process (`python -m services.accounts`, migrations applied at
@@ -8,17 +8,21 @@ start-up) and drives it with N concurrent clients over one gRPC channel each:
 
 - ``accrue``: AccruePoints, a new lot per call;
 - ``redeem``: RedeemPoints of 1 point;
+- ``hold``: PlaceHold of 5 points (a calculated receipt; the hold expires by itself);
 - ``commit``: a receipt as the gateway runs it: PlaceHold, then CaptureHold and AccruePoints;
 
 each once against a single hot account (every call serialised on its row lock) and once
-spread over ``--accounts`` accounts. It prints operations per second and p50/p99 latency
-per operation (a receipt counts as one operation), and the errors, if any.
+spread over ``--accounts`` accounts (``--spread`` picks one of them). It prints operations
+per second and p50/p99 latency per operation (a receipt counts as one operation), and the
+errors, if any. ``--ops`` is per measurement, shared by the clients: give 64 clients a few
+thousand, or each makes only a handful of calls and p99 is noise. The load average is
+printed before and after, since the machine may be shared.
 
     .venv/bin/python tools/bench_ledger.py --mass 100000
 
 instead uploads a mass accrual of that many items (one new account each) in chunks of
-10,000, starts it, and prints how long the upload and the background job took and the
-accounts credited per second.
+10,000, starts it, and prints how long the upload and the background job took, the items
+uploaded and the accounts credited per second.
 """
 
 from __future__ import annotations
@@ -128,6 +132,10 @@ async def redeem(stub: AccountsServiceAsyncStub, holder: str, key: str) -> None:
     await stub.RedeemPoints(pb.RedeemPointsRequest(request_id=key, holder_id=holder, amount=1, source_ref=key))
 
 
+async def hold(stub: AccountsServiceAsyncStub, holder: str, key: str) -> None:
+    await stub.PlaceHold(pb.PlaceHoldRequest(request_id=key, holder_id=holder, amount=5, source_ref=key))
+
+
 async def commit(stub: AccountsServiceAsyncStub, holder: str, key: str) -> None:
     placed = await stub.PlaceHold(
         pb.PlaceHoldRequest(request_id=f"{key}:hold", holder_id=holder, amount=5, source_ref=key)
@@ -210,10 +218,24 @@ async def mass_accrual(address: str, count: int) -> None:
                 break
         applied = time.perf_counter()
     print(f"mass accrual of {count} items: upload {uploaded - began:.1f} s, job {applied - uploaded:.1f} s")
+    print(f"uploaded {count / (uploaded - began):.0f} items/s")
     print(f"applied {got.applied}, failed {got.failed}: {got.applied / (applied - uploaded):.0f} accounts/s")
 
 
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
 async def main(arguments: argparse.Namespace) -> None:
+    print(load_average(), flush=True)
+    try:
+        await measure(arguments)
+    finally:
+        print(load_average(), flush=True)
+
+
+async def measure(arguments: argparse.Namespace) -> None:
     if arguments.mass:
         async with scratch_database(arguments.admin_dsn) as url, accounts_service(url) as address:
             await mass_accrual(address, arguments.mass)
@@ -225,10 +247,12 @@ async def main(arguments: argparse.Namespace) -> None:
         await fund(address, hot + many)
         print(f"{'operation':<14} {'clients':>7} {'ops':>6} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   errors")
         chosen = arguments.operations.split(",")
-        for name, operation in (("accrue", accrue), ("redeem", redeem), ("commit", commit)):
+        for name, operation in (("accrue", accrue), ("redeem", redeem), ("hold", hold), ("commit", commit)):
             if name not in chosen:
                 continue
             for spread, holders in (("hot", hot), ("many", many)):
+                if arguments.spread not in ("both", spread):
+                    continue
                 for count in clients:
                     run = await drive(address, operation, holders, count, arguments.ops)
                     print(run.line(f"{name}/{spread}", count), flush=True)
@@ -239,7 +263,8 @@ if __name__ == "__main__":
     parser.add_argument("--clients", default="1,16", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--ops", type=int, default=400, help="operations per measurement")
     parser.add_argument("--accounts", type=int, default=1000, help="accounts the 'many' runs spread over")
-    parser.add_argument("--operations", default="accrue,redeem,commit", help="which operations to measure")
+    parser.add_argument("--operations", default="accrue,redeem,hold,commit", help="which operations to measure")
+    parser.add_argument("--spread", choices=("both", "hot", "many"), default="both", help="which account spreads")
     parser.add_argument("--mass", type=int, default=0, help="measure a mass accrual of this many items instead")
     parser.add_argument("--admin-dsn", default=ADMIN_DSN, help="PostgreSQL to create the scratch database in")
     asyncio.run(main(parser.parse_args()))

@@ -2,12 +2,14 @@
 
     .venv/bin/python tools/bench_members.py emit --count 1000000
     .venv/bin/python tools/bench_members.py identify --members 1000000 --calls 20000 --concurrency 16
+    .venv/bin/python tools/bench_members.py identify --members 1000000 --attributes 3
 
 Each run creates a scratch database (dropped at the end unless --keep), migrates it, and:
 - ``emit`` orders one batch and times the emission job writing it to the end;
-- ``identify`` loads a generated dataset (members with phones and one card each), starts
-  the members service as its own process, and times IdentifyMember over gRPC, half by
-  card and half by phone, reporting p50/p95/p99.
+- ``identify`` loads a generated dataset (members with phones and one card each, and with
+  ``--attributes N`` N custom attributes each), starts the members service as its own
+  process, and times IdentifyMember over gRPC, half by card and half by phone, reporting
+  p50/p95/p99.
 """
 
 from __future__ import annotations
@@ -76,12 +78,19 @@ async def migrate(dsn: str) -> None:
         await engine.dispose()
 
 
-async def generate_dataset(dsn: str, members: int) -> None:
-    """Members `0..members-1`, each with phone_of(i) and one active card card_of(i), loaded
-    with COPY in chunks."""
+async def generate_dataset(dsn: str, members: int, attributes: int = 0) -> None:
+    """Members `0..members-1`, each with phone_of(i), one active card card_of(i) and integer
+    attributes `attr0..attr<attributes-1>` (the context carries them), loaded with COPY in
+    chunks."""
     connection = await asyncpg.connect(dsn)
     now = datetime.now(UTC)
+    codes = [f"attr{number}" for number in range(attributes)]
     try:
+        if codes:
+            await connection.executemany(
+                "INSERT INTO attribute_definitions (code, name, type, allowed_values) VALUES ($1, $1, 'int', '[]')",
+                [(code,) for code in codes],
+            )
         for start in range(0, members, LOAD_CHUNK):
             indexes = range(start, min(start + LOAD_CHUNK, members))
             ids = [str(uuid.UUID(int=index + 1)) for index in indexes]
@@ -109,6 +118,16 @@ async def generate_dataset(dsn: str, members: int) -> None:
                 ],
                 columns=["card_number", "member_id", "status", "issued_at"],
             )
+            if codes:
+                await connection.copy_records_to_table(
+                    "member_attributes",
+                    records=[
+                        (member_id, code, "i", str(index))
+                        for member_id, index in zip(ids, indexes, strict=True)
+                        for code in codes
+                    ],
+                    columns=["member_id", "code", "kind", "value"],
+                )
         await connection.execute("ANALYZE")
     finally:
         await connection.close()
@@ -162,8 +181,11 @@ async def bench_identify(args: argparse.Namespace) -> None:
     async with scratch_database(args.keep) as dsn:
         await migrate(dsn)
         started = time.perf_counter()
-        await generate_dataset(dsn, args.members)
-        print(f"loaded {args.members:,} members and cards in {time.perf_counter() - started:.1f} s")
+        await generate_dataset(dsn, args.members, args.attributes)
+        print(
+            f"loaded {args.members:,} members and cards ({args.attributes} attributes each) "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
         port = args.port or free_port()
         address = f"127.0.0.1:{port}"
         environment = {
@@ -231,6 +253,7 @@ def main() -> None:
     identify.add_argument("--members", type=int, default=1_000_000)
     identify.add_argument("--calls", type=int, default=20_000)
     identify.add_argument("--concurrency", type=int, default=16)
+    identify.add_argument("--attributes", type=int, default=0, help="custom attributes per member")
     identify.add_argument("--port", type=int, default=0, help="where the service listens; default: a free port")
     for command in (emit, identify):
         command.add_argument("--keep", action="store_true", help="keep the scratch database")

@@ -47,6 +47,7 @@ from services.accounts.domain import (
     check_staff,
     check_transfer_parties,
     expiry_of,
+    forecast_range,
 )
 from services.accounts.metrics import LedgerMetrics
 
@@ -60,6 +61,7 @@ _MASS_STATUSES = {
     MassOperationStatus.DRAFT.value: pb.MASS_OPERATION_STATUS_DRAFT,
     MassOperationStatus.RUNNING.value: pb.MASS_OPERATION_STATUS_RUNNING,
     MassOperationStatus.DONE.value: pb.MASS_OPERATION_STATUS_DONE,
+    MassOperationStatus.CANCELLED.value: pb.MASS_OPERATION_STATUS_CANCELLED,
 }
 
 
@@ -75,6 +77,8 @@ def mass_operation_to_proto(view: service.MassOperationView) -> pb.MassOperation
         total=operation.total,
         applied=view.applied,
         failed=view.failed,
+        cancelled=view.cancelled,
+        capped_points=view.capped,
         failures=[
             pb.MassOperationFailure(index=item.item_index, holder_id=item.holder_id, reason=item.failure or "")
             for item in view.failures
@@ -530,6 +534,27 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
             ],
         )
 
+    async def GetExpiryForecast(
+        self, request: pb.GetExpiryForecastRequest, context: Context
+    ) -> pb.GetExpiryForecastResponse:
+        violations = Violations()
+        first, months = forecast_range(request.first_month, request.months, utcnow(), violations)
+        violations.raise_if_any()
+        async with self._sessions() as session:
+            as_of, lines = await service.expiry_forecast(session, first, months)
+        return pb.GetExpiryForecastResponse(
+            as_of_time=to_timestamp(as_of),
+            lines=[
+                pb.ExpiryForecastLine(
+                    month=line.month.strftime("%Y-%m"),
+                    currency=line.currency,
+                    partner_id=line.partner_id,
+                    points=line.points,
+                )
+                for line in lines
+            ],
+        )
+
     async def GetPartnerSettlement(
         self, request: pb.GetPartnerSettlementRequest, context: Context
     ) -> pb.GetPartnerSettlementResponse:
@@ -634,6 +659,19 @@ class AccountsApi(pb_grpc.AccountsServiceServicer):
             return pb.StartMassOperationResponse(operation=mass_operation_to_proto(view))
 
         return await self._idempotent.run("StartMassOperation", request, pb.StartMassOperationResponse, work)
+
+    async def CancelMassOperation(
+        self, request: pb.CancelMassOperationRequest, context: Context
+    ) -> pb.CancelMassOperationResponse:
+        violations = Violations()
+        violations.check(bool(request.operation_id), "operation_id", "required")
+        violations.raise_if_any()
+
+        async def work(session: AsyncSession) -> pb.CancelMassOperationResponse:
+            view = await service.cancel_mass_operation(session, request.operation_id)
+            return pb.CancelMassOperationResponse(operation=mass_operation_to_proto(view))
+
+        return await self._idempotent.run("CancelMassOperation", request, pb.CancelMassOperationResponse, work)
 
     async def GetMassOperation(
         self, request: pb.GetMassOperationRequest, context: Context

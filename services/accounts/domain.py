@@ -244,9 +244,10 @@ class LimitPolicy(StrEnum):
     CLIP = "clip"
 
 
-# Staff adjustments and mass jobs are deliberate acts of the program, not what fraud
-# looks like; only what receipts and campaigns earn is limited.
-LIMITED_SOURCES = frozenset({AccrualSource.RECEIPT, AccrualSource.CAMPAIGN})
+# Staff adjustments are deliberate acts of one person, checked by the audit trail; what
+# receipts, campaigns and mass jobs credit (the latter two reach many accounts at once) is
+# limited.
+LIMITED_SOURCES = frozenset({AccrualSource.RECEIPT, AccrualSource.CAMPAIGN, AccrualSource.MASS_JOB})
 
 
 @dataclass(frozen=True)
@@ -593,6 +594,12 @@ class MassOperationStatus(StrEnum):
     RUNNING = "running"
     # Every item is applied or failed.
     DONE = "done"
+    # Stopped by CancelMassOperation: the items applied before stay applied, the rest never are.
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (MassOperationStatus.DONE, MassOperationStatus.CANCELLED)
 
 
 MAX_MASS_ITEMS_PER_CALL = 10_000
@@ -613,3 +620,127 @@ def check_mass_items(items: list[tuple[str, int]], violations: Violations) -> No
         if not 0 < amount <= MAX_POINTS_PER_OPERATION:
             violations.add(f"items[{index}].amount", f"between 1 and {MAX_POINTS_PER_OPERATION}")
             return
+
+
+def capped_reason(reason: str, requested: int, allowed: int) -> str:
+    """An entry's reason with the part an accrual limit clipped recorded in it."""
+    note = f"{requested - allowed} of {requested} points over the accrual limit not credited"
+    return f"{reason}; {note}" if reason else note
+
+
+@dataclass(frozen=True)
+class MassItem:
+    index: int
+    holder_id: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class MassTarget:
+    """An account a mass accrual credits, as read under its lock."""
+
+    account_id: str
+    debt: int
+    blocked: bool
+
+
+@dataclass(frozen=True)
+class MassCredit:
+    """What one item of a mass accrual credits: `amount` (after the accrual limits), of which
+    `repaid` goes to the account's negative balance; `capped` points were clipped."""
+
+    index: int
+    account_id: str
+    amount: int
+    repaid: int
+    capped: int
+
+
+@dataclass(frozen=True)
+class MassAccrualPlan:
+    credits: list[MassCredit]
+    # Item index -> the stable reason it is not applied.
+    failures: dict[int, str]
+    # Account id -> points of its negative balance the chunk repays.
+    repaid: dict[str, int]
+
+
+def plan_mass_accrual(
+    items: list[MassItem],
+    accounts: dict[str, MassTarget],
+    limits: AccrualLimits,
+    accrued_today: dict[str, int],
+) -> MassAccrualPlan:
+    """Decides each item of a chunk as AccruePoints would decide it alone, in holder then
+    index order: a blocked account fails it (ACCOUNT_BLOCKED), the daily limit clips or
+    refuses it (ACCRUAL_LIMIT_REACHED) counting what earlier items of the chunk credited,
+    and a negative balance is repaid first."""
+    credits: list[MassCredit] = []
+    failures: dict[int, str] = {}
+    debt = {target.account_id: target.debt for target in accounts.values()}
+    today = dict(accrued_today)
+    for item in sorted(items, key=lambda item: (item.holder_id, item.index)):
+        target = accounts[item.holder_id]
+        if target.blocked:
+            failures[item.index] = "ACCOUNT_BLOCKED"
+            continue
+        try:
+            allowed = limits.allowed(item.amount, AccrualSource.MASS_JOB, today.get(target.account_id, 0))
+        except FailedPrecondition as refused:
+            failures[item.index] = refused.reason
+            continue
+        today[target.account_id] = today.get(target.account_id, 0) + allowed
+        repaid = repayment(debt[target.account_id], allowed)
+        debt[target.account_id] -= repaid
+        credits.append(MassCredit(item.index, target.account_id, allowed, repaid, item.amount - allowed))
+    repaid_by_account = {
+        target.account_id: target.debt - debt[target.account_id]
+        for target in accounts.values()
+        if debt[target.account_id] != target.debt
+    }
+    return MassAccrualPlan(credits, failures, repaid_by_account)
+
+
+@dataclass(frozen=True)
+class MonthForecast:
+    """Points of outstanding lots that expire in one calendar month (UTC)."""
+
+    month: date
+    currency: str
+    partner_id: str
+    points: int
+
+
+MAX_FORECAST_MONTHS = 120
+
+
+def month_starts(first: date, months: int) -> list[datetime]:
+    """The UTC starts of `months` consecutive calendar months from `first`'s month, and of
+    the month after them (so month i is [starts[i], starts[i + 1]))."""
+    starts = []
+    year, month = first.year, first.month
+    for _ in range(months + 1):
+        starts.append(datetime(year, month, 1, tzinfo=UTC))
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    return starts
+
+
+_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+DEFAULT_FORECAST_MONTHS = 12
+
+
+def forecast_range(first_month: str, months: int, now: datetime, violations: Violations) -> tuple[date, int]:
+    """The first month ("YYYY-MM", empty: the current one) and the number of months (0: 12)
+    of an expiry forecast."""
+    first = date(now.year, now.month, 1)
+    if first_month:
+        matched = _MONTH.match(first_month)
+        if matched is None or not 1 <= int(matched.group(2)) <= 12 or int(matched.group(1)) < 1:
+            violations.add("first_month", "a month as YYYY-MM")
+        else:
+            first = date(int(matched.group(1)), int(matched.group(2)), 1)
+    count = months or DEFAULT_FORECAST_MONTHS
+    violations.check(0 < count <= MAX_FORECAST_MONTHS, "months", f"between 1 and {MAX_FORECAST_MONTHS}")
+    if first.year + (first.month - 1 + count) // 12 > 9999:
+        violations.add("months", "the range must end before the year 10000")
+    return first, count

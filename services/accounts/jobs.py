@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loyalty.runtime.outbox import OutboxRelay, add_event
 from loyalty.runtime.timeutil import utcnow
 from services.accounts import service, store
+from services.accounts.domain import CurrencyRegistry
 from services.accounts.metrics import LedgerMetrics
 
 log = logging.getLogger(__name__)
@@ -113,29 +114,76 @@ async def run_expiry(
         await asyncio.sleep(interval_seconds)
 
 
-# Items per transaction: large enough that the multi-row writes pay off, small enough that a
-# crash redoes little and progress shows.
-MASS_CHUNK = 1000
+# Items per transaction: large enough that the few statements of a chunk pay off (on
+# PostgreSQL each is one array-valued statement whatever the size), small enough that a crash
+# redoes little, progress shows and a cancel waits at most one chunk. SQLite writes through
+# executemany, where a bigger chunk gains little.
+MASS_CHUNK = {"postgresql": 5000}
+MASS_CHUNK_DEFAULT = 1000
+# Chunks a replica applies at once, each in its own transaction: on PostgreSQL one chunk's
+# statements run on the server while the next chunk is planned here, and the server uses a
+# core per connection. SQLite has a single writer.
+MASS_WORKERS = {"postgresql": 2}
+# SQLite's single writer lock is not handed out in turn: a waiting writer polls with growing
+# sleeps (up to 100 ms) and would lose to the job's next chunk every time. A pause after each
+# chunk lets API writes and CancelMassOperation in.
+MASS_PAUSE_SECONDS = {"sqlite": 0.1}
 
 
-async def apply_mass_operations(sessions: async_sessionmaker[AsyncSession], chunk: int = MASS_CHUNK) -> int:
+async def apply_mass_operations(
+    sessions: async_sessionmaker[AsyncSession],
+    chunk: int | None = None,
+    currencies: CurrencyRegistry | None = None,
+    workers: int | None = None,
+) -> int:
     """Applies every pending item of every running mass operation, a chunk per transaction;
-    returns how many items were handled. Safe to run on every replica at once."""
+    returns how many items were handled. Safe to run on every replica at once: the workers
+    of one replica claim chunks just as several replicas do."""
+    dialect = sessions.kw["bind"].dialect.name
+    size = chunk or MASS_CHUNK.get(dialect, MASS_CHUNK_DEFAULT)
+    count = workers or MASS_WORKERS.get(dialect, 1)
+    pause = MASS_PAUSE_SECONDS.get(dialect, 0.0)
+    tasks = [asyncio.create_task(_apply_chunks(sessions, size, currencies, pause)) for _ in range(count)]
+    try:
+        return sum(await asyncio.gather(*tasks))
+    finally:
+        # One worker failed (or this job was cancelled): the others stop at once, their
+        # chunks in flight rolled back, rather than run on unobserved.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _apply_chunks(
+    sessions: async_sessionmaker[AsyncSession], size: int, currencies: CurrencyRegistry | None, pause: float
+) -> int:
     handled = 0
+    after: dict[str, int] = {}
     while True:
         async with sessions() as session, session.begin():
-            done = await service.apply_mass_chunk(session, chunk)
+            done = await service.apply_mass_chunk(session, size, currencies, after)
         if not done:
+            if after:
+                # A last pass from the start: items a dead replica held below this one's
+                # resume point are pending again.
+                after.clear()
+                continue
             return handled
         handled += done
+        if pause:
+            await asyncio.sleep(pause)
 
 
 async def run_mass_operations(
-    sessions: async_sessionmaker[AsyncSession], job_runs: Counter, relay: OutboxRelay, interval_seconds: float
+    sessions: async_sessionmaker[AsyncSession],
+    job_runs: Counter,
+    relay: OutboxRelay,
+    interval_seconds: float,
+    currencies: CurrencyRegistry,
 ) -> None:
     while True:
         try:
-            handled = await apply_mass_operations(sessions)
+            handled = await apply_mass_operations(sessions, currencies=currencies)
         except Exception:
             log.exception("applying mass operations failed; will retry")
             job_runs.labels("mass_operations", "failed").inc()

@@ -69,16 +69,12 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
         ),
         "expire-lots",
     )
+    currencies = currency_registry(context.settings.point_currencies)
     context.run_in_background(
-        run_mass_operations(context.sessions, context.metrics.job_runs, relay, MASS_POLL_SECONDS), "mass-operations"
+        run_mass_operations(context.sessions, context.metrics.job_runs, relay, MASS_POLL_SECONDS, currencies),
+        "mass-operations",
     )
-    api = AccountsApi(
-        context.sessions,
-        relay,
-        context.settings.default_point_currency,
-        metrics,
-        currency_registry(context.settings.point_currencies),
-    )
+    api = AccountsApi(context.sessions, relay, context.settings.default_point_currency, metrics, currencies)
     accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(api, server)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,18 +29,23 @@ from services.accounts.domain import (
     HoldStatus,
     Lot,
     LotRestriction,
+    MassItem,
     MassOperationKind,
     MassOperationStatus,
+    MonthForecast,
     Move,
     SpendContext,
     allocate,
+    capped_reason,
     check_hold,
     ensure_available,
     ensure_not_blocked,
     mass_item_ref,
+    month_starts,
     moves_for_merge,
     moves_for_transfer,
     next_expiries,
+    plan_mass_accrual,
     repayment,
     restore,
     reversible_amount,
@@ -78,8 +83,7 @@ async def accrue_points(session: AsyncSession, accrual: Accrual, limits: Accrual
         today = await store.accrued_since(session, account.account_id, day_start, sources)
         allowed = limits.allowed(requested, accrual.source, today)
         if allowed < requested:
-            note = f"{requested - allowed} of {requested} points over the accrual limit not credited"
-            accrual = replace(accrual, amount=allowed, reason=f"{accrual.reason}; {note}" if accrual.reason else note)
+            accrual = replace(accrual, amount=allowed, reason=capped_reason(accrual.reason, requested, allowed))
     entry = await store.add_accrual(session, account, accrual, now, repayment(account.debt, accrual.amount))
     await add_event(
         session,
@@ -604,6 +608,13 @@ async def liability_report(session: AsyncSession) -> tuple[datetime, list[store.
     return now, await store.liability(session, now, soon, later)
 
 
+async def expiry_forecast(session: AsyncSession, first: date, months: int) -> tuple[datetime, list[MonthForecast]]:
+    """Per calendar month from `first`, currency and issuing partner: the points of
+    outstanding lots that expire in it, as of now."""
+    now = utcnow()
+    return now, await store.expiry_forecast(session, now, month_starts(first, months))
+
+
 async def partner_settlements(session: AsyncSession, start: datetime, end: datetime) -> list[store.Settlement]:
     """What partners owe each other for a period: points one issued that were spent at another."""
     return await store.partner_settlements(session, start, end)
@@ -636,6 +647,10 @@ class MassOperationView:
     operation: store.MassOperationRow
     applied: int
     failed: int
+    # Items never applied because the operation was cancelled first.
+    cancelled: int
+    # Points accrual limits clipped from applied items.
+    capped: int
     failures: list[store.MassItemRow]
 
 
@@ -646,9 +661,12 @@ async def mass_operation_view(session: AsyncSession, operation_id: str) -> MassO
     operation = await store.find_mass_operation(session, operation_id)
     if operation is None:
         raise NotFound("MASS_OPERATION_NOT_FOUND", "no such mass operation")
-    counts = await store.mass_counts(session, operation_id)
+    progress = await store.mass_progress(session, operation_id)
     failures = await store.mass_failures(session, operation_id, MAX_LISTED_FAILURES)
-    return MassOperationView(operation, counts.get(store.MASS_APPLIED, 0), counts.get(store.MASS_FAILED, 0), failures)
+    # A cancel leaves the items it stopped pending, under an operation no job claims from.
+    left = operation.total - progress.applied - progress.failed
+    stopped = left if operation.status == MassOperationStatus.CANCELLED else 0
+    return MassOperationView(operation, progress.applied, progress.failed, stopped, progress.capped, failures)
 
 
 async def create_mass_operation(
@@ -680,10 +698,15 @@ async def create_mass_operation(
     return await mass_operation_view(session, operation.operation_id)
 
 
-async def _draft(session: AsyncSession, operation_id: str) -> store.MassOperationRow:
+async def _locked_operation(session: AsyncSession, operation_id: str) -> store.MassOperationRow:
     operation = await store.find_mass_operation(session, operation_id, for_update=True)
     if operation is None:
         raise NotFound("MASS_OPERATION_NOT_FOUND", "no such mass operation")
+    return operation
+
+
+async def _draft(session: AsyncSession, operation_id: str) -> store.MassOperationRow:
+    operation = await _locked_operation(session, operation_id)
     if operation.status != MassOperationStatus.DRAFT.value:
         raise FailedPrecondition("MASS_OPERATION_STARTED", "the operation has started; it takes no more items")
     return operation
@@ -700,51 +723,119 @@ async def start_mass_operation(session: AsyncSession, operation_id: str) -> Mass
     return await mass_operation_view(session, operation_id)
 
 
-async def apply_mass_chunk(session: AsyncSession, limit: int) -> int:
+async def cancel_mass_operation(session: AsyncSession, operation_id: str) -> MassOperationView:
+    """Stops a draft or running operation: what was applied stays applied, the items still
+    pending are never applied. The operation's row lock waits for the chunks in flight
+    (they hold it shared) and every later chunk finds the operation cancelled."""
+    operation = await _locked_operation(session, operation_id)
+    if MassOperationStatus(operation.status).finished:
+        raise FailedPrecondition("MASS_OPERATION_FINISHED", f"the operation is already {operation.status}")
+    operation.status, operation.finished_at = MassOperationStatus.CANCELLED.value, utcnow()
+    await session.flush()
+    return await mass_operation_view(session, operation_id)
+
+
+async def apply_mass_chunk(
+    session: AsyncSession, limit: int, currencies: CurrencyRegistry | None = None, after: dict[str, int] | None = None
+) -> int:
     """Applies up to `limit` pending items of one running operation and marks them, all in
     the caller's transaction: a crash before the commit leaves them pending, after it they
-    are never applied again. Returns how many items were handled (0: nothing to do)."""
+    are never applied again. Returns how many items were handled (0: nothing to do).
+    `after` is the caller's per-operation resume point (see store.claim_mass_chunk)."""
     now = utcnow()
-    items = await store.claim_mass_items(session, MassOperationStatus.RUNNING.value, limit)
-    if not items:
+    cursor = {} if after is None else after
+    claimed = await store.claim_mass_chunk(session, MassOperationStatus.RUNNING.value, limit, cursor)
+    if claimed is None:
         await store.finish_mass_operations(
             session, MassOperationStatus.RUNNING.value, MassOperationStatus.DONE.value, now
         )
         return 0
-    operation = await store.find_mass_operation(session, items[0].operation_id)
-    assert operation is not None
-    # Holder order: accounts are locked in the same order as by every other multi-account operation.
-    items.sort(key=lambda item: (item.holder_id, item.item_index))
-    failures: dict[int, str] = {}
+    operation, items = claimed
+    cursor[operation.operation_id] = items[-1].index
     if operation.kind == MassOperationKind.ACCRUAL.value:
-        accounts = await store.lock_accounts(
-            session, sorted({item.holder_id for item in items}), operation.currency, now
-        )
-        credits = []
-        for item in items:
-            account = accounts[item.holder_id]
-            if account.blocked:
-                failures[item.item_index] = "ACCOUNT_BLOCKED"
-                continue
-            repaid = repayment(account.debt, item.amount)
-            account.debt -= repaid
-            ref = mass_item_ref(operation.operation_id, item.item_index)
-            credits.append(store.MassCredit(account, item.amount, repaid, ref))
-        await store.add_mass_credits(session, operation, credits, now)
+        await _apply_mass_accruals(session, operation, items, (currencies or CurrencyRegistry({})), now)
     else:
-        for item in items:
-            debit = Adjustment(
-                holder_id=item.holder_id,
-                currency=operation.currency,
-                amount=-item.amount,
-                actor=operation.actor,
-                reason=operation.reason,
-                source_ref=mass_item_ref(operation.operation_id, item.item_index),
-            )
-            try:
-                async with session.begin_nested():
-                    await adjust_points(session, debit)
-            except DomainError as refused:
-                failures[item.item_index] = refused.reason
-    await store.settle_mass_items(session, items, failures)
+        await _apply_mass_deductions(session, operation, items, now)
     return len(items)
+
+
+async def _apply_mass_accruals(
+    session: AsyncSession,
+    operation: store.MassOperationRow,
+    items: list[MassItem],
+    currencies: CurrencyRegistry,
+    now: datetime,
+) -> None:
+    """A chunk of credits in a handful of statements whatever its size, and one
+    points.mass_applied event for it (a million points.adjusted events would flood the bus
+    and the members' inboxes)."""
+    accounts = await store.lock_mass_targets(session, [item.holder_id for item in items], operation.currency, now)
+    limits = currencies.get(operation.currency).limits
+    today: dict[str, int] = {}
+    if limits.per_day is not None:
+        day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        sources = frozenset(source.value for source in LIMITED_SOURCES)
+        ids = [target.account_id for target in accounts.values()]
+        today = await store.accrued_since_by_account(session, ids, day_start, sources)
+    plan = plan_mass_accrual(items, accounts, limits, today)
+    await store.add_mass_credits(session, operation, plan, AccrualSource.MASS_JOB.value, now)
+    capped = {credit.index: credit.capped for credit in plan.credits if credit.capped}
+    applied = [credit.index for credit in plan.credits]
+    points = sum(credit.amount for credit in plan.credits)
+    chunk = store.MassChunk(
+        operation.operation_id, items[0].index, items[-1].index, applied, plan.failures, capped, points
+    )
+    await store.settle_mass_items(session, chunk, now)
+    await add_event(
+        session,
+        store.outbox,
+        "points.mass_applied",
+        key=operation.operation_id,
+        payload={
+            "operation_id": operation.operation_id,
+            "kind": operation.kind,
+            "currency": operation.currency,
+            "actor": operation.actor,
+            "reason": operation.reason,
+            "first_index": items[0].index,
+            "last_index": items[-1].index,
+            "applied": len(applied),
+            "failed": len(plan.failures),
+            "points": points,
+            "capped": sum(capped.values()),
+        },
+    )
+
+
+async def _apply_mass_deductions(
+    session: AsyncSession, operation: store.MassOperationRow, items: list[MassItem], now: datetime
+) -> None:
+    """Debits item by item, each an audited adjustment in its own savepoint: a debit spends
+    lots soonest-expiring first, which depends on the account's lots one by one."""
+    failures: dict[int, str] = {}
+    # Holder order: accounts are locked in the same order as by every other multi-account operation.
+    for item in sorted(items, key=lambda item: (item.holder_id, item.index)):
+        debit = Adjustment(
+            holder_id=item.holder_id,
+            currency=operation.currency,
+            amount=-item.amount,
+            actor=operation.actor,
+            reason=operation.reason,
+            source_ref=mass_item_ref(operation.operation_id, item.index),
+        )
+        try:
+            async with session.begin_nested():
+                await adjust_points(session, debit)
+        except DomainError as refused:
+            failures[item.index] = refused.reason
+    applied = [item for item in items if item.index not in failures]
+    chunk = store.MassChunk(
+        operation.operation_id,
+        items[0].index,
+        items[-1].index,
+        [item.index for item in applied],
+        failures,
+        {},
+        -sum(item.amount for item in applied),
+    )
+    await store.settle_mass_items(session, chunk, now)

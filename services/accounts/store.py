@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import (
     JSON,
@@ -14,14 +15,18 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     UniqueConstraint,
     and_,
+    any_,
+    bindparam,
     case,
     false,
     func,
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -30,7 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from loyalty.runtime.idempotency import define_idempotency_table
-from loyalty.runtime.outbox import EVENTS_WRITTEN, define_outbox_table
+from loyalty.runtime.outbox import define_outbox_table
 from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import UtcDateTime
 from services.accounts.domain import (
@@ -45,6 +50,12 @@ from services.accounts.domain import (
     HoldStatus,
     Lot,
     LotRestriction,
+    MassAccrualPlan,
+    MassItem,
+    MassTarget,
+    MonthForecast,
+    capped_reason,
+    mass_item_ref,
 )
 
 
@@ -227,9 +238,35 @@ class MassItemRow(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(16))
     failure: Mapped[str | None] = mapped_column(String(64))
+    # Of an applied accrual item: the points an accrual limit clipped (null: none).
+    capped: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class MassChunkRow(Base):
+    """One applied chunk of a mass operation, written in the chunk's transaction: progress is
+    summed over these (a few hundred rows for a million items), never counted over items."""
+
+    __tablename__ = "mass_operation_chunks"
+
+    operation_id: Mapped[str] = mapped_column(
+        ForeignKey("mass_operations.operation_id", name="fk_mass_operation_chunks_operation"), primary_key=True
+    )
+    # The chunk's lowest item index: items are claimed once, so no two chunks share it.
+    first_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_index: Mapped[int] = mapped_column(Integer)
+    applied: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    # Points credited (accrual) or debited (deduction) by the applied items.
+    points: Mapped[int] = mapped_column(BigInteger)
+    # Points the daily accrual limit clipped.
+    capped: Mapped[int] = mapped_column(BigInteger)
+    applied_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 outbox = define_outbox_table(Base.metadata)
+# The tables themselves, for multi-row statements that bypass the ORM's unit of work.
+_ACCOUNTS = cast(Table, AccountRow.__table__)
+_MASS_ITEMS = cast(Table, MassItemRow.__table__)
 idempotency_keys = define_idempotency_table(Base.metadata)
 
 
@@ -866,6 +903,44 @@ async def liability(session: AsyncSession, now: datetime, soon: datetime, later:
     ]
 
 
+async def expiry_forecast(session: AsyncSession, now: datetime, starts: list[datetime]) -> list[MonthForecast]:
+    """Points of unexpired lots with points left whose last spendable instant falls in month
+    i, i.e. expire_at in (starts[i], starts[i + 1]] (points expiring at 00:00 on the 1st, as
+    month_end rounding makes them, belong to the month that ends then), per currency and
+    issuing partner: one grouped statement, the month found by a CASE over the boundaries so
+    it reads the same on every database."""
+    month = case(
+        *((LotRow.expire_at <= boundary, index) for index, boundary in enumerate(starts[1:])), else_=len(starts)
+    )
+    due = (
+        select(
+            month.label("month"),
+            AccountRow.currency.label("currency"),
+            func.coalesce(LotRow.partner_id, "").label("partner_id"),
+            LotRow.remaining.label("points"),
+        )
+        .join(AccountRow, AccountRow.account_id == LotRow.account_id)
+        .where(
+            LotRow.remaining > 0,
+            LotRow.expire_at > now,
+            LotRow.expire_at > starts[0],
+            LotRow.expire_at <= starts[-1],
+        )
+        .subquery()
+    )
+    rows = await session.execute(
+        select(due.c.month, due.c.currency, due.c.partner_id, func.sum(due.c.points)).group_by(
+            due.c.month, due.c.currency, due.c.partner_id
+        )
+    )
+    lines = [
+        MonthForecast(starts[index].date(), currency, partner_id, int(points))
+        for index, currency, partner_id, points in rows.tuples()
+        if points
+    ]
+    return sorted(lines, key=lambda line: (line.month, line.currency, line.partner_id))
+
+
 @dataclass(frozen=True)
 class Settlement:
     issuer_partner_id: str
@@ -905,21 +980,41 @@ MASS_FAILED = "failed"
 
 
 async def add_mass_items(session: AsyncSession, operation: MassOperationRow, items: list[tuple[str, int]]) -> None:
-    """Appends items to the (locked) operation, numbered after those it has."""
+    """Appends items to the (locked) operation, numbered after those it has: on PostgreSQL
+    as arrays the server unnests, one statement per upload call."""
     if items:
-        await session.execute(
-            insert(MassItemRow),
-            [
+        holder_ids = [holder_id for holder_id, _amount in items]
+        amounts = [amount for _holder_id, amount in items]
+        if _is_postgresql(session):
+            await session.execute(
+                text(
+                    "INSERT INTO mass_operation_items (operation_id, item_index, holder_id, amount, status)"
+                    " SELECT :operation_id, :first + new.position - 1, new.holder_id, new.amount, :pending"
+                    " FROM unnest(CAST(:holder_ids AS varchar[]), CAST(:amounts AS bigint[]))"
+                    " WITH ORDINALITY AS new(holder_id, amount, position)"
+                ),
                 {
                     "operation_id": operation.operation_id,
-                    "item_index": operation.total + offset,
-                    "holder_id": holder_id,
-                    "amount": amount,
-                    "status": MASS_PENDING,
-                }
-                for offset, (holder_id, amount) in enumerate(items)
-            ],
-        )
+                    "first": operation.total,
+                    "pending": MASS_PENDING,
+                    "holder_ids": holder_ids,
+                    "amounts": amounts,
+                },
+            )
+        else:
+            await session.execute(
+                insert(_MASS_ITEMS),
+                [
+                    {
+                        "operation_id": operation.operation_id,
+                        "item_index": operation.total + offset,
+                        "holder_id": holder_id,
+                        "amount": amount,
+                        "status": MASS_PENDING,
+                    }
+                    for offset, (holder_id, amount) in enumerate(items)
+                ],
+            )
     operation.total += len(items)
     await session.flush()
 
@@ -934,13 +1029,25 @@ async def find_mass_operation(
     return operation
 
 
-async def mass_counts(session: AsyncSession, operation_id: str) -> dict[str, int]:
-    rows = await session.execute(
-        select(MassItemRow.status, func.count())
-        .where(MassItemRow.operation_id == operation_id)
-        .group_by(MassItemRow.status)
-    )
-    return {status: int(count) for status, count in rows.all()}
+@dataclass(frozen=True)
+class MassProgress:
+    applied: int
+    failed: int
+    # Points accrual limits clipped from applied items.
+    capped: int
+
+
+async def mass_progress(session: AsyncSession, operation_id: str) -> MassProgress:
+    row = (
+        await session.execute(
+            select(
+                func.coalesce(func.sum(MassChunkRow.applied), 0),
+                func.coalesce(func.sum(MassChunkRow.failed), 0),
+                func.coalesce(func.sum(MassChunkRow.capped), 0),
+            ).where(MassChunkRow.operation_id == operation_id)
+        )
+    ).one()
+    return MassProgress(int(row[0]), int(row[1]), int(row[2]))
 
 
 async def mass_failures(session: AsyncSession, operation_id: str, limit: int) -> list[MassItemRow]:
@@ -954,153 +1061,306 @@ async def mass_failures(session: AsyncSession, operation_id: str, limit: int) ->
     )
 
 
-async def claim_mass_items(session: AsyncSession, running: str, limit: int) -> list[MassItemRow]:
-    """Pending items of the oldest running operation that has any unclaimed, locked; another
-    replica skips them (SKIP LOCKED on PostgreSQL; SQLite has a single writer). Items are read
-    per operation in index order, which the pending-items index serves without a sort."""
+def _is_postgresql(session: AsyncSession) -> bool:
+    return session.bind.dialect.name == "postgresql"
+
+
+async def claim_mass_chunk(
+    session: AsyncSession, running: str, limit: int, after: dict[str, int]
+) -> tuple[MassOperationRow, list[MassItem]] | None:
+    """Up to `limit` pending items, in index order, of the oldest running operation that has
+    any unclaimed. The operation is share-locked first and checked to be still running: a
+    cancel (which locks it for update) waits for the chunks in flight, and a chunk that
+    comes after it applies nothing. The items are locked (another replica skips them: SKIP
+    LOCKED on PostgreSQL; SQLite has a single writer); on PostgreSQL they are marked applied
+    by the claiming statement itself, which the chunk's rollback undoes. `after` holds, per
+    operation, the last index this replica handled, so a claim does not walk the index
+    entries of items already applied; an item a dead replica held below it is found by a
+    pass that starts at -1."""
     operations = await session.scalars(
         select(MassOperationRow.operation_id)
         .where(MassOperationRow.status == running)
         .order_by(MassOperationRow.created_at, MassOperationRow.operation_id)
     )
     for operation_id in list(operations):
-        items = list(
-            await session.scalars(
-                select(MassItemRow)
-                .where(MassItemRow.operation_id == operation_id, MassItemRow.status == MASS_PENDING)
-                .order_by(MassItemRow.item_index)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+        operation = await session.scalar(
+            select(MassOperationRow)
+            .where(MassOperationRow.operation_id == operation_id, MassOperationRow.status == running)
+            .with_for_update(read=True)
+            .execution_options(populate_existing=True)
+        )
+        if operation is None:
+            continue
+        items = _MASS_ITEMS
+        pending = (
+            select(items.c.item_index, items.c.holder_id, items.c.amount)
+            .where(
+                items.c.operation_id == operation_id,
+                items.c.status == MASS_PENDING,
+                items.c.item_index > after.get(operation_id, -1),
             )
+            .order_by(items.c.item_index)
+            .limit(limit)
         )
-        if items:
-            return items
-    return []
+        if _is_postgresql(session):
+            # A materialised CTE picks the chunk once; a subquery under IN may be run again
+            # per row of the UPDATE, each run locking (and so claiming) other items.
+            rows = await session.execute(
+                text(
+                    "WITH claimed AS MATERIALIZED ("
+                    " SELECT item_index FROM mass_operation_items"
+                    " WHERE operation_id = :operation_id AND status = :pending AND item_index > :after"
+                    " ORDER BY item_index LIMIT :limit FOR UPDATE SKIP LOCKED)"
+                    " UPDATE mass_operation_items AS items SET status = :applied FROM claimed"
+                    " WHERE items.operation_id = :operation_id AND items.item_index = claimed.item_index"
+                    " RETURNING items.item_index, items.holder_id, items.amount"
+                ),
+                {
+                    "operation_id": operation_id,
+                    "pending": MASS_PENDING,
+                    "applied": MASS_APPLIED,
+                    "after": after.get(operation_id, -1),
+                    "limit": limit,
+                },
+            )
+        else:
+            rows = await session.execute(pending)
+        found = [MassItem(index, holder_id, amount) for index, holder_id, amount in rows.tuples()]
+        if found:
+            return operation, sorted(found, key=lambda item: item.index)
+    return None
 
 
-async def settle_mass_items(session: AsyncSession, items: list[MassItemRow], failures: dict[int, str]) -> None:
-    """Marks the claimed items applied, or failed with their reason: one statement for the
-    applied ones (nearly all of them) rather than one per item."""
-    operation_id = items[0].operation_id
-    applied = [item.item_index for item in items if item.item_index not in failures]
-    if applied:
-        await session.execute(
-            update(MassItemRow)
-            .where(MassItemRow.operation_id == operation_id, MassItemRow.item_index.in_(applied))
-            .values(status=MASS_APPLIED)
-            .execution_options(synchronize_session=False)
+@dataclass(frozen=True)
+class MassChunk:
+    operation_id: str
+    first_index: int
+    last_index: int
+    # Indexes of the items applied.
+    applied: list[int]
+    # Index -> reason of the items that failed.
+    failures: dict[int, str]
+    # Index -> points the accrual limit clipped, of applied items.
+    capped: dict[int, int]
+    points: int
+
+
+async def settle_mass_items(session: AsyncSession, chunk: MassChunk, now: datetime) -> None:
+    """Marks a chunk's items applied (on SQLite; on PostgreSQL the claim did), or failed with
+    their reason, records the points an accrual limit clipped from applied ones, and the
+    chunk's progress row."""
+    operation_id, applied, failures, capped = chunk.operation_id, chunk.applied, chunk.failures, chunk.capped
+    session.add(
+        MassChunkRow(
+            operation_id=operation_id,
+            first_index=chunk.first_index,
+            last_index=chunk.last_index,
+            applied=len(applied),
+            failed=len(failures),
+            points=chunk.points,
+            capped=sum(capped.values()),
+            applied_at=now,
         )
-    for index, reason in failures.items():
+    )
+    await session.flush()
+    items = _MASS_ITEMS
+    if applied and not _is_postgresql(session):  # on PostgreSQL the claim marked them
         await session.execute(
-            update(MassItemRow)
-            .where(MassItemRow.operation_id == operation_id, MassItemRow.item_index == index)
-            .values(status=MASS_FAILED, failure=reason)
-            .execution_options(synchronize_session=False)
+            update(items)
+            .where(items.c.operation_id == operation_id, items.c.item_index == bindparam("index"))
+            .values(status=MASS_APPLIED),
+            [{"index": index} for index in applied],
+        )
+    changes = [
+        {"index": index, "status": MASS_FAILED, "failure": reason, "capped": None} for index, reason in failures.items()
+    ] + [
+        {"index": index, "status": MASS_APPLIED, "failure": None, "capped": points} for index, points in capped.items()
+    ]
+    if changes:
+        await session.execute(
+            update(items)
+            .where(items.c.operation_id == operation_id, items.c.item_index == bindparam("index"))
+            .values(status=bindparam("status"), failure=bindparam("failure"), capped=bindparam("capped")),
+            changes,
         )
 
 
 async def finish_mass_operations(session: AsyncSession, running: str, finished: str, now: datetime) -> None:
-    """Running operations with no pending item left are finished."""
+    """Running operations with no pending item left are finished; one a replica is still
+    applying a chunk of (it holds the row shared) is skipped: that replica finishes it."""
     pending = select(MassItemRow.item_index).where(
         MassItemRow.operation_id == MassOperationRow.operation_id, MassItemRow.status == MASS_PENDING
     )
+    done = (
+        select(MassOperationRow.operation_id)
+        .where(MassOperationRow.status == running, ~pending.exists())
+        .with_for_update(skip_locked=True)
+    )
     await session.execute(
         update(MassOperationRow)
-        .where(MassOperationRow.status == running, ~pending.exists())
+        .where(MassOperationRow.operation_id.in_(done.scalar_subquery()))
         .values(status=finished, finished_at=now)
+        .execution_options(synchronize_session=False)
     )
 
 
-async def lock_accounts(
+async def lock_mass_targets(
     session: AsyncSession, holder_ids: list[str], currency: str, now: datetime
-) -> dict[str, AccountRow]:
+) -> dict[str, MassTarget]:
     """The holders' accounts, opened when new and locked in holder order (as every
-    multi-account operation locks them, so none deadlocks)."""
-    insert_into = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
-    # Parameters as a list (an executemany the driver batches), not a literal VALUES list
-    # that would be compiled anew for every chunk.
-    await session.execute(
-        insert_into(AccountRow).on_conflict_do_nothing(index_elements=["holder_id", "currency"]),
-        [
-            {"account_id": str(uuid.uuid4()), "holder_id": holder_id, "currency": currency, "created_at": now}
-            for holder_id in sorted(holder_ids)
-        ],
-    )
-    accounts = await session.scalars(
-        select(AccountRow)
-        .where(AccountRow.currency == currency, AccountRow.holder_id.in_(holder_ids))
+    multi-account operation locks them, so none deadlocks): two statements per chunk. An
+    account this transaction has just opened is not locked again: no other transaction can
+    see it before the commit, and it owes nothing and is not blocked."""
+    ordered = sorted(set(holder_ids))
+    account_ids = [str(uuid.uuid4()) for _ in ordered]
+    opened: dict[str, MassTarget] = {}
+    if _is_postgresql(session):
+        created = await session.execute(
+            text(
+                "INSERT INTO accounts (account_id, holder_id, currency, created_at)"
+                " SELECT new.account_id, new.holder_id, :currency, :now"
+                " FROM unnest(CAST(:account_ids AS varchar[]), CAST(:holder_ids AS varchar[]))"
+                " AS new(account_id, holder_id) ORDER BY new.holder_id"
+                " ON CONFLICT (holder_id, currency) DO NOTHING"
+                " RETURNING holder_id, account_id"
+            ).bindparams(bindparam("now", type_=UtcDateTime())),
+            {"currency": currency, "now": now, "account_ids": account_ids, "holder_ids": ordered},
+        )
+        opened = {holder_id: MassTarget(account_id, 0, False) for holder_id, account_id in created.tuples()}
+        existing = [holder_id for holder_id in ordered if holder_id not in opened]
+        if not existing:
+            return opened
+        holders: ColumnElement[bool] = AccountRow.holder_id == any_(
+            bindparam("holders", existing, type_=postgresql.ARRAY(String()))
+        )
+    else:
+        await session.execute(
+            sqlite.insert(AccountRow).on_conflict_do_nothing(index_elements=["holder_id", "currency"]),
+            [
+                {"account_id": account_id, "holder_id": holder_id, "currency": currency, "created_at": now}
+                for account_id, holder_id in zip(account_ids, ordered, strict=True)
+            ],
+        )
+        holders = AccountRow.holder_id.in_(ordered)
+    rows = await session.execute(
+        select(AccountRow.holder_id, AccountRow.account_id, AccountRow.debt, AccountRow.blocked)
+        .where(AccountRow.currency == currency, holders)
         .order_by(AccountRow.holder_id)
         .with_for_update()
-        .execution_options(populate_existing=True)
     )
-    return {account.holder_id: account for account in accounts}
+    return opened | {
+        holder_id: MassTarget(account_id, debt, blocked) for holder_id, account_id, debt, blocked in rows.tuples()
+    }
 
 
-@dataclass(frozen=True)
-class MassCredit:
-    account: AccountRow
-    amount: int
-    repaid: int
-    source_ref: str
+async def accrued_since_by_account(
+    session: AsyncSession, account_ids: list[str], since: datetime, sources: frozenset[str]
+) -> dict[str, int]:
+    """accrued_since for many accounts in one statement."""
+    accounts = (
+        LotRow.account_id == any_(bindparam("accounts", account_ids, type_=postgresql.ARRAY(String())))
+        if _is_postgresql(session)
+        else LotRow.account_id.in_(account_ids)
+    )
+    rows = await session.execute(
+        select(LotRow.account_id, func.sum(LotRow.amount))
+        .where(accounts, LotRow.created_at >= since, LotRow.source.in_(sources))
+        .group_by(LotRow.account_id)
+    )
+    return {account_id: int(total) for account_id, total in rows.tuples()}
 
 
 async def add_mass_credits(
-    session: AsyncSession, operation: MassOperationRow, credits: list[MassCredit], now: datetime
+    session: AsyncSession, operation: MassOperationRow, plan: MassAccrualPlan, source: str, now: datetime
 ) -> None:
-    """What add_accrual, add_adjustment_record and add_event write for one credit each,
-    written for all of them in a few multi-row statements (the accounts must be locked and
-    their debt already reduced by `repaid`)."""
-    if not credits:
+    """What add_accrual writes for one credit (a lot and its entry, here of kind ADJUSTMENT),
+    written for a whole chunk at once, and the negative balances the chunk repays (the
+    accounts must be locked). The operation's row is the audit record of who ordered the
+    credits and why; each entry's source_ref names the operation and the item."""
+    if not plan.credits:
         return
-    lots, entries, audits, events = [], [], [], []
-    for credit in credits:
-        lot_id, entry_id = str(uuid.uuid4()), str(uuid.uuid4())
-        account = credit.account
-        lots.append(
+    account_ids = [credit.account_id for credit in plan.credits]
+    amounts = [credit.amount for credit in plan.credits]
+    remaining = [credit.amount - credit.repaid for credit in plan.credits]
+    refs = [mass_item_ref(operation.operation_id, credit.index) for credit in plan.credits]
+    reasons = [
+        capped_reason(operation.reason, credit.amount + credit.capped, credit.amount)
+        if credit.capped
+        else operation.reason
+        for credit in plan.credits
+    ]
+    if _is_postgresql(session):
+        # One statement for both tables: the lot ids are made by the server and shared
+        # through the materialised CTE; the entries' foreign keys see the lots at its end.
+        await session.execute(
+            text(
+                "WITH new AS MATERIALIZED ("
+                " SELECT gen_random_uuid()::varchar AS lot_id, account_id, amount, remaining, ref, reason"
+                " FROM unnest(CAST(:account_ids AS varchar[]), CAST(:amounts AS bigint[]),"
+                " CAST(:remaining AS bigint[]), CAST(:refs AS varchar[]), CAST(:reasons AS varchar[]))"
+                " AS input(account_id, amount, remaining, ref, reason)),"
+                " lots_written AS (INSERT INTO lots (lot_id, account_id, amount, remaining, activate_at, expire_at,"
+                " source, source_ref, created_at)"
+                " SELECT lot_id, account_id, amount, remaining, :now, :expire_at, :source, ref, :now FROM new)"
+                " INSERT INTO entries (entry_id, account_id, kind, amount, lot_id, source_ref, reason, created_at)"
+                " SELECT gen_random_uuid()::varchar, account_id, :kind, amount, lot_id, ref, reason, :now FROM new"
+            ).bindparams(bindparam("now", type_=UtcDateTime()), bindparam("expire_at", type_=UtcDateTime())),
             {
-                "lot_id": lot_id,
-                "account_id": account.account_id,
-                "amount": credit.amount,
-                "remaining": credit.amount - credit.repaid,
-                "activate_at": now,
+                "now": now,
                 "expire_at": operation.expire_at,
-                "source": "mass_job",
-                "source_ref": credit.source_ref,
-                "created_at": now,
-            }
-        )
-        common = {"account_id": account.account_id, "amount": credit.amount, "created_at": now}
-        entries.append(
-            {
-                **common,
-                "entry_id": entry_id,
+                "source": source,
                 "kind": EntryKind.ADJUSTMENT.value,
-                "lot_id": lot_id,
-                "source_ref": credit.source_ref,
-                "reason": operation.reason,
-            }
+                "account_ids": account_ids,
+                "amounts": amounts,
+                "remaining": remaining,
+                "refs": refs,
+                "reasons": reasons,
+            },
         )
-        audits.append({**common, "entry_id": entry_id, "actor": operation.actor, "reason": operation.reason})
-        events.append(
-            {
-                "event_id": str(uuid.uuid4()),
-                "event_type": "points.adjusted",
-                "key": account.holder_id,
-                "payload": {
-                    "holder_id": account.holder_id,
-                    "currency": account.currency,
-                    "amount": credit.amount,
-                    "entry_id": entry_id,
-                    "reason": operation.reason,
-                    "actor": operation.actor,
-                },
-                "trace_context": {},
-                "occurred_at": now,
-            }
+    else:
+        lot_ids = [str(uuid.uuid4()) for _ in plan.credits]
+        await session.execute(
+            insert(LotRow),
+            [
+                {
+                    "lot_id": lot_id,
+                    "account_id": account_id,
+                    "amount": amount,
+                    "remaining": left,
+                    "activate_at": now,
+                    "expire_at": operation.expire_at,
+                    "source": source,
+                    "source_ref": ref,
+                    "created_at": now,
+                }
+                for lot_id, account_id, amount, left, ref in zip(
+                    lot_ids, account_ids, amounts, remaining, refs, strict=True
+                )
+            ],
         )
-    await session.execute(insert(LotRow), lots)
-    await session.execute(insert(EntryRow), entries)
-    await session.execute(insert(AdjustmentRow), audits)
-    await session.execute(outbox.insert(), events)
-    session.info[EVENTS_WRITTEN] = True
-    await session.flush()
+        await session.execute(
+            insert(EntryRow),
+            [
+                {
+                    "entry_id": str(uuid.uuid4()),
+                    "account_id": account_id,
+                    "kind": EntryKind.ADJUSTMENT.value,
+                    "amount": amount,
+                    "lot_id": lot_id,
+                    "source_ref": ref,
+                    "reason": reason,
+                    "created_at": now,
+                }
+                for lot_id, account_id, amount, ref, reason in zip(
+                    lot_ids, account_ids, amounts, refs, reasons, strict=True
+                )
+            ],
+        )
+    if plan.repaid:
+        accounts = _ACCOUNTS
+        await session.execute(
+            update(accounts)
+            .where(accounts.c.account_id == bindparam("id"))
+            .values(debt=accounts.c.debt - bindparam("repaid")),
+            [{"id": account_id, "repaid": repaid} for account_id, repaid in plan.repaid.items()],
+        )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from loyalty.gateway.v1 import pos_service_pb2 as pos
+from loyalty.rules.v1 import rules_service_pb2 as rules
 from loyalty.runtime.errors import FailedPrecondition, Violations
 
 
@@ -41,6 +42,13 @@ class ReceiptKey:
     def step_request_id(self, step: str) -> str:
         """The idempotency key of one saga step: a retry of the step can never apply twice."""
         return f"cheque:{self.partner_id}:{self.terminal_id}:{self.receipt_number}:{step}"
+
+    def accrual_request_id(self, lot_index: int) -> str:
+        """The idempotency key of one lot's accrual. The first lot keeps the key of the
+        single accrual made before receipts had lots, so a receipt committed before an
+        upgrade and settled after it is never accrued twice."""
+        step = self.step_request_id("accrue_points")
+        return step if lot_index == 0 else f"{step}:{lot_index}"
 
 
 def receipt_fingerprint(
@@ -111,6 +119,23 @@ def apply_points_payment(lines: Sequence[pos.ChequeLine], per_line: Sequence[int
     return paid_lines
 
 
+def receipt_lots(points: int, lots: Sequence[rules.PointsLotResult]) -> list[rules.PointsLotResult]:
+    """The receipt's ``points`` as the lots to credit. The rules' lots add up to what the
+    receipt earned before any points payment; paying with points lowers the earnings, so
+    the lots are scaled down pro rata (exactly, in whole points). Without lots (an older
+    calculation, or rules that gave none) the points are one lot of the program's defaults."""
+    if not lots:
+        return [rules.PointsLotResult(points=points)] if points > 0 else []
+    scaled = allocate_pro_rata(points, [lot.points for lot in lots])
+    result = []
+    for lot, lot_points in zip(lots, scaled, strict=True):
+        copy = rules.PointsLotResult()
+        copy.CopyFrom(lot)
+        copy.points = lot_points
+        result.append(copy)
+    return result
+
+
 @dataclass(frozen=True)
 class CommitPlan:
     """The effects a committed receipt owes; the saga applies each exactly once."""
@@ -121,6 +146,16 @@ class CommitPlan:
     hold_id: str = ""
     points_paid: int = 0
     coupon_reservations: tuple[str, ...] = ()
+    # The points as lots (see ``receipt_lots``); they add up to ``points``.
+    lots: tuple[rules.PointsLotResult, ...] = ()
+
+    @property
+    def accruals(self) -> list[tuple[int, rules.PointsLotResult]]:
+        """The lots to credit with their index (the index keys the accrual, so it stays
+        the lot's position even when an earlier lot came to nothing)."""
+        if not (self.holder_id and self.points > 0):
+            return []
+        return [(index, lot) for index, lot in enumerate(self.lots) if lot.points > 0]
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -162,6 +197,8 @@ class ReturnPlan:
     lines: list[ReturnedLine]
     returned_after: dict[int, int] = field(default_factory=dict)
     complete: bool = False
+    # Points taken back from each of the receipt's lots, in lot order (see plan_return).
+    lots_taken_back: list[int] = field(default_factory=list)
 
     @property
     def points_taken_back(self) -> int:
@@ -181,9 +218,15 @@ def plan_return(
     already_returned: Mapping[int, int],
     requested: Sequence[tuple[int, int]],
     field_prefix: str = "lines",
+    lot_points: Sequence[int] = (),
 ) -> ReturnPlan:
     """The return of ``requested`` (position, quantity) pairs, or of everything not yet
-    returned when empty. Asking for more than is left is refused whole."""
+    returned when empty. Asking for more than is left is refused whole.
+
+    ``lot_points`` are the receipt's earned points by lot (adding up to the lines' points).
+    Each lot gives back its cumulative share of the points taken back so far, so any
+    sequence of partial returns takes back exactly each lot once everything is returned
+    and never more than the lot."""
     by_position = {line.position: line for line in sold}
     remaining = {line.position: line.quantity_milli - already_returned.get(line.position, 0) for line in sold}
     if not any(remaining.values()):
@@ -230,7 +273,23 @@ def plan_return(
                 points_refunded=share(line.points_paid),
             )
         )
-    return ReturnPlan(lines=lines, returned_after=returned_after, complete=is_fully_returned(sold, returned_after))
+    earned = sum(line.points_earned for line in sold)
+
+    def taken_back_by(returned: Mapping[int, int]) -> int:
+        return sum(
+            _cumulative_share(line.points_earned, returned.get(line.position, 0), line.quantity_milli) for line in sold
+        )
+
+    before, after = taken_back_by(already_returned), taken_back_by(returned_after)
+    lots_taken_back = [
+        _cumulative_share(points, after, earned) - _cumulative_share(points, before, earned) for points in lot_points
+    ]
+    return ReturnPlan(
+        lines=lines,
+        returned_after=returned_after,
+        complete=is_fully_returned(sold, returned_after),
+        lots_taken_back=lots_taken_back,
+    )
 
 
 def is_fully_returned(sold: Sequence[SoldLine], returned: Mapping[int, int]) -> bool:

@@ -24,6 +24,27 @@ from loyalty.runtime.errors import call_remote
 DOWNSTREAM_TIMEOUT_SECONDS = 3.0
 
 
+def rules_subject(member: members.MemberContext) -> rules.Subject:
+    """The member as the rules' conditions read it (member.card_type, member.attributes,
+    the days to and since the birthday)."""
+    subject = rules.Subject(
+        member_id=member.member_id,
+        tier=member.tier,
+        segments=member.segments,
+        card_type=member.card_type,
+        birth_date=member.birth_date,
+    )
+    for name, value in member.attributes.items():
+        kind = value.WhichOneof("value")
+        if kind == "string_value":
+            subject.attributes[name].string_value = value.string_value
+        elif kind == "int_value":
+            subject.attributes[name].int_value = value.int_value
+        elif kind == "bool_value":
+            subject.attributes[name].bool_value = value.bool_value
+    return subject
+
+
 class Peers:
     def __init__(self, channels: Channels, timeout: float = DOWNSTREAM_TIMEOUT_SECONDS) -> None:
         self._members = members_grpc.MembersServiceStub(channels.get("members"))
@@ -80,11 +101,7 @@ class Peers:
         coupons: Sequence[coupon_pb2.PresentedCoupon] = (),
         budget: float | None = None,
     ) -> rules.EvaluateReceiptResponse:
-        subject = (
-            rules.Subject(member_id=member.member_id, tier=member.tier, segments=member.segments)
-            if member
-            else rules.Subject()
-        )
+        subject = rules_subject(member) if member else rules.Subject()
         request = rules.EvaluateReceiptRequest(receipt=receipt, subject=subject, coupons=coupons)
         return await call_remote(lambda: self._rules.EvaluateReceipt(request, timeout=budget or self.timeout))
 
@@ -118,17 +135,7 @@ class Peers:
         response = await call_remote(lambda: self._accounts.ReleaseHold(request, timeout=self.timeout))
         return response.balance
 
-    async def accrue(
-        self, request_id: str, holder_id: str, amount: int, source_ref: str
-    ) -> accounts.AccruePointsResponse:
-        request = accounts.AccruePointsRequest(
-            request_id=request_id,
-            holder_id=holder_id,
-            amount=amount,
-            source=accounts.ACCRUAL_SOURCE_RECEIPT,
-            source_ref=source_ref,
-            reason="points earned on a receipt",
-        )
+    async def accrue(self, request: accounts.AccruePointsRequest) -> accounts.AccruePointsResponse:
         return await call_remote(lambda: self._accounts.AccruePoints(request, timeout=self.timeout))
 
     async def reverse(self, request_id: str, entry_id: str, amount: int, source_ref: str) -> None:

@@ -21,7 +21,7 @@ from loyalty.runtime.outbox import OutboxRelay, add_event
 from loyalty.runtime.timeutil import from_timestamp, utcnow
 from loyalty.runtime.validation import line_amount
 from services.gateway import store
-from services.gateway.domain import CommitPlan, ReceiptKey, SagaState, SoldLine
+from services.gateway.domain import CommitPlan, ReceiptKey, SagaState, SoldLine, receipt_lots
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.peers import Peers
 
@@ -60,6 +60,40 @@ def applied_promotions(evaluation: rules.EvaluateReceiptResponse) -> list[pos.Ap
         )
         for applied in evaluation.applied_promotions
     ]
+
+
+def serialized_lots(evaluation: rules.EvaluateReceiptResponse) -> bytes:
+    """The evaluation's points lots as the calculation and the receipt keep them."""
+    return rules.EvaluateReceiptResponse(points_lots=evaluation.points_lots).SerializeToString()
+
+
+def cheque_lots(cheque: store.ChequeRow) -> list[rules.PointsLotResult]:
+    """The receipt's earned points as the lots to credit, in lot order."""
+    lots = rules.EvaluateReceiptResponse.FromString(cheque.points_lots or b"").points_lots
+    return receipt_lots(cheque.points, lots)
+
+
+def accrual_request(
+    request_id: str, holder_id: str, source_ref: str, lot: rules.PointsLotResult
+) -> accounts.AccruePointsRequest:
+    """The AccruePoints of one lot, with the lot's activation, expiry and currency."""
+    request = accounts.AccruePointsRequest(
+        request_id=request_id,
+        holder_id=holder_id,
+        amount=lot.points,
+        currency=lot.currency,
+        source=accounts.ACCRUAL_SOURCE_RECEIPT,
+        source_ref=source_ref,
+        reason="points earned on a receipt",
+        lifetime_days=lot.lifetime_days,
+        # The two enums name the same roundings with the same numbers.
+        expiry_rounding=accounts.ExpiryRounding.ValueType(lot.expiry_rounding),
+    )
+    if lot.HasField("activate_time"):
+        request.activate_time.CopyFrom(lot.activate_time)
+    if lot.HasField("expire_time"):
+        request.expire_time.CopyFrom(lot.expire_time)
+    return request
 
 
 def unevaluated_lines(receipt: receipt_pb2.Receipt) -> list[pos.ChequeLine]:
@@ -140,6 +174,14 @@ def returned_event(cheque: store.ChequeRow, returned: store.ReturnRow) -> dict[s
     }
 
 
+def lot_reversals(cheque: store.ChequeRow, returned: store.ReturnRow) -> list[tuple[str, int]]:
+    """(accrual entry, points to take back) per lot of the receipt for one return. Receipts
+    and returns from before lots have one accrual, which gives back all of it."""
+    if returned.lots_taken_back is None or cheque.accrual_entry_ids is None:
+        return [(cheque.accrual_entry_id, returned.points_taken_back)]
+    return list(zip(cheque.accrual_entry_ids, returned.lots_taken_back, strict=True))
+
+
 @dataclass(frozen=True)
 class Settled:
     """Where a receipt's saga got to, with what the run saw on the way."""
@@ -184,8 +226,10 @@ class Saga:
                 cheque.hold_id,
                 cheque.points_paid,
                 tuple(reservation_id for _, reservation_id, _ in cheque.coupon_reservations),
+                tuple(cheque_lots(cheque)),
             )
-            redemption_entry_id = accrual_entry_id = ""
+            redemption_entry_id = ""
+            accrual_entry_ids = [""] * len(plan.lots)
             for step in plan.steps:
                 request_id = key.step_request_id(step)
                 if step == "capture_hold":
@@ -197,8 +241,14 @@ class Saga:
                     for reservation_id in plan.coupon_reservations:
                         await self.peers.redeem_coupon(f"{request_id}:{reservation_id}", reservation_id)
                 elif step == "accrue_points":
-                    accrued = await self.peers.accrue(request_id, plan.holder_id, plan.points, key.ref)
-                    accrual_entry_id, balance = accrued.entry.entry_id, accrued.balance
+                    for index, lot in plan.accruals:
+                        accrued = await self.peers.accrue(
+                            accrual_request(key.accrual_request_id(index), plan.holder_id, key.ref, lot)
+                        )
+                        accrual_entry_ids[index] = accrued.entry.entry_id
+                        if not lot.currency or (balance is not None and balance.currency == accrued.balance.currency):
+                            # The register shows the program's own points.
+                            balance = accrued.balance
         except DomainError as error:
             log.warning("receipt %s not completed yet: %s", key.ref, error.reason)
             async with self.sessions() as session, session.begin():
@@ -213,7 +263,9 @@ class Saga:
             row.completed_at = utcnow()
             row.attempts += 1
             row.last_error = ""
-            row.accrual_entry_id = accrual_entry_id
+            # The first lot's entry, as before receipts had lots.
+            row.accrual_entry_id = next((entry_id for entry_id in accrual_entry_ids if entry_id), "")
+            row.accrual_entry_ids = accrual_entry_ids
             row.redemption_entry_id = redemption_entry_id
             await add_event(session, store.outbox, "cheque.committed", key=key.ref, payload=committed_event(row))
         self.relay.notify()
@@ -243,6 +295,7 @@ class Saga:
             response.applied_promotions.extend(applied_promotions(evaluation))
             row.response = response.SerializeToString()
             row.points = response.points_earned_total
+            row.points_lots = serialized_lots(evaluation)
             row.member_id = member.member_id if member else ""
             row.holder_id = member.account_holder_id if member else ""
             row.evaluated = True
@@ -263,10 +316,11 @@ class Saga:
             async with self.sessions() as session:
                 cheque = await store.find_cheque(session, key)
             assert cheque is not None
-            if returned.points_taken_back and cheque.accrual_entry_id:
-                await self.peers.reverse(
-                    f"{prefix}:accrual", cheque.accrual_entry_id, returned.points_taken_back, f"return:{return_id}"
-                )
+            for index, (entry_id, points) in enumerate(lot_reversals(cheque, returned)):
+                if points and entry_id:
+                    # The first lot keeps the key a return had before receipts had lots.
+                    request_id = f"{prefix}:accrual" if index == 0 else f"{prefix}:accrual:{index}"
+                    await self.peers.reverse(request_id, entry_id, points, f"return:{return_id}")
             if returned.points_refunded and cheque.redemption_entry_id:
                 await self.peers.reverse(
                     f"{prefix}:redemption", cheque.redemption_entry_id, returned.points_refunded, f"return:{return_id}"

@@ -17,7 +17,7 @@ from services.gateway.auth import ApiKeys, pepper_of
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.peers import Peers
 from services.gateway.saga import Saga
-from services.gateway.service import PointOfSale
+from services.gateway.service import PointOfSale, RecentIdentifications
 
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
@@ -41,6 +41,7 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
         settings.program_currency,
         settings.calculate_budget_seconds,
         settings.hold_ttl_seconds,
+        RecentIdentifications(settings.member_cache_seconds),
     )
     limiter = create_rate_limiter(settings)
     context.on_stop(limiter.close)

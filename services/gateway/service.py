@@ -7,6 +7,8 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -37,7 +39,15 @@ from services.gateway.domain import (
 )
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.peers import Peers
-from services.gateway.saga import Saga, applied_promotions, evaluated_lines, sold_lines, unevaluated_lines
+from services.gateway.saga import (
+    Saga,
+    applied_promotions,
+    cheque_lots,
+    evaluated_lines,
+    serialized_lots,
+    sold_lines,
+    unevaluated_lines,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +140,41 @@ class Calculation:
     balance: accounts.Balance | None
 
 
+class RecentIdentifications:
+    """The member contexts this replica was given in the last `ttl_seconds`, by identifier:
+    a register identifies the customer, then calculates with the same card or phone within
+    seconds, and the members service is asked once. Only answers are kept (a refusal is
+    asked again); a card blocked or a tier changed meanwhile shows within the TTL."""
+
+    def __init__(
+        self, ttl_seconds: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._ttl = ttl_seconds
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[bytes, tuple[float, members.MemberContext]] = OrderedDict()
+
+    def get(self, identifier: pos.CustomerIdentifier) -> members.MemberContext | None:
+        key = identifier.SerializeToString(deterministic=True)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires_at, context = entry
+        if expires_at <= self._clock():
+            del self._entries[key]
+            return None
+        return context
+
+    def put(self, identifier: pos.CustomerIdentifier, context: members.MemberContext) -> None:
+        if self._ttl <= 0:
+            return
+        key = identifier.SerializeToString(deterministic=True)
+        self._entries.pop(key, None)
+        self._entries[key] = (self._clock() + self._ttl, context)
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+
 class PointOfSale:
     """Identify, calculate, commit, return and cancel receipts, orchestrating the other services."""
 
@@ -142,6 +187,7 @@ class PointOfSale:
         program_currency: str,
         budget_seconds: float,
         hold_ttl_seconds: int,
+        identifications: RecentIdentifications | None = None,
     ) -> None:
         self._sessions = sessions
         self._peers = peers
@@ -150,12 +196,22 @@ class PointOfSale:
         self._currency = program_currency
         self._budget = budget_seconds
         self._hold_ttl = hold_ttl_seconds
+        self._identifications = identifications or RecentIdentifications(0)
+
+    async def _member(self, identifier: pos.CustomerIdentifier, budget: float | None = None) -> members.MemberContext:
+        """The member an identifier names: from this replica's recent identifications, else
+        from the members service."""
+        member = self._identifications.get(identifier)
+        if member is None:
+            member = await self._peers.identify(identifier, budget=budget)
+            self._identifications.put(identifier, member)
+        return member
 
     async def identify(self, identifier: pos.CustomerIdentifier) -> pos.Customer:
         violations = Violations()
         check_identifier(identifier, violations)
         violations.raise_if_any()
-        return await self._customer_with_balance(await self._peers.identify(identifier))
+        return await self._customer_with_balance(await self._member(identifier))
 
     async def register(self, request: pos.RegisterCustomerRequest) -> pos.RegisterCustomerResponse:
         violations = Violations()
@@ -285,6 +341,7 @@ class PointOfSale:
                     state=CalculationState.OPEN.value,
                     expire_at=expire_at,
                     created_at=utcnow(),
+                    points_lots=serialized_lots(decided.evaluation),
                 ),
             )
         return response
@@ -303,7 +360,7 @@ class PointOfSale:
         member: members.MemberContext | None = None
         if request.HasField("identifier"):
             try:
-                member = await self._peers.identify(request.identifier, budget=deadline.remaining())
+                member = await self._member(request.identifier, budget=deadline.remaining())
             except Unavailable:
                 degradations.append(pos.DEGRADATION_CUSTOMER_UNAVAILABLE)
         coupons = await self._reserve_coupons(terminal, request, member, calculation_id, receipt_ref, deadline)
@@ -527,6 +584,7 @@ class PointOfSale:
         now = utcnow()
         hold_id, reservations, evaluated, used_calculation = "", [], True, ""
         promotions: list[pos.AppliedPromotion] = []
+        points_lots: bytes | None = None
         if calculation is not None and matches:
             if request.points_paid > calculation.points_to_pay:
                 raise FailedPrecondition(
@@ -544,12 +602,13 @@ class PointOfSale:
             promotions = list(calculated.applied_promotions)
             hold_id, reservations = calculation.hold_id, calculation.coupon_reservations
             used_calculation = calculation.calculation_id
+            points_lots = calculation.points_lots
             evaluated = pos.DEGRADATION_PROMOTIONS_UNAVAILABLE not in calculated.degradations
         else:
             member: members.MemberContext | None = None
             try:
                 if request.HasField("identifier"):
-                    member = await self._peers.identify(request.identifier)
+                    member = await self._member(request.identifier)
                 evaluation = await self._peers.evaluate(request.receipt, member)
             except Unavailable as error:
                 log.warning("receipt %s accepted for later evaluation: %s", key.ref, error.reason)
@@ -558,6 +617,7 @@ class PointOfSale:
                 lines = evaluated_lines(evaluation)
                 discount = evaluation.discount_total_minor
                 promotions = applied_promotions(evaluation)
+                points_lots = serialized_lots(evaluation)
             else:
                 lines = unevaluated_lines(request.receipt)
                 discount = 0
@@ -601,6 +661,7 @@ class PointOfSale:
             last_error="",
             committed_at=now,
             completed_at=None,
+            points_lots=points_lots,
         )
 
     async def _record(self, row: store.ChequeRow) -> store.ChequeRow:
@@ -685,7 +746,10 @@ class PointOfSale:
             raise Unavailable("RECEIPT_NOT_SETTLED", "the receipt is still being settled; retry the return shortly")
         sold = sold_lines(cheque)
         plan = plan_return(
-            sold, cheque.returned_quantities, [(line.position, line.quantity_milli) for line in request.lines]
+            sold,
+            cheque.returned_quantities,
+            [(line.position, line.quantity_milli) for line in request.lines],
+            lot_points=[lot.points for lot in cheque_lots(cheque)],
         )
         cheque.returned = {str(position): quantity for position, quantity in plan.returned_after.items()}
         cheque.cancelled = cancelling
@@ -712,6 +776,7 @@ class PointOfSale:
             last_error="",
             created_at=now,
             completed_at=None,
+            lots_taken_back=plan.lots_taken_back,
         )
 
     async def cancel(self, terminal: Terminal, request: pos.CancelChequeRequest) -> pos.CancelChequeResponse:
@@ -804,7 +869,7 @@ class PointOfSale:
         check_identifier(request.identifier, violations)
         size = page_size(request.page_size, violations)
         violations.raise_if_any()
-        member = await self._peers.identify(request.identifier)
+        member = await self._member(request.identifier)
         entries = await self._peers.history(member.account_holder_id, size, request.page_token)
         return pos.ListCustomerHistoryResponse(
             customer=await self._customer_with_balance(member),

@@ -42,6 +42,9 @@ class CalculationRow(Base):
     state: Mapped[str] = mapped_column(String(16), default=CalculationState.OPEN.value)
     expire_at: Mapped[datetime] = mapped_column(UtcDateTime())
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
+    # The rules' points lots before the points payment (a serialized
+    # EvaluateReceiptResponse holding only points_lots); NULL: one lot of the defaults.
+    points_lots: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class ChequeRow(Base):
@@ -81,6 +84,12 @@ class ChequeRow(Base):
     last_error: Mapped[str] = mapped_column(String(500), default="")
     committed_at: Mapped[datetime] = mapped_column(UtcDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # The rules' points lots as on the calculation; NULL (receipts from before lots):
+    # one lot of the program's defaults.
+    points_lots: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Every lot's accrual entry id, in lot order ("" for a lot of no points);
+    # accrual_entry_id is the first lot's.
+    accrual_entry_ids: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
     @property
     def key(self) -> ReceiptKey:
@@ -112,6 +121,9 @@ class ReturnRow(Base):
     last_error: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # Points taken back from each of the receipt's lots, in lot order; NULL (returns
+    # from before lots): all of points_taken_back from the first lot.
+    lots_taken_back: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
 
     @property
     def receipt_key(self) -> ReceiptKey:

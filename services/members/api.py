@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -19,6 +19,10 @@ from loyalty.runtime.timeutil import to_timestamp, utcnow
 from services.members import service, store
 from services.members.cache import TtlCache
 from services.members.domain import (
+    AttributeDefinition,
+    AttributeScalar,
+    AttributeType,
+    CalendarPeriod,
     Card,
     CardStatus,
     CardType,
@@ -27,6 +31,7 @@ from services.members.domain import (
     MemberStatus,
     Participation,
     TierDefinition,
+    TierMetric,
 )
 
 _MEMBER_STATUS = {
@@ -53,6 +58,31 @@ _CHANNEL_NAMES = {
     pb.CONTACT_CHANNEL_TELEGRAM: "telegram",
 }
 _CHANNELS = {name: channel for channel, name in _CHANNEL_NAMES.items()}
+_ATTRIBUTE_TYPES = {
+    AttributeType.STRING: pb.ATTRIBUTE_TYPE_STRING,
+    AttributeType.INT: pb.ATTRIBUTE_TYPE_INT,
+    AttributeType.BOOL: pb.ATTRIBUTE_TYPE_BOOL,
+    AttributeType.DATE: pb.ATTRIBUTE_TYPE_DATE,
+    AttributeType.ENUM: pb.ATTRIBUTE_TYPE_ENUM,
+}
+_ATTRIBUTE_TYPES_FROM_PROTO = {proto: kind for kind, proto in _ATTRIBUTE_TYPES.items()}
+_TIER_METRICS = {TierMetric.SPEND: pb.TIER_METRIC_SPEND, TierMetric.POINTS: pb.TIER_METRIC_POINTS}
+_TIER_METRICS_FROM_PROTO = {pb.TIER_METRIC_UNSPECIFIED: TierMetric.SPEND} | {
+    proto: metric for metric, proto in _TIER_METRICS.items()
+}
+_CALENDAR_PERIODS = {
+    CalendarPeriod.NONE: pb.CALENDAR_PERIOD_UNSPECIFIED,
+    CalendarPeriod.YEAR: pb.CALENDAR_PERIOD_YEAR,
+    CalendarPeriod.QUARTER: pb.CALENDAR_PERIOD_QUARTER,
+    CalendarPeriod.MONTH: pb.CALENDAR_PERIOD_MONTH,
+}
+_CALENDAR_PERIODS_FROM_PROTO = {proto: period for period, proto in _CALENDAR_PERIODS.items()}
+_INVITATION_STATUS = {
+    service.INVITATION_PENDING: pb.INVITATION_STATUS_PENDING,
+    service.INVITATION_ACCEPTED: pb.INVITATION_STATUS_ACCEPTED,
+    service.INVITATION_DECLINED: pb.INVITATION_STATUS_DECLINED,
+    service.INVITATION_EXPIRED: pb.INVITATION_STATUS_EXPIRED,
+}
 _BATCH_STATUS = {service.BATCH_PENDING: pb.CARD_BATCH_STATUS_PENDING, service.BATCH_DONE: pb.CARD_BATCH_STATUS_DONE}
 _PROFILE_TEXT_FIELDS = (
     "phone",
@@ -86,6 +116,46 @@ def consents_from_proto(consents: Sequence[pb.Consent]) -> list[service.ConsentI
     ]
 
 
+def attribute_to_proto(value: AttributeScalar) -> pb.AttributeValue:
+    if isinstance(value, bool):
+        return pb.AttributeValue(bool_value=value)
+    if isinstance(value, int):
+        return pb.AttributeValue(int_value=value)
+    return pb.AttributeValue(string_value=value)
+
+
+def attribute_from_proto(value: pb.AttributeValue) -> AttributeScalar | None:
+    """The value sent; None when no field of the oneof is set."""
+    kind = value.WhichOneof("value")
+    return None if kind is None else getattr(value, kind)
+
+
+def attributes_to_proto(attributes: Mapping[str, AttributeScalar]) -> dict[str, pb.AttributeValue]:
+    return {code: attribute_to_proto(value) for code, value in attributes.items()}
+
+
+def attribute_definition_to_proto(definition: AttributeDefinition) -> pb.AttributeDefinition:
+    return pb.AttributeDefinition(
+        code=definition.code,
+        name=definition.name,
+        type=_ATTRIBUTE_TYPES[definition.type],
+        allowed_values=definition.allowed_values,
+    )
+
+
+def invitation_to_proto(invitation: store.Invitation) -> pb.HouseholdInvitation:
+    return pb.HouseholdInvitation(
+        invitation_id=invitation.invitation_id,
+        household_id=invitation.household_id,
+        member_id=invitation.member_id,
+        invited_by=invitation.invited_by,
+        status=_INVITATION_STATUS[invitation.status],
+        create_time=to_timestamp(invitation.created_at),
+        expire_time=to_timestamp(invitation.expires_at),
+        decide_time=to_timestamp(invitation.decided_at),
+    )
+
+
 def member_to_proto(member: Member) -> pb.Member:
     return pb.Member(
         member_id=member.member_id,
@@ -113,6 +183,10 @@ def member_to_proto(member: Member) -> pb.Member:
         rfm=pb.RfmScore(recency=member.rfm.recency, frequency=member.rfm.frequency, monetary=member.rfm.monetary)
         if member.rfm
         else None,
+        attributes=attributes_to_proto(member.attributes),
+        referral_code=member.referral_code or "",
+        referred_by=member.referred_by or "",
+        referred_count=member.referred_count,
     )
 
 
@@ -153,6 +227,9 @@ def tier_to_proto(tier: TierDefinition) -> pb.TierDefinition:
         window_months=tier.window_months,
         duration_days=tier.duration_days,
         downgrade_after_inactive_days=tier.downgrade_after_inactive_days,
+        metric=_TIER_METRICS[tier.metric],
+        points_threshold=tier.points_threshold,
+        calendar_period=_CALENDAR_PERIODS[tier.calendar_period],
     )
 
 
@@ -170,7 +247,17 @@ def segment_to_proto(segment: service.Segment) -> pb.Segment:
 
 
 def partner_to_proto(partner: service.Partner) -> pb.Partner:
-    return pb.Partner(partner_id=partner.partner_id, name=partner.name, store_ids=partner.store_ids)
+    return pb.Partner(
+        partner_id=partner.partner_id,
+        name=partner.name,
+        store_ids=partner.store_ids,
+        stores=[
+            pb.Store(
+                store_id=item.store_id, region=item.region, time_zone=item.time_zone, terminal_ids=item.terminal_ids
+            )
+            for item in partner.stores
+        ],
+    )
 
 
 def require(**fields: str) -> None:
@@ -243,7 +330,10 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         require(member_id=request.member_id)
         values = {name: getattr(request.member, name) for name in _PROFILE_TEXT_FIELDS}
         change = service.parse_profile_change(
-            list(request.update_mask.paths), values, consents_from_proto(request.member.consents)
+            list(request.update_mask.paths),
+            values,
+            consents_from_proto(request.member.consents),
+            {code: attribute_from_proto(value) for code, value in request.member.attributes.items()},
         )
 
         async def work(session: AsyncSession) -> pb.UpdateMemberResponse:
@@ -266,7 +356,7 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         service.check_merge(request.survivor_id, request.duplicate_id, request.actor, request.reason)
 
         async def work(session: AsyncSession) -> pb.MergeMembersResponse:
-            survivor, cards_moved = await service.merge_members(
+            survivor, moved = await service.merge_members(
                 session,
                 request.survivor_id,
                 request.duplicate_id,
@@ -274,7 +364,13 @@ class MembersApi(pb_grpc.MembersServiceServicer):
                 request.reason.strip(),
                 self._merge_accounts,
             )
-            return pb.MergeMembersResponse(survivor=member_to_proto(survivor), cards_moved=cards_moved)
+            return pb.MergeMembersResponse(
+                survivor=member_to_proto(survivor),
+                cards_moved=moved.cards,
+                segments_moved=moved.segments,
+                tier_changes_moved=moved.tier_changes,
+                consents_moved=moved.consents,
+            )
 
         return await self._idempotent.run("MergeMembers", request, pb.MergeMembersResponse, work)
 
@@ -441,6 +537,8 @@ class MembersApi(pb_grpc.MembersServiceServicer):
             card_number=found.card_number,
             card_type=found.card_type,
             household_id=member.household_id or "",
+            attributes=attributes_to_proto(member.attributes),
+            birth_date=member.birth_date,
         )
         self._identities.put(key, member.member_id, member_context)
         return pb.IdentifyMemberResponse(context=member_context)
@@ -457,6 +555,12 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         self, request: pb.SetTierDefinitionRequest, context: Context
     ) -> pb.SetTierDefinitionResponse:
         tier = request.tier
+        violations = Violations()
+        violations.check(tier.metric in _TIER_METRICS_FROM_PROTO, "tier.metric", "SPEND or POINTS")
+        violations.check(
+            tier.calendar_period in _CALENDAR_PERIODS_FROM_PROTO, "tier.calendar_period", "a calendar period"
+        )
+        violations.raise_if_any()
         definition = service.parse_tier_definition(
             TierDefinition(
                 tier.code,
@@ -466,6 +570,9 @@ class MembersApi(pb_grpc.MembersServiceServicer):
                 tier.window_months,
                 tier.duration_days,
                 tier.downgrade_after_inactive_days,
+                _TIER_METRICS_FROM_PROTO[tier.metric],
+                tier.points_threshold,
+                _CALENDAR_PERIODS_FROM_PROTO[tier.calendar_period],
             )
         )
 
@@ -517,6 +624,7 @@ class MembersApi(pb_grpc.MembersServiceServicer):
                 spend_last_365_days_minor=stats.spend_last_365_days_minor,
                 first_purchase_time=to_timestamp(stats.first_purchase_at),
                 last_purchase_time=to_timestamp(stats.last_purchase_at),
+                points_earned=stats.points_earned,
             )
 
         return await self._read(work)
@@ -570,7 +678,7 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         violations.check(bool(request.name.strip()), "name", "required")
         violations.check_length(request.name, "name", service.MAX_NAME_LENGTH)
         violations.raise_if_any()
-        service.check_segment_expression(request.expression)
+        # The expression is checked in the transaction: its trial run needs the attributes defined.
 
         async def work(session: AsyncSession) -> pb.CreateSegmentResponse:
             segment = await service.create_segment(session, request.code, request.name, request.expression)
@@ -616,7 +724,13 @@ class MembersApi(pb_grpc.MembersServiceServicer):
 
     async def SetPartner(self, request: pb.SetPartnerRequest, context: Context) -> pb.SetPartnerResponse:
         partner = service.parse_partner(
-            request.partner.partner_id, request.partner.name, list(request.partner.store_ids)
+            request.partner.partner_id,
+            request.partner.name,
+            list(request.partner.store_ids),
+            [
+                store.Store(item.store_id, item.region, item.time_zone, tuple(item.terminal_ids))
+                for item in request.partner.stores
+            ],
         )
 
         async def work(session: AsyncSession) -> pb.SetPartnerResponse:
@@ -630,5 +744,111 @@ class MembersApi(pb_grpc.MembersServiceServicer):
         async def work(session: AsyncSession) -> pb.GetPartnerResponse:
             partner = await service.get_partner(session, request.partner_id)
             return pb.GetPartnerResponse(partner=partner_to_proto(partner))
+
+        return await self._read(work)
+
+    async def ResolveTerminal(self, request: pb.ResolveTerminalRequest, context: Context) -> pb.ResolveTerminalResponse:
+        require(terminal_id=request.terminal_id)
+
+        async def work(session: AsyncSession) -> pb.ResolveTerminalResponse:
+            terminal = await service.resolve_terminal(session, request.terminal_id)
+            return pb.ResolveTerminalResponse(
+                terminal_id=terminal.terminal_id,
+                store_id=terminal.store_id,
+                partner_id=terminal.partner_id,
+                region=terminal.region,
+                time_zone=terminal.time_zone,
+            )
+
+        return await self._read(work)
+
+    # Custom attributes -------------------------------------------------------------
+
+    async def SetAttributeDefinition(
+        self, request: pb.SetAttributeDefinitionRequest, context: Context
+    ) -> pb.SetAttributeDefinitionResponse:
+        given = request.definition
+        definition = service.parse_attribute_definition(
+            given.code, given.name, _ATTRIBUTE_TYPES_FROM_PROTO.get(given.type), list(given.allowed_values)
+        )
+
+        async def work(session: AsyncSession) -> pb.SetAttributeDefinitionResponse:
+            stored = await service.set_attribute_definition(session, definition)
+            return pb.SetAttributeDefinitionResponse(definition=attribute_definition_to_proto(stored))
+
+        return await self._idempotent.run("SetAttributeDefinition", request, pb.SetAttributeDefinitionResponse, work)
+
+    async def ListAttributeDefinitions(
+        self, request: pb.ListAttributeDefinitionsRequest, context: Context
+    ) -> pb.ListAttributeDefinitionsResponse:
+        async def work(session: AsyncSession) -> pb.ListAttributeDefinitionsResponse:
+            definitions = await store.list_attribute_definitions(session)
+            return pb.ListAttributeDefinitionsResponse(
+                definitions=[attribute_definition_to_proto(definition) for definition in definitions]
+            )
+
+        return await self._read(work)
+
+    # Referrals ---------------------------------------------------------------------
+
+    async def LookupReferralCode(
+        self, request: pb.LookupReferralCodeRequest, context: Context
+    ) -> pb.LookupReferralCodeResponse:
+        async def work(session: AsyncSession) -> pb.LookupReferralCodeResponse:
+            member_id = await service.lookup_referral_code(session, request.referral_code)
+            return pb.LookupReferralCodeResponse(member_id=member_id)
+
+        return await self._read(work)
+
+    # Household invitations ---------------------------------------------------------
+
+    async def InviteToHousehold(
+        self, request: pb.InviteToHouseholdRequest, context: Context
+    ) -> pb.InviteToHouseholdResponse:
+        require(household_id=request.household_id, invited_by=request.invited_by)
+        phone = service.check_invitation(request.member_id, request.phone, request.valid_days)
+
+        async def work(session: AsyncSession) -> pb.InviteToHouseholdResponse:
+            invitation = await service.invite_to_household(
+                session, request.household_id, request.invited_by, request.member_id, phone, request.valid_days
+            )
+            return pb.InviteToHouseholdResponse(invitation=invitation_to_proto(invitation))
+
+        return await self._idempotent.run("InviteToHousehold", request, pb.InviteToHouseholdResponse, work)
+
+    async def AcceptHouseholdInvitation(
+        self, request: pb.AcceptHouseholdInvitationRequest, context: Context
+    ) -> pb.AcceptHouseholdInvitationResponse:
+        require(invitation_id=request.invitation_id)
+
+        async def work(session: AsyncSession) -> pb.AcceptHouseholdInvitationResponse:
+            invitation, household = await service.accept_invitation(session, request.invitation_id)
+            return pb.AcceptHouseholdInvitationResponse(
+                invitation=invitation_to_proto(invitation), household=household_to_proto(household)
+            )
+
+        return await self._idempotent.run(
+            "AcceptHouseholdInvitation", request, pb.AcceptHouseholdInvitationResponse, work
+        )
+
+    async def DeclineHouseholdInvitation(
+        self, request: pb.DeclineHouseholdInvitationRequest, context: Context
+    ) -> pb.DeclineHouseholdInvitationResponse:
+        require(invitation_id=request.invitation_id)
+
+        async def work(session: AsyncSession) -> pb.DeclineHouseholdInvitationResponse:
+            invitation = await service.decline_invitation(session, request.invitation_id)
+            return pb.DeclineHouseholdInvitationResponse(invitation=invitation_to_proto(invitation))
+
+        return await self._idempotent.run(
+            "DeclineHouseholdInvitation", request, pb.DeclineHouseholdInvitationResponse, work
+        )
+
+    async def ListHouseholdInvitations(
+        self, request: pb.ListHouseholdInvitationsRequest, context: Context
+    ) -> pb.ListHouseholdInvitationsResponse:
+        async def work(session: AsyncSession) -> pb.ListHouseholdInvitationsResponse:
+            invitations = await service.list_invitations(session, request.member_id, request.household_id)
+            return pb.ListHouseholdInvitationsResponse(invitations=[invitation_to_proto(item) for item in invitations])
 
         return await self._read(work)

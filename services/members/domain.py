@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import calendar
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -81,6 +82,13 @@ class Member:
     merged_into: str | None = None
     # Set by the RFM job once the member has bought something.
     rfm: Rfm | None = None
+    # Custom attributes by code, typed by their definitions.
+    attributes: Mapping[str, AttributeScalar] = field(default_factory=dict)
+    # The member's own code to invite others with; None after erasure.
+    referral_code: str | None = None
+    # The member whose referral code this one registered with.
+    referred_by: str | None = None
+    referred_count: int = 0
 
     @property
     def account_holder_id(self) -> str:
@@ -111,6 +119,7 @@ def member_payload(member: Member) -> dict[str, Any]:
         "status": member.status.value,
         "tier": member.tier,
         "consents": {channel: granted.get(channel, False) for channel in CONSENT_CHANNELS},
+        "attributes": dict(member.attributes),
     }
 
 
@@ -119,6 +128,18 @@ def merge_consents(current: Sequence[Consent], changes: Sequence[Consent]) -> tu
     by_channel = {consent.channel: consent for consent in current}
     by_channel.update({consent.channel: consent for consent in changes})
     return tuple(by_channel[channel] for channel in CONSENT_CHANNELS if channel in by_channel)
+
+
+def merge_newer_consents(survivor: Sequence[Consent], duplicate: Sequence[Consent]) -> tuple[tuple[Consent, ...], int]:
+    """The survivor's consents after a merge: per channel the more recent answer of the two
+    (the person's latest word); returns them and how many came from the duplicate."""
+    own = {consent.channel: consent for consent in survivor}
+    taken = [
+        consent
+        for consent in duplicate
+        if consent.channel not in own or consent.updated_at > own[consent.channel].updated_at
+    ]
+    return merge_consents(survivor, taken), len(taken)
 
 
 @dataclass(frozen=True)
@@ -222,6 +243,102 @@ def parse_birth_date(text: str, today: date) -> date:
     return born
 
 
+# Custom attributes -------------------------------------------------------------
+
+AttributeScalar = str | int | bool
+MAX_ATTRIBUTE_TEXT = 500
+MAX_ALLOWED_VALUES = 100
+INT_ATTRIBUTE_BOUND = 2**63
+
+
+class AttributeType(StrEnum):
+    STRING = "string"
+    INT = "int"
+    BOOL = "bool"
+    DATE = "date"
+    ENUM = "enum"
+
+
+@dataclass(frozen=True)
+class AttributeDefinition:
+    code: str
+    name: str
+    type: AttributeType
+    allowed_values: tuple[str, ...] = ()
+
+
+def attribute_value_error(definition: AttributeDefinition, value: AttributeScalar) -> str | None:
+    """Why `value` is not a value of the attribute, or None when it is."""
+    kind = definition.type
+    if kind is AttributeType.BOOL:
+        return None if isinstance(value, bool) else "a bool_value"
+    if kind is AttributeType.INT:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an int_value"
+    if not isinstance(value, str):
+        return "a string_value"
+    if kind is AttributeType.DATE:
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            return "a date as YYYY-MM-DD in string_value"
+        return None if len(value) == 10 else "a date as YYYY-MM-DD in string_value"
+    if kind is AttributeType.ENUM:
+        return None if value in definition.allowed_values else f"one of {', '.join(definition.allowed_values)}"
+    if len(value) > MAX_ATTRIBUTE_TEXT:
+        return f"at most {MAX_ATTRIBUTE_TEXT} characters"
+    if any(ord(char) < 32 for char in value):
+        return "no control characters"
+    return None
+
+
+def sample_attribute_value(definition: AttributeDefinition) -> AttributeScalar:
+    """A value of the attribute's type, for trial runs of segment expressions."""
+    samples: dict[AttributeType, AttributeScalar] = {
+        AttributeType.STRING: "",
+        AttributeType.INT: 0,
+        AttributeType.BOOL: False,
+        AttributeType.DATE: "2000-01-01",
+        AttributeType.ENUM: definition.allowed_values[0] if definition.allowed_values else "",
+    }
+    return samples[definition.type]
+
+
+# Stored as text with the kind of value: "s" text, "i" integer, "b" bool ("1"/"0").
+def encode_attribute(value: AttributeScalar) -> tuple[str, str]:
+    if isinstance(value, bool):
+        return "b", "1" if value else "0"
+    if isinstance(value, int):
+        return "i", str(value)
+    return "s", value
+
+
+def decode_attribute(kind: str, text: str) -> AttributeScalar:
+    if kind == "b":
+        return text == "1"
+    if kind == "i":
+        return int(text)
+    return text
+
+
+# Referral codes ----------------------------------------------------------------
+
+# No 0/O, 1/I/L: the code is read aloud and typed from paper.
+REFERRAL_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+REFERRAL_CODE_LENGTH = 8
+
+
+def new_referral_code() -> str:
+    return "".join(secrets.choice(REFERRAL_ALPHABET) for _ in range(REFERRAL_CODE_LENGTH))
+
+
+def normalize_referral_code(raw: str) -> str:
+    """The stored form of a code as a person typed it: upper case, without spaces and dashes."""
+    code = re.sub(r"[\s-]", "", raw).upper()
+    if len(code) != REFERRAL_CODE_LENGTH or any(char not in REFERRAL_ALPHABET for char in code):
+        raise InvalidIdentifier(f"a referral code of {REFERRAL_CODE_LENGTH} letters and digits")
+    return code
+
+
 # Card batches ----------------------------------------------------------------
 
 
@@ -279,6 +396,18 @@ def verify_qr_token(secret: bytes, token: str, now: datetime) -> str:
 # Tiers --------------------------------------------------------------------------
 
 
+class TierMetric(StrEnum):
+    SPEND = "spend"
+    POINTS = "points"
+
+
+class CalendarPeriod(StrEnum):
+    NONE = ""
+    YEAR = "year"
+    QUARTER = "quarter"
+    MONTH = "month"
+
+
 @dataclass(frozen=True)
 class TierDefinition:
     code: str
@@ -288,6 +417,13 @@ class TierDefinition:
     window_months: int
     duration_days: int
     downgrade_after_inactive_days: int
+    metric: TierMetric = TierMetric.SPEND
+    points_threshold: int = 0
+    calendar_period: CalendarPeriod = CalendarPeriod.NONE
+
+    @property
+    def threshold(self) -> int:
+        return self.points_threshold if self.metric is TierMetric.POINTS else self.spend_threshold_minor
 
 
 BASIC_TIER = TierDefinition(DEFAULT_TIER, "Basic", 0, 0, 0, 0, 0)
@@ -311,8 +447,20 @@ def months_before(moment: datetime, months: int) -> datetime:
     return moment.replace(year=year, month=month + 1, day=day)
 
 
+def calendar_period_start(period: CalendarPeriod, now: datetime) -> datetime:
+    """Midnight of the first day of the calendar year, quarter or month holding `now`."""
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period is CalendarPeriod.YEAR:
+        return midnight.replace(month=1, day=1)
+    if period is CalendarPeriod.QUARTER:
+        return midnight.replace(month=(now.month - 1) // 3 * 3 + 1, day=1)
+    return midnight.replace(day=1)
+
+
 def window_start(definition: TierDefinition, now: datetime) -> datetime | None:
-    """Where a tier's qualifying spend starts counting; None for all time."""
+    """Where a tier's qualifying spend or points start counting; None for all time."""
+    if definition.calendar_period is not CalendarPeriod.NONE:
+        return calendar_period_start(definition.calendar_period, now)
     return months_before(now, definition.window_months) if definition.window_months else None
 
 
@@ -334,7 +482,8 @@ def evaluate_tier(
     last_purchase: datetime | None,
     now: datetime,
 ) -> TierDecision | None:
-    """Decides a member's tier from the spend each definition counts (over its own window).
+    """Decides a member's tier from the spend or points each definition counts (over its
+    own window), given by tier code in `spend_by_tier`.
 
     The best tier the member qualifies for wins at once. A tier with a duration lasts that
     long after the member last qualified (requalifying moves its end); a tier without one
@@ -346,7 +495,7 @@ def evaluate_tier(
     qualifying = [
         definition
         for definition in definitions
-        if spend_by_tier.get(definition.code, 0) >= definition.spend_threshold_minor
+        if spend_by_tier.get(definition.code, 0) >= definition.threshold
         and not _inactive(definition, last_purchase, now)
     ]
     best = max(qualifying, key=lambda definition: definition.rank, default=BASIC_TIER)
@@ -381,6 +530,7 @@ class MemberFacts:
     purchase_count: int
     total_spend_minor: int
     last_purchase_at: datetime | None
+    attributes: Mapping[str, AttributeScalar] = field(default_factory=dict)
 
 
 def age_on(birth_date: str, today: date) -> int:
@@ -403,6 +553,7 @@ def segment_variables(facts: MemberFacts, now: datetime) -> dict[str, Any]:
             "registered_days_ago": (now - facts.created_at).days,
             "registration_date": facts.created_at.date().isoformat(),
             "age": age_on(facts.birth_date, now.date()),
+            "attributes": dict(facts.attributes),
         }
     }
 
@@ -416,12 +567,16 @@ class SegmentExpressionError(ValueError):
     """A dynamic segment's expression does not compile or is not a condition."""
 
 
-def compile_segment(expression: str) -> cel.Program:
-    """Compiles the expression and trial-runs it on a sample member, so a typo or a
-    non-boolean result is refused when the segment is created, not in every job run."""
+def compile_segment(expression: str, attributes: Sequence[AttributeDefinition] = ()) -> cel.Program:
+    """Compiles the expression and trial-runs it on a sample member (with a value of every
+    defined attribute), so a typo or a non-boolean result is refused when the segment is
+    created, not in every job run."""
+    sample = dataclasses.replace(
+        SAMPLE_FACTS, attributes={definition.code: sample_attribute_value(definition) for definition in attributes}
+    )
     try:
         program = cel.compile(expression)
-        result = program.execute(segment_variables(SAMPLE_FACTS, SAMPLE_FACTS.created_at))
+        result = program.execute(segment_variables(sample, sample.created_at))
     except Exception as error:  # the CEL runtime raises several types for bad expressions
         raise SegmentExpressionError(str(error)) from error
     if not isinstance(result, bool):
@@ -467,3 +622,37 @@ def rfm_scores(facts: Sequence[MemberFacts], now: datetime) -> dict[str, Rfm]:
     frequency = _quintiles({m.member_id: m.purchase_count for m in buyers})
     monetary = _quintiles({m.member_id: m.total_spend_minor for m in buyers})
     return {m.member_id: Rfm(recency[m.member_id], frequency[m.member_id], monetary[m.member_id]) for m in buyers}
+
+
+# Birthdays and profile completion (announced for stimulating campaigns) -------------
+
+
+def local_date(now: datetime, time_zone: str) -> date:
+    """The calendar day at `now` in the member's time zone; UTC when it is unset or unknown."""
+    return now.astimezone(ZoneInfo(time_zone) if is_valid_time_zone(time_zone) else ZoneInfo("UTC")).date()
+
+
+def birthday_falls_on(birth_date: str, day: date) -> bool:
+    """Whether `day` is the member's birthday; 29 February is celebrated on 28 February in
+    years without one (the last day of the month the member was born in)."""
+    if not birth_date:
+        return False
+    born = date.fromisoformat(birth_date)
+    if (born.month, born.day) == (2, 29) and not calendar.isleap(day.year):
+        return (day.month, day.day) == (2, 28)
+    return (born.month, born.day) == (day.month, day.day)
+
+
+def birthday_candidates(now: datetime) -> tuple[str, ...]:
+    """The birth dates' "MM-DD" that may be today somewhere: the UTC day and its neighbours
+    (time zones reach 14 hours either side), with 02-29 whenever 28 February is among them."""
+    days = [(now - timedelta(days=1)).date(), now.date(), (now + timedelta(days=1)).date()]
+    month_days = {f"{day.month:02d}-{day.day:02d}" for day in days}
+    if "02-28" in month_days:
+        month_days.add("02-29")
+    return tuple(sorted(month_days))
+
+
+def profile_complete(member: Member) -> bool:
+    """A profile is complete with a first name, a last name, an e-mail and a birth date."""
+    return bool(member.first_name.strip() and member.last_name.strip() and member.email and member.birth_date)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.runtime.timeutil import utcnow
 from services.members import service, store
-from services.members.domain import DEFAULT_TIER, MemberFacts
+from services.members.domain import DEFAULT_TIER, MemberFacts, birthday_candidates
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,8 @@ EMISSION_CHUNK = 20_000
 TIER_REVIEW_BATCH = 500
 # Members read per query when recomputing segments and RFM scores.
 FACTS_PAGE = 10_000
+# Birthday candidates read per query; each is announced in its own transaction.
+BIRTHDAY_PAGE = 1_000
 
 
 async def emit_card_batches(sessions: async_sessionmaker[AsyncSession], chunk: int = EMISSION_CHUNK) -> int:
@@ -55,6 +58,26 @@ async def review_tiers(sessions: async_sessionmaker[AsyncSession]) -> int:
         if len(member_ids) < TIER_REVIEW_BATCH:
             return changed
         after = member_ids[-1]
+
+
+async def announce_birthdays(
+    sessions: async_sessionmaker[AsyncSession], now: datetime | None = None, page: int = BIRTHDAY_PAGE
+) -> int:
+    """Announces member.birthday for every active member whose birthday is today in their time
+    zone and was not announced this year; returns how many were announced. Each claim and
+    its event share one short transaction, so concurrent runs and re-runs announce once."""
+    now = now or utcnow()
+    month_days = birthday_candidates(now)
+    announced, after = 0, ""
+    while True:
+        async with sessions() as session:
+            candidates = await store.birthday_candidates(session, month_days, after, page)
+        for candidate in candidates:
+            async with sessions() as session, session.begin():
+                announced += await service.announce_birthday(session, candidate, now)
+        if len(candidates) < page:
+            return announced
+        after = candidates[-1].member_id
 
 
 async def run_periodically(

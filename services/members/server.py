@@ -56,6 +56,16 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
         ),
         "recompute-profiles",
     )
+    context.run_in_background(
+        jobs.run_periodically(
+            "announce_birthdays",
+            lambda: jobs.announce_birthdays(context.sessions),
+            context.metrics.job_runs,
+            relay.notify,
+            settings.birthday_job_interval_seconds,
+        ),
+        "announce-birthdays",
+    )
     # Without a configured key, tokens are signed with a key of this process alone: enough
     # for the embedded run, where one replica both issues and verifies them.
     configured = settings.qr_token_secret

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,7 +22,13 @@ from services.members.domain import (
     CONSENT_CHANNELS,
     DEFAULT_CARD_TYPE,
     DEFAULT_TIER,
+    MAX_ALLOWED_VALUES,
+    MAX_ATTRIBUTE_TEXT,
     MAX_CARD_NUMBER_LENGTH,
+    AttributeDefinition,
+    AttributeScalar,
+    AttributeType,
+    CalendarPeriod,
     Card,
     CardStatus,
     CardType,
@@ -35,7 +41,10 @@ from services.members.domain import (
     MemberStatus,
     SegmentExpressionError,
     TierDefinition,
+    TierMetric,
+    attribute_value_error,
     batch_card_numbers,
+    birthday_falls_on,
     compile_segment,
     evaluate_tier,
     in_segment,
@@ -43,12 +52,17 @@ from services.members.domain import (
     is_valid_code,
     is_valid_locale,
     is_valid_time_zone,
+    local_date,
     member_payload,
     merge_consents,
+    merge_newer_consents,
     new_card_number,
+    new_referral_code,
     normalize_email,
     normalize_phone,
+    normalize_referral_code,
     parse_birth_date,
+    profile_complete,
     ranges_overlap,
     rfm_scores,
     sign_qr_token,
@@ -59,7 +73,6 @@ from services.members.domain import (
 log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 100
-MAX_REFERRAL_CODE_LENGTH = 64
 MAX_REASON_LENGTH = 200
 MAX_ACTOR_LENGTH = 100
 MAX_EXPRESSION_LENGTH = 2000
@@ -70,6 +83,16 @@ MAX_ID_LENGTH = 64
 MAX_SEGMENT_BATCH = 10_000
 MAX_BATCH_COUNT = 10_000_000
 CARD_NUMBER_ATTEMPTS = 5
+REFERRAL_CODE_ATTEMPTS = 5
+ATTRIBUTES_PATH = "attributes."
+INVITATION_PENDING, INVITATION_ACCEPTED, INVITATION_DECLINED, INVITATION_EXPIRED = (
+    "pending",
+    "accepted",
+    "declined",
+    "expired",
+)
+DEFAULT_INVITATION_DAYS = 7
+MAX_INVITATION_DAYS = 90
 GATEWAY_CONSUMER = "members.gateway"
 SALE, RETURN = "sale", "return"
 BATCH_PENDING, BATCH_DONE = "pending", "done"
@@ -182,7 +205,12 @@ def parse_registration(
         },
         violations,
     )
-    violations.check_length(referral_code, "referral_code", MAX_REFERRAL_CODE_LENGTH)
+    normal_referral_code = None
+    if referral_code.strip():
+        try:
+            normal_referral_code = normalize_referral_code(referral_code)
+        except InvalidIdentifier as error:
+            violations.add("referral_code", str(error))
     _check_consents(consents, violations)
     if card_number:
         violations.check(is_valid_card_number(card_number), "card_number", "digits with a valid check digit")
@@ -194,7 +222,7 @@ def parse_registration(
         profile["first_name"],
         profile["last_name"],
         channel,
-        referral_code or None,
+        normal_referral_code,
         tuple(consents),
         time_zone,
         locale,
@@ -221,6 +249,66 @@ async def _announce_member(session: AsyncSession, event_type: str, member: Membe
     await add_event(session, store.outbox, event_type, key=member.member_id, payload=member_payload(member) | extra)
 
 
+async def _announce_profile_completed(session: AsyncSession, member: Member) -> None:
+    """member.profile_completed, the first time the profile is complete (domain.profile_complete);
+    claimed on the member's row in this transaction, so never twice."""
+    if profile_complete(member) and await store.claim_profile_completed(session, member.member_id, utcnow()):
+        payload = {"member_id": member.member_id}
+        await add_event(session, store.outbox, "member.profile_completed", key=member.member_id, payload=payload)
+
+
+async def announce_birthday(session: AsyncSession, candidate: store.BirthdayCandidate, now: datetime) -> bool:
+    """member.birthday when today, in the member's time zone, is the birthday and this year's
+    was not announced yet; the year is claimed in the event's transaction. Returns whether
+    it was announced."""
+    today = local_date(now, candidate.time_zone)
+    if not birthday_falls_on(candidate.birth_date, today):
+        return False
+    if candidate.announced_year is not None and candidate.announced_year >= today.year:
+        return False  # spares the write; the claim below decides
+    if not await store.claim_birthday(session, candidate.member_id, today.year):
+        return False
+    await add_event(
+        session,
+        store.outbox,
+        "member.birthday",
+        key=candidate.member_id,
+        payload={"member_id": candidate.member_id, "birth_date": candidate.birth_date, "date": today.isoformat()},
+    )
+    return True
+
+
+async def _unused_referral_code(session: AsyncSession) -> str:
+    for _attempt in range(REFERRAL_CODE_ATTEMPTS):
+        code = new_referral_code()
+        if not await store.referral_code_taken(session, code):
+            return code
+    raise FailedPrecondition("REFERRAL_CODES_EXHAUSTED", "could not find a free referral code; retry")
+
+
+async def _referrer(session: AsyncSession, code: str | None) -> str | None:
+    """The member owning a referral code (the survivor when it was merged away)."""
+    if code is None:
+        return None
+    referrer = await store.member_by_referral_code(session, code)
+    if referrer is None:
+        raise NotFound("REFERRAL_CODE_NOT_FOUND", "no member has this referral code")
+    return referrer.merged_into or referrer.member_id
+
+
+async def lookup_referral_code(session: AsyncSession, raw: str) -> str:
+    violations = Violations()
+    code = ""
+    try:
+        code = normalize_referral_code(raw)
+    except InvalidIdentifier as error:
+        violations.add("referral_code", str(error))
+    violations.raise_if_any()
+    referrer = await _referrer(session, code)
+    assert referrer is not None
+    return referrer
+
+
 async def register_member(
     session: AsyncSession, registration: Registration, *, return_existing: bool = False
 ) -> tuple[Member, bool]:
@@ -229,13 +317,17 @@ async def register_member(
     the caller asks for ``return_existing``.
 
     With a card number, the anonymous member holding that card becomes this person: the
-    member id (and so the card's points and history) stays."""
+    member id (and so the card's points and history) stays.
+
+    A referral code names the inviting member (an unknown one is refused with NOT_FOUND
+    REFERRAL_CODE_NOT_FOUND); the new member records them and the inviter's count rises."""
     existing = await store.find_member_by_phone(session, registration.phone)
     if existing is None and registration.email:
         existing = await store.find_member_by_email(session, registration.email)
     now = utcnow()
     if registration.card_number:
         return await _claim_anonymous_card(session, registration, existing, now), True
+    referrer = await _referrer(session, registration.referral_code)
     if existing is not None and existing.merged_into:
         existing = await get_member(session, existing.merged_into)
     if existing is not None:
@@ -260,15 +352,21 @@ async def register_member(
         locale=registration.locale,
         birth_date=registration.birth_date,
         consents=merge_consents((), _consents(registration.consents, now)),
+        referral_code=await _unused_referral_code(session),
+        referred_by=referrer,
     )
     await store.add_member(session, member, registration.referral_code)
+    if referrer is not None:
+        await store.count_referral(session, referrer)
     await _announce_member(
         session,
         "member.registered",
         member,
         channel=member.registration_channel,
         referral_code=registration.referral_code,
+        referrer_id=referrer or "",
     )
+    await _announce_profile_completed(session, member)
     return member, True
 
 
@@ -287,6 +385,9 @@ async def _claim_anonymous_card(
             "the phone or e-mail belongs to another member; merge them instead",
             {"member_id": existing.member_id},
         )
+    referrer = await _referrer(session, registration.referral_code)
+    if referrer == holder.member_id:
+        referrer = None  # the card's own code: nobody invited them
     member = dataclasses.replace(
         holder,
         phone=registration.phone,
@@ -297,15 +398,22 @@ async def _claim_anonymous_card(
         locale=registration.locale,
         birth_date=registration.birth_date,
         consents=merge_consents(holder.consents, _consents(registration.consents, now)),
+        referral_code=holder.referral_code or await _unused_referral_code(session),
+        referred_by=referrer,
     )
     await store.save_member(session, member)
+    if referrer is not None:
+        await store.record_referral(session, member.member_id, registration.referral_code or "", referrer)
+        await store.count_referral(session, referrer)
     await _announce_member(
         session,
         "member.registered",
         member,
         channel=registration.channel,
         referral_code=registration.referral_code,
+        referrer_id=referrer or "",
     )
+    await _announce_profile_completed(session, member)
     return member
 
 
@@ -336,19 +444,39 @@ class ProfileChange:
     values: dict[str, str | None]
     consents: tuple[ConsentInput, ...]
     paths: frozenset[str]
+    # The attributes named in the mask: the new value, or None to clear it (checked
+    # against their definitions in update_member).
+    attributes: dict[str, AttributeScalar | None] = dataclasses.field(default_factory=dict)
 
 
 def parse_profile_change(
-    paths: Sequence[str], values: dict[str, str], consents: Sequence[ConsentInput]
+    paths: Sequence[str],
+    values: dict[str, str],
+    consents: Sequence[ConsentInput],
+    attributes: Mapping[str, AttributeScalar | None] | None = None,
 ) -> ProfileChange:
-    """Checks an update: `values` holds the new value of every scalar field (as sent)."""
+    """Checks an update: `values` holds the new value of every scalar field (as sent),
+    `attributes` the attribute values sent (None for a key sent without a value)."""
     violations = Violations()
+    sent_attributes = attributes or {}
     if not paths:
         violations.add("update_mask", "name at least one field")
+    attribute_changes: dict[str, AttributeScalar | None] = {}
     for path in paths:
+        if path.startswith(ATTRIBUTES_PATH):
+            code = path.removeprefix(ATTRIBUTES_PATH)
+            violations.check(is_valid_code(code), "update_mask", f"{path!r}: not an attribute code")
+            if code in sent_attributes:
+                value = sent_attributes[code]
+                if value is None:
+                    violations.add(f"member.attributes[{code}]", "a value, or leave the key out to clear it")
+                attribute_changes[code] = value
+            else:
+                attribute_changes[code] = None
+            continue
         violations.check(path in UPDATABLE_FIELDS, "update_mask", f"{path!r} cannot be updated")
     violations.raise_if_any()
-    named = {path: values.get(path, "") for path in paths if path != "consents"}
+    named = {path: values.get(path, "") for path in paths if path in UPDATABLE_FIELDS and path != "consents"}
     checked: dict[str, str | None] = dict(_check_profile_text(named, violations, "member."))
     if "phone" in named:
         try:
@@ -363,7 +491,21 @@ def parse_profile_change(
     if "consents" in paths:
         _check_consents(consents, violations, "member.consents")
     violations.raise_if_any()
-    return ProfileChange(checked, tuple(consents), frozenset(paths))
+    return ProfileChange(checked, tuple(consents), frozenset(paths), attribute_changes)
+
+
+async def _check_attribute_changes(session: AsyncSession, changes: Mapping[str, AttributeScalar | None]) -> None:
+    """Every attribute named must be defined and every value given of its type."""
+    violations = Violations()
+    for code, value in sorted(changes.items()):
+        definition = await store.find_attribute_definition(session, code)
+        if definition is None:
+            violations.add("update_mask", f"no attribute {code!r} is defined")
+        elif value is not None:
+            error = attribute_value_error(definition, value)
+            if error is not None:
+                violations.add(f"member.attributes[{code}]", f"expected {error}")
+    violations.raise_if_any()
 
 
 async def update_member(session: AsyncSession, member_id: str, change: ProfileChange) -> Member:
@@ -382,11 +524,22 @@ async def update_member(session: AsyncSession, member_id: str, change: ProfileCh
     consents = member.consents
     if "consents" in change.paths:
         consents = merge_consents(member.consents, _consents(change.consents, utcnow()))
-    updated = dataclasses.replace(member, **change.values, consents=consents)  # type: ignore[arg-type]
+    await _check_attribute_changes(session, change.attributes)
+    attributes = {**member.attributes, **change.attributes}
+    kept = {code: value for code, value in attributes.items() if value is not None}
+    updated = dataclasses.replace(
+        member,
+        **change.values,  # type: ignore[arg-type]
+        consents=consents,
+        attributes=kept,
+    )
     if updated == member:
         return member
     await store.save_member(session, updated)
+    changed = {code: value for code, value in change.attributes.items() if member.attributes.get(code) != value}
+    await store.set_attributes(session, member_id, changed)
     await _announce_member(session, "member.updated", updated)
+    await _announce_profile_completed(session, updated)
     return updated
 
 
@@ -424,8 +577,9 @@ async def erase_member(session: AsyncSession, member_id: str) -> Member:
     """Removes the member's personal data; the id, tier, purchases and ledger stay, anonymous.
 
     The member is blocked and their cards too (a card would identify the person again);
-    they leave their household and segments; profile events still in the outbox lose their
-    personal payload."""
+    they leave their household and segments; their attributes and referral code go; profile
+    events still in the outbox lose their personal payload, and the stored idempotent
+    answers naming the member (registration, updates...) are dropped."""
     member = await get_member(session, member_id, for_update=True)
     if member.erased_at is not None:
         return member
@@ -443,11 +597,15 @@ async def erase_member(session: AsyncSession, member_id: str) -> Member:
         push_token="",
         telegram_chat_id="",
         consents=(),
+        attributes={},
+        referral_code=None,
         status=MemberStatus.BLOCKED,
         block_reason=ERASED_REASON,
         erased_at=utcnow(),
     )
     await store.save_member(session, erased)
+    await store.drop_attributes(session, member_id)
+    await store.drop_stored_answers_naming(session, member_id)
     for card in await store.member_cards(session, member_id):
         if card.status is CardStatus.ACTIVE:
             await store.save_card(
@@ -479,9 +637,10 @@ def check_merge(survivor_id: str, duplicate_id: str, actor: str, reason: str) ->
 
 async def merge_members(
     session: AsyncSession, survivor_id: str, duplicate_id: str, actor: str, reason: str, merge_accounts: MergeAccounts
-) -> tuple[Member, int]:
-    """Moves the duplicate's cards, purchases and points to the survivor and marks it merged;
-    returns the survivor and how many cards moved.
+) -> tuple[Member, store.MergeCounts]:
+    """Moves the duplicate's cards, purchases, points, static segment memberships, tier
+    history and consents to the survivor and marks it merged; returns the survivor and what
+    moved. The survivor's tier is then judged on the purchases it now holds.
 
     The points move first, over gRPC and idempotently: if this transaction then fails, the
     retry finds the duplicate unmerged and asks accounts again, which answers its first result."""
@@ -492,9 +651,19 @@ async def merge_members(
         # Its points sit in the household's pool, which is not the duplicate's to take away.
         raise FailedPrecondition("MEMBER_IN_HOUSEHOLD", "the duplicate must leave its household first")
     await merge_accounts(duplicate.account_holder_id, survivor.account_holder_id, reason)
+    now = utcnow()
     cards_moved = await store.move_holdings(session, duplicate_id, survivor_id)
-    await store.save_member(session, dataclasses.replace(duplicate, merged_into=survivor_id))
-    await store.add_merge(session, duplicate_id, survivor_id, actor, reason, cards_moved, utcnow())
+    consents, consents_moved = merge_newer_consents(survivor.consents, duplicate.consents)
+    moved = store.MergeCounts(
+        cards=cards_moved,
+        segments=await store.move_static_segments(session, duplicate_id, survivor_id),
+        tier_changes=await store.move_tier_history(session, duplicate_id, survivor_id),
+        consents=consents_moved,
+    )
+    await store.save_member(session, dataclasses.replace(duplicate, merged_into=survivor_id, consents=()))
+    await store.save_member(session, dataclasses.replace(survivor, consents=consents))
+    await store.add_merge(session, duplicate_id, survivor_id, actor, reason, moved, now)
+    survivor = await evaluate_member_tier(session, survivor_id, now)
     await add_event(
         session,
         store.outbox,
@@ -505,10 +674,13 @@ async def merge_members(
             "duplicate_id": duplicate_id,
             "actor": actor,
             "reason": reason,
-            "cards_moved": cards_moved,
+            "cards_moved": moved.cards,
+            "segments_moved": moved.segments,
+            "tier_changes_moved": moved.tier_changes,
+            "consents_moved": moved.consents,
         },
     )
-    return survivor, cards_moved
+    return survivor, moved
 
 
 # Cards -----------------------------------------------------------------------------
@@ -835,7 +1007,13 @@ def parse_tier_definition(definition: TierDefinition) -> TierDefinition:
     violations.check_length(definition.name, "tier.name", MAX_NAME_LENGTH)
     violations.check(definition.rank > 0, "tier.rank", "must be positive (0 is the basic tier)")
     violations.check(definition.spend_threshold_minor >= 0, "tier.spend_threshold_minor", "must not be negative")
+    violations.check(definition.points_threshold >= 0, "tier.points_threshold", "must not be negative")
     violations.check(0 <= definition.window_months <= 120, "tier.window_months", "0 (all time) to 120")
+    violations.check(
+        definition.calendar_period is CalendarPeriod.NONE or definition.window_months == 0,
+        "tier.window_months",
+        "must be 0 with a calendar_period",
+    )
     violations.check(definition.duration_days >= 0, "tier.duration_days", "must not be negative")
     violations.check(
         definition.downgrade_after_inactive_days >= 0, "tier.downgrade_after_inactive_days", "must not be negative"
@@ -857,12 +1035,12 @@ async def evaluate_member_tier(session: AsyncSession, member_id: str, now: datet
     to the tier history with a tier.changed event."""
     member = await get_member(session, member_id, for_update=True)
     definitions = await store.list_tier_definitions(session)
-    spend = {
-        definition.code: await store.spend_since(session, member_id, window_start(definition, now))
-        for definition in definitions
-    }
+    progress: dict[str, int] = {}
+    for definition in definitions:
+        spend, points = await store.totals_since(session, member_id, window_start(definition, now))
+        progress[definition.code] = points if definition.metric is TierMetric.POINTS else spend
     last_purchase = (await store.purchase_counts(session, member_id, SALE)).last_at
-    decision = evaluate_tier(member.tier, member.tier_expires_at, definitions, spend, last_purchase, now)
+    decision = evaluate_tier(member.tier, member.tier_expires_at, definitions, progress, last_purchase, now)
     if decision is None:
         return member
     changed = dataclasses.replace(member, tier=decision.tier, tier_expires_at=decision.expires_at)
@@ -907,11 +1085,12 @@ async def handle_gateway_event(session: AsyncSession, event: Event, now: datetim
     member_id = str(payload.get("member_id") or "")
     if event.event_type == "cheque.committed":
         key = f"{payload['terminal_id']}/{payload['receipt_number']}"
-        kind, amount = SALE, int(payload["paid_minor"])
+        kind, amount, points = SALE, int(payload["paid_minor"]), int(payload.get("points") or 0)
         occurred_at = _event_time(payload, "receipt_time", event.occurred_at)
     elif event.event_type == "cheque.returned":
         key = f"{payload['terminal_id']}/{payload['receipt_number']}/{payload['return_id']}"
         kind, amount = RETURN, -int(payload["returned_minor"])
+        points = -int(payload.get("points_taken_back") or 0)
         occurred_at = _event_time(payload, "return_time", event.occurred_at)
     else:
         return None
@@ -919,7 +1098,7 @@ async def handle_gateway_event(session: AsyncSession, event: Event, now: datetim
         # A receipt without a customer, or of a member this service does not know.
         log.info("gateway event %s has no known member; not counted", event.event_id)
         return None
-    if not await store.add_purchase(session, key, member_id, kind, amount, occurred_at):
+    if not await store.add_purchase(session, key, member_id, kind, amount, occurred_at, points):
         return None
     await evaluate_member_tier(session, member_id, now)
     return member_id
@@ -933,14 +1112,17 @@ class Statistics:
     spend_last_365_days_minor: int
     first_purchase_at: datetime | None
     last_purchase_at: datetime | None
+    points_earned: int
 
 
 async def statistics(session: AsyncSession, member_id: str, now: datetime) -> Statistics:
     await get_member(session, member_id)
     counts = await store.purchase_counts(session, member_id, SALE)
+    total_spend, points_earned = await store.totals_since(session, member_id, None)
     return Statistics(
         purchase_count=counts.count,
-        total_spend_minor=await store.spend_since(session, member_id, None),
+        total_spend_minor=total_spend,
+        points_earned=points_earned,
         spend_last_30_days_minor=await store.spend_since(session, member_id, now - timedelta(days=30)),
         spend_last_365_days_minor=await store.spend_since(session, member_id, now - timedelta(days=365)),
         first_purchase_at=counts.first_at,
@@ -1016,6 +1198,109 @@ async def get_household(session: AsyncSession, household_id: str) -> store.House
     return await _household(session, household_id)
 
 
+def check_invitation(member_id: str, phone: str, valid_days: int) -> str:
+    """The invitee's normalised phone ("" when invited by id); exactly one must be given."""
+    violations = Violations()
+    violations.check(bool(member_id) != bool(phone), "member_id", "give member_id or phone, not both")
+    violations.check(
+        0 <= valid_days <= MAX_INVITATION_DAYS, "valid_days", f"1 to {MAX_INVITATION_DAYS}, or 0 for the default"
+    )
+    normal = ""
+    if phone:
+        try:
+            normal = normalize_phone(phone)
+        except InvalidIdentifier as error:
+            violations.add("phone", str(error))
+    violations.raise_if_any()
+    return normal
+
+
+def _invitation_as_of(invitation: store.Invitation, now: datetime) -> store.Invitation:
+    """A pending invitation past its end reads as expired (nothing needs to sweep them)."""
+    if invitation.status == INVITATION_PENDING and invitation.expires_at <= now:
+        return dataclasses.replace(invitation, status=INVITATION_EXPIRED)
+    return invitation
+
+
+async def invite_to_household(
+    session: AsyncSession, household_id: str, invited_by: str, member_id: str, phone: str, valid_days: int
+) -> store.Invitation:
+    """A pending invitation of a member (by id or phone) from a member of the household."""
+    household = await _household(session, household_id, for_update=True)
+    if invited_by not in household.member_ids:
+        raise FailedPrecondition("INVITER_NOT_IN_HOUSEHOLD", "only a member of the household can invite")
+    invitee = await store.find_member_by_phone(session, phone) if phone else await store.find_member(session, member_id)
+    if invitee is None:
+        raise NotFound("MEMBER_NOT_FOUND", "no member with this id or phone")
+    # A merged duplicate's phone stands for its survivor.
+    invitee = await _live_member(session, invitee.merged_into or invitee.member_id)
+    if invitee.household_id:
+        raise FailedPrecondition(
+            "ALREADY_IN_HOUSEHOLD", "the member is in a household already", {"household_id": invitee.household_id}
+        )
+    now = utcnow()
+    if await store.pending_invitation(session, household_id, invitee.member_id, INVITATION_PENDING, now):
+        raise AlreadyExists("INVITATION_PENDING", "the member has an open invitation to this household")
+    invitation = store.Invitation(
+        invitation_id=str(uuid.uuid4()),
+        household_id=household_id,
+        member_id=invitee.member_id,
+        invited_by=invited_by,
+        status=INVITATION_PENDING,
+        created_at=now,
+        expires_at=now + timedelta(days=valid_days or DEFAULT_INVITATION_DAYS),
+        decided_at=None,
+    )
+    await store.add_invitation(session, invitation)
+    await add_event(
+        session,
+        store.outbox,
+        "household.invited",
+        key=invitee.member_id,
+        payload={
+            "invitation_id": invitation.invitation_id,
+            "household_id": household_id,
+            "member_id": invitee.member_id,
+            "invited_by": invited_by,
+        },
+    )
+    return invitation
+
+
+async def _open_invitation(session: AsyncSession, invitation_id: str, now: datetime) -> store.Invitation:
+    found = await store.find_invitation(session, invitation_id, for_update=True)
+    if found is None:
+        raise NotFound("INVITATION_NOT_FOUND", f"no invitation {invitation_id!r}")
+    invitation = _invitation_as_of(found, now)
+    if invitation.status != INVITATION_PENDING:
+        raise FailedPrecondition(f"INVITATION_{invitation.status.upper()}", f"the invitation is {invitation.status}")
+    return invitation
+
+
+async def accept_invitation(session: AsyncSession, invitation_id: str) -> tuple[store.Invitation, store.Household]:
+    """The invited member joins the household, as JoinHousehold would have them."""
+    now = utcnow()
+    invitation = await _open_invitation(session, invitation_id, now)
+    household = await join_household(session, invitation.household_id, invitation.member_id)
+    await store.decide_invitation(session, invitation_id, INVITATION_ACCEPTED, now)
+    return dataclasses.replace(invitation, status=INVITATION_ACCEPTED, decided_at=now), household
+
+
+async def decline_invitation(session: AsyncSession, invitation_id: str) -> store.Invitation:
+    now = utcnow()
+    invitation = await _open_invitation(session, invitation_id, now)
+    await store.decide_invitation(session, invitation_id, INVITATION_DECLINED, now)
+    return dataclasses.replace(invitation, status=INVITATION_DECLINED, decided_at=now)
+
+
+async def list_invitations(session: AsyncSession, member_id: str, household_id: str) -> list[store.Invitation]:
+    violations = Violations()
+    violations.check(bool(member_id) or bool(household_id), "member_id", "give member_id or household_id")
+    violations.raise_if_any()
+    now = utcnow()
+    return [_invitation_as_of(item, now) for item in await store.list_invitations(session, member_id, household_id)]
+
+
 # Segments ------------------------------------------------------------------------
 
 
@@ -1034,19 +1319,23 @@ async def _segment(session: AsyncSession, code: str) -> Segment:
     return Segment(code, name, await store.segment_size(session, code), await store.segment_expression(session, code))
 
 
-def check_segment_expression(expression: str) -> None:
+def check_segment_expression(expression: str, attributes: Sequence[AttributeDefinition] = ()) -> None:
+    """The expression compiles and is a condition on a sample member holding a value of
+    every attribute in `attributes`."""
     violations = Violations()
     violations.check_length(expression, "expression", MAX_EXPRESSION_LENGTH)
     violations.raise_if_any()
     if expression.strip():
         try:
-            compile_segment(expression)
+            compile_segment(expression, attributes)
         except SegmentExpressionError as error:
             violations.add("expression", str(error))
     violations.raise_if_any()
 
 
 async def create_segment(session: AsyncSession, code: str, name: str, expression: str = "") -> Segment:
+    if expression.strip():
+        check_segment_expression(expression, await store.list_attribute_definitions(session))
     if await store.find_segment_name(session, code) is not None:
         raise AlreadyExists("SEGMENT_EXISTS", f"segment {code!r} exists")
     await store.add_segment(session, code, name.strip(), utcnow(), expression.strip())
@@ -1064,7 +1353,7 @@ async def recompute_segment(session: AsyncSession, code: str, expression: str, f
     """Makes the segment's members exactly the members matching its expression; each change
     is a `segment.joined` or `segment.left` event. Returns how many members changed."""
     now = utcnow()
-    program = compile_segment(expression)
+    program = compile_segment(expression, await store.list_attribute_definitions(session))
     # Under the lock, a second replica's run reads the first one's result and repeats no event.
     await store.lock_segment(session, code)
     matching = {member.member_id for member in facts if in_segment(program, member, now)}
@@ -1135,28 +1424,65 @@ async def get_segment(session: AsyncSession, code: str) -> Segment:
 class Partner:
     partner_id: str
     name: str
-    store_ids: tuple[str, ...]
+    stores: tuple[store.Store, ...]
+
+    @property
+    def store_ids(self) -> tuple[str, ...]:
+        return tuple(item.store_id for item in self.stores)
 
 
-def parse_partner(partner_id: str, name: str, store_ids: Sequence[str]) -> Partner:
+MAX_REGION_LENGTH = 64
+
+
+def parse_partner(partner_id: str, name: str, store_ids: Sequence[str], stores: Sequence[store.Store] = ()) -> Partner:
+    """Checks a partner: stores come bare (store_ids) or with their details (stores)."""
     violations = Violations()
     violations.check(0 < len(partner_id) <= MAX_ID_LENGTH, "partner.partner_id", f"1 to {MAX_ID_LENGTH} characters")
     violations.check(bool(name.strip()), "partner.name", "required")
     violations.check_length(name, "partner.name", MAX_NAME_LENGTH)
     for index, store_id in enumerate(store_ids):
         violations.check(0 < len(store_id) <= MAX_ID_LENGTH, f"partner.store_ids[{index}]", "a store id")
-    violations.check(len(set(store_ids)) == len(store_ids), "partner.store_ids", "a store is listed twice")
+    terminals: list[str] = []
+    for index, item in enumerate(stores):
+        where = f"partner.stores[{index}]"
+        violations.check(0 < len(item.store_id) <= MAX_ID_LENGTH, f"{where}.store_id", "a store id")
+        violations.check_length(item.region, f"{where}.region", MAX_REGION_LENGTH)
+        violations.check(
+            not item.time_zone or is_valid_time_zone(item.time_zone),
+            f"{where}.time_zone",
+            "an IANA time zone such as Europe/Moscow",
+        )
+        for position, terminal_id in enumerate(item.terminal_ids):
+            violations.check(
+                0 < len(terminal_id) <= MAX_ID_LENGTH, f"{where}.terminal_ids[{position}]", "a terminal id"
+            )
+        terminals.extend(item.terminal_ids)
+    every_store = [*store_ids, *(item.store_id for item in stores)]
+    violations.check(len(set(every_store)) == len(every_store), "partner.store_ids", "a store is listed twice")
+    violations.check(len(set(terminals)) == len(terminals), "partner.stores", "a terminal is listed twice")
     violations.raise_if_any()
-    return Partner(partner_id, name.strip(), tuple(sorted(store_ids)))
+    bare = [store.Store(store_id, "", "", ()) for store_id in store_ids]
+    detailed = [dataclasses.replace(item, terminal_ids=tuple(sorted(item.terminal_ids))) for item in stores]
+    return Partner(partner_id, name.strip(), tuple(sorted([*bare, *detailed], key=lambda item: item.store_id)))
 
 
 async def set_partner(session: AsyncSession, partner: Partner) -> Partner:
+    """Replaces the partner's stores and registers; a store or a terminal of another
+    partner is refused."""
     for store_id, owner in (await store.store_owners(session, partner.store_ids)).items():
         if owner != partner.partner_id:
             raise FailedPrecondition(
                 "STORE_OWNED_BY_OTHER_PARTNER", f"store {store_id!r} belongs to {owner!r}", {"partner_id": owner}
             )
-    await store.put_partner(session, partner.partner_id, partner.name, partner.store_ids)
+    terminal_ids = [terminal_id for item in partner.stores for terminal_id in item.terminal_ids]
+    for terminal_id, owner in (await store.terminal_owners(session, terminal_ids)).items():
+        if owner != partner.partner_id:
+            raise FailedPrecondition(
+                "TERMINAL_OWNED_BY_OTHER_PARTNER",
+                f"terminal {terminal_id!r} belongs to a store of {owner!r}",
+                {"partner_id": owner},
+            )
+    await store.put_partner(session, partner.partner_id, partner.name, partner.stores)
     return partner
 
 
@@ -1165,3 +1491,55 @@ async def get_partner(session: AsyncSession, partner_id: str) -> Partner:
     if found is None:
         raise NotFound("PARTNER_NOT_FOUND", f"no partner {partner_id!r}")
     return Partner(partner_id, found[0], tuple(found[1]))
+
+
+async def resolve_terminal(session: AsyncSession, terminal_id: str) -> store.Terminal:
+    terminal = await store.find_terminal(session, terminal_id)
+    if terminal is None:
+        raise NotFound("TERMINAL_NOT_FOUND", f"no store has a register {terminal_id!r}")
+    return terminal
+
+
+# Custom attributes -----------------------------------------------------------------
+
+
+def parse_attribute_definition(
+    code: str, name: str, kind: AttributeType | None, allowed_values: Sequence[str]
+) -> AttributeDefinition:
+    violations = Violations()
+    violations.check(is_valid_code(code), "definition.code", "lower case letters, digits, '_' or '-', up to 32")
+    violations.check(bool(name.strip()), "definition.name", "required")
+    violations.check_length(name, "definition.name", MAX_NAME_LENGTH)
+    violations.check(kind is not None, "definition.type", "required")
+    if kind is AttributeType.ENUM:
+        violations.check(
+            0 < len(allowed_values) <= MAX_ALLOWED_VALUES,
+            "definition.allowed_values",
+            f"1 to {MAX_ALLOWED_VALUES} values for an enum",
+        )
+        violations.check(
+            len(set(allowed_values)) == len(allowed_values), "definition.allowed_values", "a value is listed twice"
+        )
+        for index, value in enumerate(allowed_values):
+            violations.check(
+                0 < len(value) <= MAX_ATTRIBUTE_TEXT and all(ord(char) >= 32 for char in value),
+                f"definition.allowed_values[{index}]",
+                f"1 to {MAX_ATTRIBUTE_TEXT} printable characters",
+            )
+    else:
+        violations.check(not allowed_values, "definition.allowed_values", "only an enum has allowed values")
+    violations.raise_if_any()
+    assert kind is not None
+    return AttributeDefinition(code, name.strip(), kind, tuple(allowed_values))
+
+
+async def set_attribute_definition(session: AsyncSession, definition: AttributeDefinition) -> AttributeDefinition:
+    """Defines an attribute, or renames it and changes an enum's allowed values (values set
+    before stay as they are); its type is fixed."""
+    existing = await store.find_attribute_definition(session, definition.code)
+    if existing is not None and existing.type is not definition.type:
+        raise FailedPrecondition(
+            "ATTRIBUTE_TYPE_FIXED", f"attribute {definition.code!r} is of type {existing.type.value}"
+        )
+    await store.put_attribute_definition(session, definition)
+    return definition

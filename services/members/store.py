@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     ForeignKey,
@@ -16,6 +18,7 @@ from sqlalchemy import (
     case,
     delete,
     func,
+    or_,
     select,
     text,
     update,
@@ -23,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import ScalarSelect
 
 from loyalty.runtime.idempotency import define_idempotency_table
@@ -31,6 +35,10 @@ from loyalty.runtime.outbox import define_outbox_table
 from loyalty.runtime.timeutil import UtcDateTime
 from services.members.domain import (
     DEFAULT_CARD_TYPE,
+    AttributeDefinition,
+    AttributeScalar,
+    AttributeType,
+    CalendarPeriod,
     Card,
     CardStatus,
     CardType,
@@ -40,6 +48,9 @@ from services.members.domain import (
     MemberStatus,
     Rfm,
     TierDefinition,
+    TierMetric,
+    decode_attribute,
+    encode_attribute,
     merge_consents,
 )
 
@@ -50,6 +61,7 @@ class Base(DeclarativeBase):
 
 class MemberRow(Base):
     __tablename__ = "members"
+    __table_args__ = (Index("ix_members_own_referral_code", "own_referral_code", unique=True),)
 
     member_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     # NULL for an anonymous card holder and after erasure.
@@ -76,8 +88,21 @@ class MemberRow(Base):
     rfm_recency: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     rfm_frequency: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     rfm_monetary: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The member's own code to invite others with (referral_code above is the code this
+    # member registered with); NULL after erasure.
+    own_referral_code: Mapped[str | None] = mapped_column(String(8))
+    referred_by: Mapped[str | None] = mapped_column(String(36), index=True)
+    # Raised by one atomic UPDATE per registration with the member's code.
+    referred_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The last year (in the member's time zone) member.birthday was announced: claimed in the
+    # event's transaction, so a birthday is announced once a year whatever runs the job.
+    birthday_announced_year: Mapped[int | None] = mapped_column(Integer)
+    # When member.profile_completed was announced; set once, never cleared.
+    profile_completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
-    def to_domain(self, consents: Sequence[Consent] = ()) -> Member:
+    def to_domain(
+        self, consents: Sequence[Consent] = (), attributes: dict[str, AttributeScalar] | None = None
+    ) -> Member:
         return Member(
             member_id=self.member_id,
             phone=self.phone,
@@ -100,6 +125,10 @@ class MemberRow(Base):
             consents=tuple(consents),
             merged_into=self.merged_into,
             rfm=Rfm(self.rfm_recency, self.rfm_frequency, self.rfm_monetary) if self.rfm_recency else None,
+            attributes=attributes or {},
+            referral_code=self.own_referral_code,
+            referred_by=self.referred_by,
+            referred_count=self.referred_count,
         )
 
 
@@ -114,6 +143,35 @@ class MemberMergeRow(Base):
     reason: Mapped[str] = mapped_column(String(200))
     cards_moved: Mapped[int] = mapped_column(Integer)
     merged_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    segments_moved: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    tier_changes_moved: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    consents_moved: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class AttributeDefinitionRow(Base):
+    __tablename__ = "attribute_definitions"
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    type: Mapped[str] = mapped_column(String(8))
+    allowed_values: Mapped[list[str]] = mapped_column(JSON)
+
+    def to_domain(self) -> AttributeDefinition:
+        return AttributeDefinition(self.code, self.name, AttributeType(self.type), tuple(self.allowed_values))
+
+
+class MemberAttributeRow(Base):
+    __tablename__ = "member_attributes"
+
+    member_id: Mapped[str] = mapped_column(
+        ForeignKey("members.member_id", name="fk_member_attributes_member"), primary_key=True
+    )
+    code: Mapped[str] = mapped_column(
+        ForeignKey("attribute_definitions.code", name="fk_member_attributes_definition"), primary_key=True
+    )
+    # "s" text, "i" integer, "b" bool: the value is kept as text.
+    kind: Mapped[str] = mapped_column(String(1))
+    value: Mapped[str] = mapped_column(String(500))
 
 
 class ConsentRow(Base):
@@ -189,6 +247,8 @@ class PurchaseRow(Base):
     kind: Mapped[str] = mapped_column(String(8))
     amount_minor: Mapped[int] = mapped_column(BigInteger)
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    # Points earned by a receipt; minus the points taken back by a return.
+    points: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class TierDefinitionRow(Base):
@@ -201,6 +261,9 @@ class TierDefinitionRow(Base):
     window_months: Mapped[int] = mapped_column(Integer)
     duration_days: Mapped[int] = mapped_column(Integer)
     downgrade_after_inactive_days: Mapped[int] = mapped_column(Integer)
+    metric: Mapped[str] = mapped_column(String(8), default=TierMetric.SPEND.value, server_default="spend")
+    points_threshold: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    calendar_period: Mapped[str] = mapped_column(String(8), default="", server_default="")
 
     def to_domain(self) -> TierDefinition:
         return TierDefinition(
@@ -211,6 +274,9 @@ class TierDefinitionRow(Base):
             self.window_months,
             self.duration_days,
             self.downgrade_after_inactive_days,
+            TierMetric(self.metric),
+            self.points_threshold,
+            CalendarPeriod(self.calendar_period),
         )
 
 
@@ -235,6 +301,24 @@ class HouseholdRow(Base):
     name: Mapped[str] = mapped_column(String(100))
     owner_member_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class HouseholdInvitationRow(Base):
+    __tablename__ = "household_invitations"
+
+    invitation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    household_id: Mapped[str] = mapped_column(
+        ForeignKey("households.household_id", name="fk_household_invitations_household"), index=True
+    )
+    member_id: Mapped[str] = mapped_column(
+        ForeignKey("members.member_id", name="fk_household_invitations_member"), index=True
+    )
+    invited_by: Mapped[str] = mapped_column(String(36))
+    # pending, accepted or declined; a pending one past expires_at reads as expired.
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    decided_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class SegmentRow(Base):
@@ -273,6 +357,19 @@ class PartnerStoreRow(Base):
     partner_id: Mapped[str] = mapped_column(
         ForeignKey("partners.partner_id", name="fk_partner_stores_partner"), index=True
     )
+    region: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    time_zone: Mapped[str] = mapped_column(String(64), default="", server_default="")
+
+
+class StoreRegisterRow(Base):
+    """A register (terminal) of a store."""
+
+    __tablename__ = "store_registers"
+
+    terminal_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    store_id: Mapped[str] = mapped_column(
+        ForeignKey("partner_stores.store_id", name="fk_store_registers_store"), index=True
+    )
 
 
 outbox = define_outbox_table(Base.metadata)
@@ -287,8 +384,20 @@ async def _consents(session: AsyncSession, member_id: str) -> list[Consent]:
     return list(merge_consents((), [Consent(row.channel, row.granted, row.updated_at, row.source) for row in rows]))
 
 
+async def member_attributes(session: AsyncSession, member_id: str) -> dict[str, AttributeScalar]:
+    rows = await session.execute(
+        select(MemberAttributeRow.code, MemberAttributeRow.kind, MemberAttributeRow.value).where(
+            MemberAttributeRow.member_id == member_id
+        )
+    )
+    return {code: decode_attribute(kind, value) for code, kind, value in rows}
+
+
 async def _with_consents(session: AsyncSession, row: MemberRow | None) -> Member | None:
-    return row.to_domain(await _consents(session, row.member_id)) if row else None
+    """The member with their consents and attributes."""
+    if row is None:
+        return None
+    return row.to_domain(await _consents(session, row.member_id), await member_attributes(session, row.member_id))
 
 
 async def find_member(session: AsyncSession, member_id: str, for_update: bool = False) -> Member | None:
@@ -318,10 +427,35 @@ def _split_segments(joined: str | None) -> tuple[str, ...]:
     return tuple(sorted(joined.split(","))) if joined else ()
 
 
+# Attributes travel in one aggregated string: records split by RS, fields by US. Neither
+# can occur in a code (a-z0-9_-) or a value (control characters are refused).
+_RECORD, _UNIT = "\x1e", "\x1f"
+
+
+def _attributes_of(member_id: Any) -> ScalarSelect[str | None]:
+    return (
+        select(
+            func.aggregate_strings(
+                MemberAttributeRow.code + _UNIT + MemberAttributeRow.kind + _UNIT + MemberAttributeRow.value, _RECORD
+            )
+        )
+        .where(MemberAttributeRow.member_id == member_id)
+        .scalar_subquery()
+    )
+
+
+def _split_attributes(joined: str | None) -> dict[str, AttributeScalar]:
+    attributes: dict[str, AttributeScalar] = {}
+    for record in joined.split(_RECORD) if joined else ():
+        code, kind, value = record.split(_UNIT, 2)
+        attributes[code] = decode_attribute(kind, value)
+    return attributes
+
+
 @dataclass(frozen=True)
 class Identity:
-    """What identification needs in one round trip: the member (without consents), the
-    card presented, and the member's segment codes."""
+    """What identification needs in one round trip: the member (without consents, with
+    attributes), the card presented, and the member's segment codes."""
 
     member: Member
     card: Card | None
@@ -332,7 +466,7 @@ async def identity_by_card(session: AsyncSession, card_number: str) -> Card | Id
     """The card's holder and segments; the bare card when it is unissued; None when unknown."""
     row = (
         await session.execute(
-            select(CardRow, MemberRow, _segments_of_member())
+            select(CardRow, MemberRow, _segments_of_member(), _attributes_of(MemberRow.member_id))
             .outerjoin(MemberRow, MemberRow.member_id == CardRow.member_id)
             .where(CardRow.card_number == card_number)
         )
@@ -344,21 +478,28 @@ async def identity_by_card(session: AsyncSession, card_number: str) -> Card | Id
     segments: str | None = row[2]
     if member_row is None:
         return card_row.to_domain()
-    return Identity(member_row.to_domain(), card_row.to_domain(), _split_segments(segments))
+    return Identity(
+        member_row.to_domain(attributes=_split_attributes(row[3])), card_row.to_domain(), _split_segments(segments)
+    )
+
+
+async def _identity_where(session: AsyncSession, condition: ColumnElement[bool]) -> Identity | None:
+    row = (
+        await session.execute(
+            select(MemberRow, _segments_of_member(), _attributes_of(MemberRow.member_id)).where(condition)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return Identity(row[0].to_domain(attributes=_split_attributes(row[2])), None, _split_segments(row[1]))
 
 
 async def identity_by_phone(session: AsyncSession, phone: str) -> Identity | None:
-    row = (
-        await session.execute(select(MemberRow, _segments_of_member()).where(MemberRow.phone == phone))
-    ).one_or_none()
-    return Identity(row[0].to_domain(), None, _split_segments(row[1])) if row else None
+    return await _identity_where(session, MemberRow.phone == phone)
 
 
 async def identity_by_id(session: AsyncSession, member_id: str) -> Identity | None:
-    row = (
-        await session.execute(select(MemberRow, _segments_of_member()).where(MemberRow.member_id == member_id))
-    ).one_or_none()
-    return Identity(row[0].to_domain(), None, _split_segments(row[1])) if row else None
+    return await _identity_where(session, MemberRow.member_id == member_id)
 
 
 def _member_columns(member: Member) -> dict[str, object]:
@@ -379,6 +520,7 @@ def _member_columns(member: Member) -> dict[str, object]:
         "erased_at": member.erased_at,
         "tier_expires_at": member.tier_expires_at,
         "merged_into": member.merged_into,
+        "own_referral_code": member.referral_code,
     }
 
 
@@ -397,18 +539,102 @@ async def _write_consents(session: AsyncSession, member: Member) -> None:
 
 
 async def add_member(session: AsyncSession, member: Member, referral_code: str | None) -> None:
+    """Adds the member; `referral_code` is the code they registered with."""
     session.add(
         MemberRow(
             member_id=member.member_id,
             registration_channel=member.registration_channel,
             referral_code=referral_code,
             created_at=member.created_at,
+            referred_by=member.referred_by,
             **_member_columns(member),
         )
     )
     await session.flush()
     await _write_consents(session, member)
     await session.flush()
+
+
+async def record_referral(session: AsyncSession, member_id: str, referral_code: str, referrer_id: str) -> None:
+    """Records who invited a member registered with an anonymous card (the member row exists)."""
+    await session.execute(
+        update(MemberRow)
+        .where(MemberRow.member_id == member_id)
+        .values(referral_code=referral_code, referred_by=referrer_id)
+    )
+
+
+async def count_referral(session: AsyncSession, referrer_id: str) -> None:
+    """One more member registered with the referrer's code; atomic, so concurrent
+    registrations are all counted."""
+    await session.execute(
+        update(MemberRow).where(MemberRow.member_id == referrer_id).values(referred_count=MemberRow.referred_count + 1)
+    )
+
+
+async def member_by_referral_code(session: AsyncSession, code: str) -> Member | None:
+    row = await session.scalar(select(MemberRow).where(MemberRow.own_referral_code == code))
+    return await _with_consents(session, row)
+
+
+async def referral_code_taken(session: AsyncSession, code: str) -> bool:
+    return await session.scalar(select(MemberRow.member_id).where(MemberRow.own_referral_code == code)) is not None
+
+
+async def set_attributes(session: AsyncSession, member_id: str, changes: dict[str, AttributeScalar | None]) -> None:
+    """Sets the attributes given a value and deletes those given None."""
+    if not changes:
+        return
+    await session.execute(
+        delete(MemberAttributeRow).where(
+            MemberAttributeRow.member_id == member_id, MemberAttributeRow.code.in_(list(changes))
+        )
+    )
+    for code, value in changes.items():
+        if value is not None:
+            kind, text_value = encode_attribute(value)
+            session.add(MemberAttributeRow(member_id=member_id, code=code, kind=kind, value=text_value))
+    await session.flush()
+
+
+async def drop_attributes(session: AsyncSession, member_id: str) -> None:
+    await session.execute(delete(MemberAttributeRow).where(MemberAttributeRow.member_id == member_id))
+
+
+async def find_attribute_definition(session: AsyncSession, code: str) -> AttributeDefinition | None:
+    row = await session.get(AttributeDefinitionRow, code)
+    return row.to_domain() if row else None
+
+
+async def list_attribute_definitions(session: AsyncSession) -> list[AttributeDefinition]:
+    rows = await session.scalars(select(AttributeDefinitionRow).order_by(AttributeDefinitionRow.code))
+    return [row.to_domain() for row in rows]
+
+
+async def put_attribute_definition(session: AsyncSession, definition: AttributeDefinition) -> None:
+    await session.merge(
+        AttributeDefinitionRow(
+            code=definition.code,
+            name=definition.name,
+            type=definition.type.value,
+            allowed_values=list(definition.allowed_values),
+        )
+    )
+    await session.flush()
+
+
+# Byte-wise search of the stored protobuf answers (bytea / BLOB), not a text LIKE.
+_DROP_ANSWERS_POSTGRES = text("DELETE FROM idempotency_keys WHERE position(:needle IN response) > 0")
+_DROP_ANSWERS_SQLITE = text("DELETE FROM idempotency_keys WHERE instr(response, :needle) > 0")
+
+
+async def drop_stored_answers_naming(session: AsyncSession, member_id: str) -> int:
+    """Deletes the stored idempotent answers whose bytes hold the member id (every answer
+    carrying the member's profile does); returns how many. Scans the key table: erasure is
+    rare and the table has no member column."""
+    statement = _DROP_ANSWERS_POSTGRES if session.bind.dialect.name == "postgresql" else _DROP_ANSWERS_SQLITE
+    result = await session.execute(statement, {"needle": member_id.encode()})
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def save_member(session: AsyncSession, member: Member) -> None:
@@ -445,8 +671,61 @@ async def move_holdings(session: AsyncSession, duplicate_id: str, survivor_id: s
     return int(moved.rowcount)  # type: ignore[attr-defined]
 
 
+async def move_static_segments(session: AsyncSession, duplicate_id: str, survivor_id: str) -> int:
+    """Puts the survivor in every static segment the duplicate was in and takes the duplicate
+    out of them; returns how many memberships the survivor gained. Dynamic segments are left
+    to their job (it drops the merged duplicate and judges the survivor on its new totals)."""
+    static_codes = select(SegmentRow.code).where(SegmentRow.expression == "")
+    codes = set(
+        await session.scalars(
+            select(SegmentMemberRow.segment_code).where(
+                SegmentMemberRow.member_id == duplicate_id, SegmentMemberRow.segment_code.in_(static_codes)
+            )
+        )
+    )
+    present = set(
+        await session.scalars(
+            select(SegmentMemberRow.segment_code).where(
+                SegmentMemberRow.member_id == survivor_id, SegmentMemberRow.segment_code.in_(list(codes))
+            )
+        )
+    )
+    await session.execute(
+        delete(SegmentMemberRow).where(
+            SegmentMemberRow.member_id == duplicate_id, SegmentMemberRow.segment_code.in_(list(codes))
+        )
+    )
+    for code in sorted(codes - present):
+        session.add(SegmentMemberRow(segment_code=code, member_id=survivor_id))
+    await session.flush()
+    return len(codes - present)
+
+
+async def move_tier_history(session: AsyncSession, duplicate_id: str, survivor_id: str) -> int:
+    moved = await session.execute(
+        update(TierChangeRow).where(TierChangeRow.member_id == duplicate_id).values(member_id=survivor_id)
+    )
+    return int(moved.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class MergeCounts:
+    """What a merge moved to the survivor, for its audit record."""
+
+    cards: int
+    segments: int
+    tier_changes: int
+    consents: int
+
+
 async def add_merge(
-    session: AsyncSession, duplicate_id: str, survivor_id: str, actor: str, reason: str, cards_moved: int, at: datetime
+    session: AsyncSession,
+    duplicate_id: str,
+    survivor_id: str,
+    actor: str,
+    reason: str,
+    moved: MergeCounts,
+    at: datetime,
 ) -> None:
     session.add(
         MemberMergeRow(
@@ -454,7 +733,10 @@ async def add_merge(
             survivor_id=survivor_id,
             actor=actor,
             reason=reason,
-            cards_moved=cards_moved,
+            cards_moved=moved.cards,
+            segments_moved=moved.segments,
+            tier_changes_moved=moved.tier_changes,
+            consents_moved=moved.consents,
             merged_at=at,
         )
     )
@@ -636,7 +918,13 @@ async def insert_stock_cards(
 
 
 async def add_purchase(
-    session: AsyncSession, purchase_key: str, member_id: str, kind: str, amount_minor: int, occurred_at: datetime
+    session: AsyncSession,
+    purchase_key: str,
+    member_id: str,
+    kind: str,
+    amount_minor: int,
+    occurred_at: datetime,
+    points: int = 0,
 ) -> bool:
     """Records a receipt or return once; False when it was already recorded."""
     if await session.get(PurchaseRow, purchase_key) is not None:
@@ -648,6 +936,7 @@ async def add_purchase(
             kind=kind,
             amount_minor=amount_minor,
             occurred_at=occurred_at,
+            points=points,
         )
     )
     await session.flush()
@@ -656,10 +945,18 @@ async def add_purchase(
 
 async def spend_since(session: AsyncSession, member_id: str, since: datetime | None) -> int:
     """Net spend (receipts less returns) from `since`, or over all time."""
-    query = select(func.coalesce(func.sum(PurchaseRow.amount_minor), 0)).where(PurchaseRow.member_id == member_id)
+    return (await totals_since(session, member_id, since))[0]
+
+
+async def totals_since(session: AsyncSession, member_id: str, since: datetime | None) -> tuple[int, int]:
+    """Net spend and net points earned (receipts less returns) from `since`, or over all time."""
+    query = select(
+        func.coalesce(func.sum(PurchaseRow.amount_minor), 0), func.coalesce(func.sum(PurchaseRow.points), 0)
+    ).where(PurchaseRow.member_id == member_id)
     if since is not None:
         query = query.where(PurchaseRow.occurred_at >= since)
-    return int(await session.scalar(query) or 0)
+    spend, points = (await session.execute(query)).one()
+    return int(spend or 0), int(points or 0)
 
 
 @dataclass(frozen=True)
@@ -700,6 +997,9 @@ async def put_tier_definition(session: AsyncSession, definition: TierDefinition)
             window_months=definition.window_months,
             duration_days=definition.duration_days,
             downgrade_after_inactive_days=definition.downgrade_after_inactive_days,
+            metric=definition.metric.value,
+            points_threshold=definition.points_threshold,
+            calendar_period=definition.calendar_period.value,
         )
     )
     await session.flush()
@@ -770,6 +1070,90 @@ async def find_household(session: AsyncSession, household_id: str, for_update: b
     return Household(row.household_id, row.name, row.owner_member_id, tuple(member_ids))
 
 
+@dataclass(frozen=True)
+class Invitation:
+    invitation_id: str
+    household_id: str
+    member_id: str
+    invited_by: str
+    status: str
+    created_at: datetime
+    expires_at: datetime
+    decided_at: datetime | None
+
+
+def _invitation(row: HouseholdInvitationRow) -> Invitation:
+    return Invitation(
+        row.invitation_id,
+        row.household_id,
+        row.member_id,
+        row.invited_by,
+        row.status,
+        row.created_at,
+        row.expires_at,
+        row.decided_at,
+    )
+
+
+async def add_invitation(session: AsyncSession, invitation: Invitation) -> None:
+    session.add(
+        HouseholdInvitationRow(
+            invitation_id=invitation.invitation_id,
+            household_id=invitation.household_id,
+            member_id=invitation.member_id,
+            invited_by=invitation.invited_by,
+            status=invitation.status,
+            created_at=invitation.created_at,
+            expires_at=invitation.expires_at,
+            decided_at=invitation.decided_at,
+        )
+    )
+    await session.flush()
+
+
+async def find_invitation(session: AsyncSession, invitation_id: str, for_update: bool = False) -> Invitation | None:
+    query = select(HouseholdInvitationRow).where(HouseholdInvitationRow.invitation_id == invitation_id)
+    if for_update:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    row = await session.scalar(query)
+    return _invitation(row) if row else None
+
+
+async def decide_invitation(session: AsyncSession, invitation_id: str, status: str, at: datetime) -> None:
+    await session.execute(
+        update(HouseholdInvitationRow)
+        .where(HouseholdInvitationRow.invitation_id == invitation_id)
+        .values(status=status, decided_at=at)
+    )
+
+
+async def pending_invitation(
+    session: AsyncSession, household_id: str, member_id: str, pending: str, now: datetime
+) -> Invitation | None:
+    """The open (pending, unexpired) invitation of the member into the household, if any."""
+    row = await session.scalar(
+        select(HouseholdInvitationRow).where(
+            HouseholdInvitationRow.household_id == household_id,
+            HouseholdInvitationRow.member_id == member_id,
+            HouseholdInvitationRow.status == pending,
+            HouseholdInvitationRow.expires_at > now,
+        )
+    )
+    return _invitation(row) if row else None
+
+
+async def list_invitations(session: AsyncSession, member_id: str, household_id: str) -> list[Invitation]:
+    """The invitations of the member or of the household (whichever is given), newest first."""
+    query = select(HouseholdInvitationRow).order_by(
+        HouseholdInvitationRow.created_at.desc(), HouseholdInvitationRow.invitation_id
+    )
+    if member_id:
+        query = query.where(HouseholdInvitationRow.member_id == member_id)
+    if household_id:
+        query = query.where(HouseholdInvitationRow.household_id == household_id)
+    return [_invitation(row) for row in await session.scalars(query)]
+
+
 # Segments ------------------------------------------------------------------------
 
 
@@ -822,6 +1206,7 @@ async def member_facts(session: AsyncSession, sale: str, after: str, limit: int)
             totals.c.purchases,
             totals.c.spend,
             totals.c.last_at,
+            _attributes_of(MemberRow.member_id),
         )
         .outerjoin(totals, totals.c.member_id == MemberRow.member_id)
         .where(MemberRow.erased_at.is_(None), MemberRow.merged_into.is_(None), MemberRow.member_id > after)
@@ -829,8 +1214,17 @@ async def member_facts(session: AsyncSession, sale: str, after: str, limit: int)
         .limit(limit)
     )
     return [
-        MemberFacts(member_id, tier, created_at, birth_date, int(purchases or 0), int(spend or 0), last_at)
-        for member_id, tier, created_at, birth_date, purchases, spend, last_at in rows
+        MemberFacts(
+            member_id,
+            tier,
+            created_at,
+            birth_date,
+            int(purchases or 0),
+            int(spend or 0),
+            last_at,
+            _split_attributes(attributes),
+        )
+        for member_id, tier, created_at, birth_date, purchases, spend, last_at, attributes in rows
     ]
 
 
@@ -912,17 +1306,35 @@ async def member_segments(session: AsyncSession, member_id: str) -> list[str]:
 # Partners ------------------------------------------------------------------------
 
 
-async def find_partner(session: AsyncSession, partner_id: str) -> tuple[str, list[str]] | None:
-    """The partner's name and store ids."""
+@dataclass(frozen=True)
+class Store:
+    store_id: str
+    region: str
+    time_zone: str
+    terminal_ids: tuple[str, ...]
+
+
+async def find_partner(session: AsyncSession, partner_id: str) -> tuple[str, list[Store]] | None:
+    """The partner's name and stores (with their registers), by store id."""
     row = await session.get(PartnerRow, partner_id)
     if row is None:
         return None
-    stores = await session.scalars(
-        select(PartnerStoreRow.store_id)
-        .where(PartnerStoreRow.partner_id == partner_id)
-        .order_by(PartnerStoreRow.store_id)
+    stores = list(
+        await session.scalars(
+            select(PartnerStoreRow).where(PartnerStoreRow.partner_id == partner_id).order_by(PartnerStoreRow.store_id)
+        )
     )
-    return row.name, list(stores)
+    registers: dict[str, list[str]] = {}
+    for terminal_id, store_id in await session.execute(
+        select(StoreRegisterRow.terminal_id, StoreRegisterRow.store_id)
+        .where(StoreRegisterRow.store_id.in_([store.store_id for store in stores]))
+        .order_by(StoreRegisterRow.terminal_id)
+    ):
+        registers.setdefault(store_id, []).append(terminal_id)
+    return row.name, [
+        Store(store.store_id, store.region, store.time_zone, tuple(registers.get(store.store_id, ())))
+        for store in stores
+    ]
 
 
 async def store_owners(session: AsyncSession, store_ids: Iterable[str]) -> dict[str, str]:
@@ -934,10 +1346,107 @@ async def store_owners(session: AsyncSession, store_ids: Iterable[str]) -> dict[
     return {store_id: partner_id for store_id, partner_id in rows.tuples()}
 
 
-async def put_partner(session: AsyncSession, partner_id: str, name: str, store_ids: Sequence[str]) -> None:
+async def terminal_owners(session: AsyncSession, terminal_ids: Iterable[str]) -> dict[str, str]:
+    """The partner owning each terminal already registered, by terminal id."""
+    rows = await session.execute(
+        select(StoreRegisterRow.terminal_id, PartnerStoreRow.partner_id)
+        .join(PartnerStoreRow, PartnerStoreRow.store_id == StoreRegisterRow.store_id)
+        .where(StoreRegisterRow.terminal_id.in_(list(terminal_ids)))
+    )
+    return {terminal_id: partner_id for terminal_id, partner_id in rows.tuples()}
+
+
+async def put_partner(session: AsyncSession, partner_id: str, name: str, stores: Sequence[Store]) -> None:
+    """Replaces the partner's stores and their registers by the ones given."""
     await session.merge(PartnerRow(partner_id=partner_id, name=name))
     await session.flush()
+    owned = select(PartnerStoreRow.store_id).where(PartnerStoreRow.partner_id == partner_id)
+    await session.execute(delete(StoreRegisterRow).where(StoreRegisterRow.store_id.in_(owned)))
     await session.execute(delete(PartnerStoreRow).where(PartnerStoreRow.partner_id == partner_id))
-    for store_id in store_ids:
-        session.add(PartnerStoreRow(store_id=store_id, partner_id=partner_id))
+    for store in stores:
+        session.add(
+            PartnerStoreRow(
+                store_id=store.store_id, partner_id=partner_id, region=store.region, time_zone=store.time_zone
+            )
+        )
     await session.flush()
+    for store in stores:
+        for terminal_id in store.terminal_ids:
+            session.add(StoreRegisterRow(terminal_id=terminal_id, store_id=store.store_id))
+    await session.flush()
+
+
+@dataclass(frozen=True)
+class Terminal:
+    terminal_id: str
+    store_id: str
+    partner_id: str
+    region: str
+    time_zone: str
+
+
+async def find_terminal(session: AsyncSession, terminal_id: str) -> Terminal | None:
+    row = (
+        await session.execute(
+            select(
+                StoreRegisterRow.store_id, PartnerStoreRow.partner_id, PartnerStoreRow.region, PartnerStoreRow.time_zone
+            )
+            .join(PartnerStoreRow, PartnerStoreRow.store_id == StoreRegisterRow.store_id)
+            .where(StoreRegisterRow.terminal_id == terminal_id)
+        )
+    ).one_or_none()
+    return Terminal(terminal_id, *row) if row else None
+
+
+@dataclass(frozen=True)
+class BirthdayCandidate:
+    member_id: str
+    birth_date: str
+    time_zone: str
+    announced_year: int | None
+
+
+async def birthday_candidates(
+    session: AsyncSession, month_days: Sequence[str], after: str, limit: int
+) -> list[BirthdayCandidate]:
+    """A page (by member id) of active, live members born on one of `month_days` ("MM-DD")."""
+    rows = await session.execute(
+        select(MemberRow.member_id, MemberRow.birth_date, MemberRow.time_zone, MemberRow.birthday_announced_year)
+        .where(
+            func.substr(MemberRow.birth_date, 6, 5).in_(month_days),
+            MemberRow.status == MemberStatus.ACTIVE.value,
+            MemberRow.erased_at.is_(None),
+            MemberRow.merged_into.is_(None),
+            MemberRow.member_id > after,
+        )
+        .order_by(MemberRow.member_id)
+        .limit(limit)
+    )
+    return [BirthdayCandidate(*row) for row in rows]
+
+
+async def claim_birthday(session: AsyncSession, member_id: str, year: int) -> bool:
+    """Records that the member's birthday of `year` is announced; False when it already was
+    (another replica or an earlier run) or the member is no longer active. The conditional
+    UPDATE takes the row lock, so of two concurrent claims exactly one succeeds."""
+    result = await session.execute(
+        update(MemberRow)
+        .where(
+            MemberRow.member_id == member_id,
+            or_(MemberRow.birthday_announced_year.is_(None), MemberRow.birthday_announced_year < year),
+            MemberRow.status == MemberStatus.ACTIVE.value,
+            MemberRow.erased_at.is_(None),
+        )
+        .values(birthday_announced_year=year)
+    )
+    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+
+
+async def claim_profile_completed(session: AsyncSession, member_id: str, at: datetime) -> bool:
+    """Records the first completion of the member's profile; False when it was recorded before."""
+    result = await session.execute(
+        update(MemberRow)
+        .where(MemberRow.member_id == member_id, MemberRow.profile_completed_at.is_(None))
+        .values(profile_completed_at=at)
+    )
+    return int(result.rowcount) == 1  # type: ignore[attr-defined]

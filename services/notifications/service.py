@@ -62,7 +62,6 @@ from services.notifications.domain import (
     message_context,
     quiet_until,
     render,
-    retry_delay,
     sample_context,
     template_locales,
     template_problems,
@@ -263,6 +262,9 @@ async def handle_event(session: AsyncSession, consumer: str, event: Event, deliv
     if event.event_type in MEMBER_EVENTS_WITH_CONTACT:
         current = await store.find_contact(session, member_id)
         await store.save_contact(session, merge_contact(current, member_id, event.payload))
+        if current is None:
+            # Messages that overtook the registration wait for it (see _attempt_round): go now.
+            await store.release_awaiting_contact(session, member_id, utcnow())
     elif event.event_type == TIER_CHANGED_EVENT:
         current = await store.find_contact(session, member_id)
         if current is not None:
@@ -294,7 +296,8 @@ async def queue_message(
     trigger says; suppressed at once when no channel can carry it (it is kept, with the text
     it would have had, for the record). None when this event already has its message."""
     contact = await store.find_contact(session, member_id)
-    templates = await _templates(session, trigger.template_key, trigger.channels, contact, delivery)
+    # A member not known yet gets no channel (the message waits for them): no template needed.
+    templates = await _templates(session, trigger.template_key, trigger.channels, contact, delivery) if contact else {}
     message = Message(
         message_id=str(uuid.uuid4()),
         member_id=member_id,
@@ -338,10 +341,11 @@ async def _templates(
 ) -> dict[Channel, Template]:
     """The best template for each channel of the cascade in the member's locale, in cascade order."""
     locales = template_locales(contact.locale if contact else "", delivery.default_locale)
+    stored = await store.find_templates(session, template_key, channels, locales)
     found: dict[Channel, Template] = {}
     for channel in channels:
         for locale in locales:
-            template = await store.find_template(session, template_key, channel, locale)
+            template = stored.get((channel, locale))
             if template is not None:
                 found[channel] = template
                 break
@@ -536,10 +540,14 @@ async def deliver(
     tried, and on a refusal or a provider failure the next one, until one takes it. Member,
     quiet hours and frequency cap are checked first, against the contact as it is now."""
     policy = delivery.policy
+    templates: dict[Channel, Template] = {}
+    sent_recently = 0
     async with sessions() as session:
         contact = await store.find_contact(session, message.member_id)
-        templates = await _templates(session, message.template_key, message.channels, contact, delivery)
-        sent_recently = await store.sent_since(session, message.member_id, now - policy.frequency_window)
+        # A message for a member not known (yet) waits or is suppressed: neither needs a template.
+        if contact is not None:
+            templates = await _templates(session, message.template_key, message.channels, contact, delivery)
+            sent_recently = await store.sent_since(session, message.member_id, now - policy.frequency_window)
     outcome = await _attempt_round(providers, delivery, throttle, message, contact, templates, sent_recently, now)
     async with sessions() as session, session.begin():
         if not await store.save_progress(session, outcome, claim_id):
@@ -559,14 +567,19 @@ async def _attempt_round(
 ) -> Message:
     policy = delivery.policy
     if contact is None and not message.mass_send_id and now - message.created_at < UNKNOWN_MEMBER_GRACE:
-        return replace(message, next_attempt_at=now + retry_delay(1, policy))
+        # One wait to the end of the grace, not a poll every retry delay (with members
+        # imported in bulk, every points message polled 20 times kept a core busy): the
+        # member's first contact event releases the message at once.
+        return replace(
+            message, next_attempt_at=message.created_at + UNKNOWN_MEMBER_GRACE, reason=Reason.UNKNOWN_MEMBER.value
+        )
     refused = member_refusal(contact)
     if refused is not None or contact is None:
         return replace(message, state=MessageState.SUPPRESSED, reason=(refused or Reason.UNKNOWN_MEMBER).value)
     quiet_end = quiet_until(now, zone_of(contact, policy), policy)
     if quiet_end is not None:
         # Quiet hours delay a message, never drop it.
-        return replace(message, next_attempt_at=quiet_end)
+        return replace(message, next_attempt_at=quiet_end, reason="")
     if is_capped(message.category, sent_recently, policy):
         return replace(message, state=MessageState.SUPPRESSED, reason=Reason.FREQUENCY_CAPPED.value)
     attempts: list[AttemptResult] = []

@@ -202,9 +202,19 @@ def _insert(session: AsyncSession) -> Any:
     return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
 
 
-async def find_template(session: AsyncSession, event_type: str, channel: Channel, locale: str) -> Template | None:
-    row = await session.get(TemplateRow, (event_type, channel.value, locale))
-    return row.to_domain() if row else None
+async def find_templates(
+    session: AsyncSession, event_type: str, channels: Sequence[Channel], locales: Sequence[str]
+) -> dict[tuple[Channel, str], Template]:
+    """The stored templates of a key for any of the channels and locales, in one query (a
+    cascade of five channels in two locales is otherwise ten lookups per message)."""
+    rows = await session.scalars(
+        select(TemplateRow).where(
+            TemplateRow.event_type == event_type,
+            TemplateRow.channel.in_([channel.value for channel in channels]),
+            TemplateRow.locale.in_(list(locales)),
+        )
+    )
+    return {(Channel(row.channel), row.locale): row.to_domain() for row in rows}
 
 
 async def has_templates(session: AsyncSession, event_type: str) -> bool:
@@ -390,6 +400,22 @@ async def save_progress(session: AsyncSession, message: Message, claim_id: str) 
         .values(**values, claim_id=None)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def release_awaiting_contact(session: AsyncSession, member_id: str, now: datetime) -> int:
+    """Makes the member's messages that wait for their contact (queued, reason
+    UNKNOWN_MEMBER) due now; a message a dispatcher holds is left to it. Returns how many."""
+    result = await session.execute(
+        update(MessageRow)
+        .where(
+            MessageRow.member_id == member_id,
+            MessageRow.state == MessageState.QUEUED.value,
+            MessageRow.reason == Reason.UNKNOWN_MEMBER.value,
+            MessageRow.claim_id.is_(None),
+        )
+        .values(next_attempt_at=now, reason="")
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def sent_since(session: AsyncSession, member_id: str, since: datetime) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import AsyncIterator, Sequence
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
+from google.protobuf.field_mask_pb2 import FieldMask
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -18,6 +21,7 @@ from loyalty.rules.v1 import rules_service_pb2_grpc as pb_grpc
 from loyalty.runtime.errors import Violations
 from loyalty.runtime.idempotency import IdempotentCalls
 from loyalty.runtime.outbox import OutboxRelay
+from loyalty.runtime.paging import Cursor, page_size
 from loyalty.runtime.timeutil import timestamp_field, to_timestamp, utcnow
 from loyalty.runtime.validation import check_receipt, line_amount
 from services.rules import service, store
@@ -25,6 +29,7 @@ from services.rules.domain import (
     BASIS_POINTS_DENOMINATOR,
     COUNTER_NAME,
     DAYS_OF_MONTH,
+    DEFAULT_LOT,
     HOURS,
     MAX_BASIS_POINTS,
     MAX_CONDITION_LENGTH,
@@ -50,19 +55,25 @@ from services.rules.domain import (
     DiscountAmount,
     DiscountBase,
     DiscountPercent,
+    DiscountPercentPerAmount,
     EarnFixedPoints,
     EarnPointsCheapestItem,
     EarnPointsMultiplier,
     EarnPointsNthLine,
     EarnPointsPerAmount,
     EarnPointsPercent,
+    EarnPointsPerUnits,
     Effect,
     Evaluation,
+    ExpiryRounding,
     FixedPrice,
     GroupMode,
     IncrementCounter,
     IssueCoupon,
     NthItemDiscount,
+    NthLineDiscount,
+    Payment,
+    PointsLot,
     PresentedCoupon,
     ProductList,
     ProductRecord,
@@ -72,6 +83,7 @@ from services.rules.domain import (
     Rule,
     RuleGroup,
     Scope,
+    SetPrice,
     Subject,
     compile_condition,
 )
@@ -82,12 +94,18 @@ MAX_RULES_PER_CAMPAIGN = 200
 MAX_ID_LENGTH = 64
 MAX_SIMULATED_DRAFTS = 20
 MAX_CALENDAR_DAYS = 400
+MAX_NAME_FILTER_LENGTH = 200
+# the top-level Campaign fields UpdateCampaign may replace (the others are assigned)
+UPDATABLE_CAMPAIGN_FIELDS = ("name", "start_time", "end_time", "scope", "limits", "trigger", "rules", "groups")
+
 _STATUS = {
     CampaignStatus.DRAFT: pb.CAMPAIGN_STATUS_DRAFT,
     CampaignStatus.ACTIVE: pb.CAMPAIGN_STATUS_ACTIVE,
     CampaignStatus.PAUSED: pb.CAMPAIGN_STATUS_PAUSED,
     CampaignStatus.ENDED: pb.CAMPAIGN_STATUS_ENDED,
 }
+# SCHEDULED is reported, never stored: ListCampaigns asks for it separately
+_STATUS_FROM_PROTO = {proto: status for status, proto in _STATUS.items()}
 _MODES = {
     pb.RULE_GROUP_MODE_ALL: GroupMode.ALL,
     pb.RULE_GROUP_MODE_FIRST: GroupMode.FIRST,
@@ -101,11 +119,23 @@ _TRIGGERS = {
     pb.CAMPAIGN_TRIGGER_UNSPECIFIED: CampaignTrigger.RECEIPT,
     pb.CAMPAIGN_TRIGGER_RECEIPT: CampaignTrigger.RECEIPT,
     pb.CAMPAIGN_TRIGGER_MEMBER_REGISTERED: CampaignTrigger.MEMBER_REGISTERED,
+    pb.CAMPAIGN_TRIGGER_MEMBER_REFERRED: CampaignTrigger.MEMBER_REFERRED,
+    pb.CAMPAIGN_TRIGGER_MEMBER_BIRTHDAY: CampaignTrigger.MEMBER_BIRTHDAY,
+    pb.CAMPAIGN_TRIGGER_PROFILE_COMPLETED: CampaignTrigger.PROFILE_COMPLETED,
 }
 _TRIGGERS_TO_PROTO = {
     CampaignTrigger.RECEIPT: pb.CAMPAIGN_TRIGGER_RECEIPT,
     CampaignTrigger.MEMBER_REGISTERED: pb.CAMPAIGN_TRIGGER_MEMBER_REGISTERED,
+    CampaignTrigger.MEMBER_REFERRED: pb.CAMPAIGN_TRIGGER_MEMBER_REFERRED,
+    CampaignTrigger.MEMBER_BIRTHDAY: pb.CAMPAIGN_TRIGGER_MEMBER_BIRTHDAY,
+    CampaignTrigger.PROFILE_COMPLETED: pb.CAMPAIGN_TRIGGER_PROFILE_COMPLETED,
 }
+# Triggers whose events carry no tier or segments, so a campaign on them has no scope.
+_UNSCOPED_TRIGGERS = (
+    CampaignTrigger.MEMBER_REFERRED,
+    CampaignTrigger.MEMBER_BIRTHDAY,
+    CampaignTrigger.PROFILE_COMPLETED,
+)
 _CHANNEL_SCOPES = {
     receipt_pb2.SALES_CHANNEL_POS: "pos",
     receipt_pb2.SALES_CHANNEL_WEB: "web",
@@ -113,6 +143,20 @@ _CHANNEL_SCOPES = {
     receipt_pb2.SALES_CHANNEL_CALL_CENTRE: "call_centre",
 }
 _CHANNEL_TO_PROTO = {channel: proto for proto, channel in _CHANNEL_SCOPES.items()}
+_ROUNDINGS = {
+    pb.POINTS_EXPIRY_ROUNDING_UNSPECIFIED: ExpiryRounding.CURRENCY,
+    pb.POINTS_EXPIRY_ROUNDING_NONE: ExpiryRounding.NONE,
+    pb.POINTS_EXPIRY_ROUNDING_MONTH_END: ExpiryRounding.MONTH_END,
+    pb.POINTS_EXPIRY_ROUNDING_YEAR_END: ExpiryRounding.YEAR_END,
+}
+_ROUNDINGS_TO_PROTO = {rounding: proto for proto, rounding in _ROUNDINGS.items()}
+_PAYMENT_TYPES = {
+    receipt_pb2.PAYMENT_TYPE_CASH: "cash",
+    receipt_pb2.PAYMENT_TYPE_BANK_CARD: "bank_card",
+    receipt_pb2.PAYMENT_TYPE_GIFT_CARD: "gift_card",
+    receipt_pb2.PAYMENT_TYPE_OTHER: "other",
+}
+MAX_SET_SKUS = 20
 _CHANNELS = {
     receipt_pb2.SALES_CHANNEL_UNSPECIFIED: "pos",
     receipt_pb2.SALES_CHANNEL_POS: "pos",
@@ -123,7 +167,27 @@ _CHANNELS = {
 
 
 def _scope_from_proto(scope: pb.Scope) -> Scope:
-    return Scope(tuple(scope.skus), tuple(scope.category_ids), tuple(scope.brand_ids), tuple(scope.product_list_ids))
+    attributes: list[tuple[str, AttributeValue]] = []
+    for name, value in sorted(scope.attributes.items()):
+        kind = value.WhichOneof("value")
+        if kind is not None:
+            attributes.append((name, getattr(value, kind)))
+    return Scope(
+        tuple(scope.skus),
+        tuple(scope.category_ids),
+        tuple(scope.brand_ids),
+        tuple(scope.product_list_ids),
+        scope.own_brand,
+        tuple(attributes),
+    )
+
+
+def _attribute_to_proto(raw: AttributeValue) -> pb.AttributeValue:
+    if isinstance(raw, bool):
+        return pb.AttributeValue(bool_value=raw)
+    if isinstance(raw, int):
+        return pb.AttributeValue(int_value=raw)
+    return pb.AttributeValue(string_value=raw)
 
 
 def _scope_to_proto(scope: Scope) -> pb.Scope:
@@ -132,6 +196,35 @@ def _scope_to_proto(scope: Scope) -> pb.Scope:
         category_ids=scope.category_ids,
         brand_ids=scope.brand_ids,
         product_list_ids=scope.product_list_ids,
+        own_brand=scope.own_brand,
+        attributes={name: _attribute_to_proto(value) for name, value in scope.attributes},
+    )
+
+
+def _lot_from_proto(lot: pb.PointsLot, where: str, violations: Violations) -> PointsLot:
+    parameters = PointsLot(
+        activation_delay_days=lot.activation_delay_days,
+        expire_time=timestamp_field(lot, "expire_time", violations, f"{where}.expire_time"),
+        lifetime_days=lot.lifetime_days,
+        expiry_rounding=_ROUNDINGS.get(lot.expiry_rounding, ExpiryRounding.CURRENCY),
+        currency=lot.currency,
+    )
+    violations.check(lot.expiry_rounding in _ROUNDINGS, f"{where}.expiry_rounding", "unknown rounding")
+    for name, reason in parameters.problems():
+        violations.add(f"{where}.{name}", reason)
+    return parameters
+
+
+def _lot_to_proto(lot: PointsLot) -> pb.PointsLot | None:
+    """The lot as answered; the default lot is left out, as it was before lots existed."""
+    if lot == DEFAULT_LOT:
+        return None
+    return pb.PointsLot(
+        activation_delay_days=lot.activation_delay_days,
+        expire_time=to_timestamp(lot.expire_time),
+        lifetime_days=lot.lifetime_days,
+        expiry_rounding=_ROUNDINGS_TO_PROTO[lot.expiry_rounding],
+        currency=lot.currency,
     )
 
 
@@ -146,7 +239,9 @@ def _effect_from_proto(effect: pb.Effect, where: str, violations: Violations) ->
     if kind == "earn_points_percent":
         earn = effect.earn_points_percent
         rate = basis_points(earn.basis_points, maximum=MAX_BASIS_POINTS)
-        return EarnPointsPercent(rate, _scope_from_proto(earn.scope))
+        return EarnPointsPercent(
+            rate, _scope_from_proto(earn.scope), _lot_from_proto(earn.lot, f"{field}.lot", violations)
+        )
     if kind == "increment_counter":
         increment = effect.increment_counter
         violations.check(
@@ -160,16 +255,62 @@ def _effect_from_proto(effect: pb.Effect, where: str, violations: Violations) ->
         per_amount = effect.earn_points_per_amount
         violations.check(per_amount.points > 0, f"{field}.points", "must be positive")
         violations.check(per_amount.per_minor > 0, f"{field}.per_minor", "must be positive")
-        return EarnPointsPerAmount(per_amount.points, per_amount.per_minor, _scope_from_proto(per_amount.scope))
+        return EarnPointsPerAmount(
+            per_amount.points,
+            per_amount.per_minor,
+            _scope_from_proto(per_amount.scope),
+            _lot_from_proto(per_amount.lot, f"{field}.lot", violations),
+        )
+    if kind == "earn_points_per_units":
+        per_units = effect.earn_points_per_units
+        violations.check(per_units.points > 0, f"{field}.points", "must be positive")
+        violations.check(per_units.units > 0, f"{field}.units", "must be positive")
+        return EarnPointsPerUnits(
+            per_units.points,
+            per_units.units,
+            _scope_from_proto(per_units.scope),
+            _lot_from_proto(per_units.lot, f"{field}.lot", violations),
+        )
+    if kind == "set_price":
+        bundle = effect.set_price
+        violations.check(2 <= len(bundle.skus) <= MAX_SET_SKUS, f"{field}.skus", f"between 2 and {MAX_SET_SKUS} SKUs")
+        for index, sku in enumerate(bundle.skus):
+            _check_id(sku, f"{field}.skus[{index}]", violations)
+        violations.check(bundle.price_minor >= 0, f"{field}.price_minor", "must not be negative")
+        return SetPrice(tuple(bundle.skus), bundle.price_minor)
+    if kind == "nth_line_discount":
+        nth_line_off = effect.nth_line_discount
+        violations.check(nth_line_off.n >= 1, f"{field}.n", "at least 1")
+        violations.check(nth_line_off.amount_minor > 0, f"{field}.amount_minor", "must be positive")
+        return NthLineDiscount(nth_line_off.n, nth_line_off.amount_minor, _scope_from_proto(nth_line_off.scope))
+    if kind == "discount_percent_per_amount":
+        stepped = effect.discount_percent_per_amount
+        violations.check(stepped.per_minor > 0, f"{field}.per_minor", "must be positive")
+        return DiscountPercentPerAmount(
+            basis_points(stepped.basis_points),
+            stepped.per_minor,
+            basis_points(stepped.max_basis_points, "max_basis_points"),
+            _scope_from_proto(stepped.scope),
+        )
     if kind == "earn_points_cheapest_item":
         cheapest_points = effect.earn_points_cheapest_item
         rate = basis_points(cheapest_points.basis_points, maximum=MAX_BASIS_POINTS)
-        return EarnPointsCheapestItem(rate, _scope_from_proto(cheapest_points.scope))
+        return EarnPointsCheapestItem(
+            rate,
+            _scope_from_proto(cheapest_points.scope),
+            _lot_from_proto(cheapest_points.lot, f"{field}.lot", violations),
+        )
     if kind == "earn_points_nth_line":
         nth_line = effect.earn_points_nth_line
         violations.check(nth_line.n >= 1, f"{field}.n", "at least 1")
         rate = basis_points(nth_line.basis_points, maximum=MAX_BASIS_POINTS)
-        return EarnPointsNthLine(nth_line.n, rate, _scope_from_proto(nth_line.scope))
+        return EarnPointsNthLine(
+            nth_line.n,
+            rate,
+            _scope_from_proto(nth_line.scope),
+            _lot_from_proto(nth_line.lot, f"{field}.lot", violations),
+            nth_line.every,
+        )
     if kind == "earn_points_multiplier":
         multiplier = effect.earn_points_multiplier
         violations.check(
@@ -177,11 +318,15 @@ def _effect_from_proto(effect: pb.Effect, where: str, violations: Violations) ->
             f"{field}.basis_points",
             f"between {BASIS_POINTS_DENOMINATOR + 1} and {MAX_BASIS_POINTS}",
         )
-        return EarnPointsMultiplier(multiplier.basis_points, _scope_from_proto(multiplier.scope))
+        return EarnPointsMultiplier(
+            multiplier.basis_points,
+            _scope_from_proto(multiplier.scope),
+            _lot_from_proto(multiplier.lot, f"{field}.lot", violations),
+        )
     if kind == "earn_fixed_points":
         amount = effect.earn_fixed_points.amount
         violations.check(amount > 0, f"{field}.amount", "must be positive")
-        return EarnFixedPoints(amount)
+        return EarnFixedPoints(amount, _lot_from_proto(effect.earn_fixed_points.lot, f"{field}.lot", violations))
     if kind == "discount_percent":
         percent = effect.discount_percent
         return DiscountPercent(basis_points(percent.basis_points), _scope_from_proto(percent.scope))
@@ -322,6 +467,12 @@ def campaign_from_proto(proto: pb.Campaign) -> Campaign:
     rules = _rules_from_proto(proto.rules, "campaign.rules", violations)
     if trigger is not CampaignTrigger.RECEIPT:
         _check_triggered(proto, rules, scope, violations)
+    if trigger in _UNSCOPED_TRIGGERS:
+        violations.check(
+            scope == CampaignScope(),
+            "campaign.scope",
+            f"a {trigger.value} campaign has no scope: the member's tier and segments are not in the event",
+        )
     groups = []
     for index, group in enumerate(proto.groups):
         where = f"campaign.groups[{index}]"
@@ -381,33 +532,66 @@ def _effect_to_proto(effect: Effect) -> pb.Effect:
     if isinstance(effect, EarnPointsPercent):
         return pb.Effect(
             earn_points_percent=pb.EarnPointsPercent(
-                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope)
+                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope), lot=_lot_to_proto(effect.lot)
             )
         )
     if isinstance(effect, EarnFixedPoints):
-        return pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=effect.amount))
+        return pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=effect.amount, lot=_lot_to_proto(effect.lot)))
+    if isinstance(effect, EarnPointsPerUnits):
+        return pb.Effect(
+            earn_points_per_units=pb.EarnPointsPerUnits(
+                points=effect.points,
+                units=effect.units,
+                scope=_scope_to_proto(effect.scope),
+                lot=_lot_to_proto(effect.lot),
+            )
+        )
+    if isinstance(effect, SetPrice):
+        return pb.Effect(set_price=pb.SetPrice(skus=effect.skus, price_minor=effect.price_minor))
+    if isinstance(effect, NthLineDiscount):
+        return pb.Effect(
+            nth_line_discount=pb.NthLineDiscount(
+                n=effect.n, amount_minor=effect.amount_minor, scope=_scope_to_proto(effect.scope)
+            )
+        )
+    if isinstance(effect, DiscountPercentPerAmount):
+        return pb.Effect(
+            discount_percent_per_amount=pb.DiscountPercentPerAmount(
+                basis_points=effect.basis_points,
+                per_minor=effect.per_minor,
+                max_basis_points=effect.max_basis_points,
+                scope=_scope_to_proto(effect.scope),
+            )
+        )
     if isinstance(effect, EarnPointsPerAmount):
         return pb.Effect(
             earn_points_per_amount=pb.EarnPointsPerAmount(
-                points=effect.points, per_minor=effect.per_minor, scope=_scope_to_proto(effect.scope)
+                points=effect.points,
+                per_minor=effect.per_minor,
+                scope=_scope_to_proto(effect.scope),
+                lot=_lot_to_proto(effect.lot),
             )
         )
     if isinstance(effect, EarnPointsCheapestItem):
         return pb.Effect(
             earn_points_cheapest_item=pb.EarnPointsCheapestItem(
-                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope)
+                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope), lot=_lot_to_proto(effect.lot)
             )
         )
     if isinstance(effect, EarnPointsNthLine):
         return pb.Effect(
             earn_points_nth_line=pb.EarnPointsNthLine(
-                n=effect.n, basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope)
+                n=effect.n,
+                basis_points=effect.basis_points,
+                scope=_scope_to_proto(effect.scope),
+                lot=_lot_to_proto(effect.lot),
+                every=effect.every,
             )
         )
     if isinstance(effect, EarnPointsMultiplier):
         return pb.Effect(
             earn_points_multiplier=pb.EarnPointsMultiplier(
-                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope)
+                basis_points=effect.basis_points, scope=_scope_to_proto(effect.scope), lot=_lot_to_proto(effect.lot)
             )
         )
     if isinstance(effect, DiscountPercent):
@@ -576,13 +760,6 @@ def product_from_proto(proto: pb.Product, where: str, violations: Violations) ->
 
 
 def product_to_proto(product: ProductRecord) -> pb.Product:
-    def value(raw: AttributeValue) -> pb.AttributeValue:
-        if isinstance(raw, bool):
-            return pb.AttributeValue(bool_value=raw)
-        if isinstance(raw, int):
-            return pb.AttributeValue(int_value=raw)
-        return pb.AttributeValue(string_value=raw)
-
     return pb.Product(
         sku=product.sku,
         name=product.name,
@@ -590,12 +767,32 @@ def product_to_proto(product: ProductRecord) -> pb.Product:
         category_id=product.category_id,
         brand_id=product.brand_id,
         own_brand=product.own_brand,
-        attributes={name: value(raw) for name, raw in product.attributes.items()},
+        attributes={name: _attribute_to_proto(raw) for name, raw in product.attributes.items()},
     )
 
 
 def subject_from_proto(subject: pb.Subject) -> Subject:
-    return Subject(subject.member_id, subject.tier, tuple(subject.segments))
+    violations = Violations()
+    birth_date: date | None = None
+    if subject.birth_date:
+        try:
+            birth_date = date.fromisoformat(subject.birth_date)
+        except ValueError:
+            violations.add("subject.birth_date", "a date as YYYY-MM-DD")
+    violations.raise_if_any()
+    attributes: dict[str, AttributeValue] = {}
+    for name, value in sorted(subject.attributes.items()):
+        kind = value.WhichOneof("value")
+        if kind is not None:
+            attributes[name] = getattr(value, kind)
+    return Subject(
+        subject.member_id,
+        subject.tier,
+        tuple(subject.segments),
+        card_type=subject.card_type,
+        attributes=attributes,
+        birth_date=birth_date,
+    )
 
 
 def receipt_from_proto(receipt: receipt_pb2.Receipt) -> Receipt:
@@ -619,6 +816,10 @@ def receipt_from_proto(receipt: receipt_pb2.Receipt) -> Receipt:
                 no_promotions=line.no_promotions,
             )
             for line in receipt.lines
+        ),
+        payments=tuple(
+            Payment(_PAYMENT_TYPES.get(payment.type, ""), payment.amount_minor, payment.card_bin)
+            for payment in receipt.payments
         ),
     )
 
@@ -652,6 +853,17 @@ def evaluation_to_proto(evaluation: Evaluation) -> pb.EvaluateReceiptResponse:
         points_total=evaluation.points_total,
         discount_total_minor=evaluation.discount_total_minor,
         unused_coupon_codes=evaluation.unused_coupon_codes,
+        points_lots=[
+            pb.PointsLotResult(
+                points=lot.points,
+                activate_time=to_timestamp(lot.activate_time),
+                expire_time=to_timestamp(lot.lot.expire_time),
+                lifetime_days=lot.lot.lifetime_days,
+                expiry_rounding=_ROUNDINGS_TO_PROTO[lot.lot.expiry_rounding],
+                currency=lot.lot.currency,
+            )
+            for lot in evaluation.lots
+        ],
     )
 
 
@@ -705,6 +917,74 @@ class RulesApi(pb_grpc.RulesServiceServicer):
             return pb.CreateCampaignResponse(campaign=campaign_to_proto(created))
 
         return await self._idempotent.run("CreateCampaign", request, pb.CreateCampaignResponse, work)
+
+    async def UpdateCampaign(self, request: pb.UpdateCampaignRequest, context: Context) -> pb.UpdateCampaignResponse:
+        violations = Violations()
+        violations.check(bool(request.campaign.campaign_id), "campaign.campaign_id", "required")
+        paths = list(request.update_mask.paths)
+        violations.check(bool(paths), "update_mask", f"required: some of {', '.join(UPDATABLE_CAMPAIGN_FIELDS)}")
+        unknown = [path for path in paths if path not in UPDATABLE_CAMPAIGN_FIELDS]
+        violations.check(
+            not unknown,
+            "update_mask",
+            f"cannot update {', '.join(unknown)}: only {', '.join(UPDATABLE_CAMPAIGN_FIELDS)}",
+        )
+        violations.raise_if_any()
+        replaces_rules = not {"rules", "groups"}.isdisjoint(paths)
+
+        def edit(current: Campaign) -> Campaign:
+            merged = campaign_to_proto(current)
+            FieldMask(paths=paths).MergeMessage(
+                request.campaign, merged, replace_message_field=True, replace_repeated_field=True
+            )
+            edited = campaign_from_proto(merged)
+            return dataclasses.replace(
+                edited,
+                campaign_id=current.campaign_id,
+                version=current.version,
+                rules=edited.rules if replaces_rules else current.rules,
+                groups=edited.groups if replaces_rules else current.groups,
+            )
+
+        async def work(session: AsyncSession) -> pb.UpdateCampaignResponse:
+            updated = await service.update_draft(session, request.campaign.campaign_id, edit, replaces_rules)
+            return pb.UpdateCampaignResponse(campaign=campaign_to_proto(updated))
+
+        return await self._idempotent.run("UpdateCampaign", request, pb.UpdateCampaignResponse, work)
+
+    async def ListCampaigns(self, request: pb.ListCampaignsRequest, context: Context) -> pb.ListCampaignsResponse:
+        violations = Violations()
+        size = page_size(request.page_size, violations)
+        violations.check(
+            all(status in pb.CampaignStatus.values() and status for status in request.statuses),
+            "statuses",
+            "campaign statuses",
+        )
+        violations.check(
+            request.trigger == pb.CAMPAIGN_TRIGGER_UNSPECIFIED or request.trigger in _TRIGGERS,
+            "trigger",
+            "a known trigger",
+        )
+        violations.check_length(request.name_contains, "name_contains", MAX_NAME_FILTER_LENGTH)
+        filters = json.dumps([sorted(set(request.statuses)), request.trigger, request.name_contains])
+        scope = hashlib.sha256(filters.encode()).hexdigest()[:32]
+        after = Cursor.decode(request.page_token, scope, violations)
+        violations.raise_if_any()
+        query = service.CampaignQuery(
+            size=size,
+            after=after,
+            statuses=frozenset(_STATUS_FROM_PROTO[s] for s in request.statuses if s in _STATUS_FROM_PROTO),
+            scheduled=pb.CAMPAIGN_STATUS_SCHEDULED in request.statuses,
+            trigger=None if request.trigger == pb.CAMPAIGN_TRIGGER_UNSPECIFIED else _TRIGGERS[request.trigger],
+            name_contains=request.name_contains,
+            scope=scope,
+        )
+        async with self._sessions() as session:
+            page = await service.list_campaigns(session, query)
+        return pb.ListCampaignsResponse(
+            campaigns=[campaign_to_proto(campaign) for campaign in page.campaigns],
+            next_page_token=page.next_page_token,
+        )
 
     async def GetCampaign(self, request: pb.GetCampaignRequest, context: Context) -> pb.GetCampaignResponse:
         violations = Violations()

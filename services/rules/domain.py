@@ -20,11 +20,13 @@ points.
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any
 
@@ -138,16 +140,27 @@ def creates_cycle(category_id: str, parent_id: str, parents: Mapping[str, str]) 
 @dataclass(frozen=True)
 class Scope:
     """The lines an effect acts on: a line matches when it is named by SKU, or its category
-    (or an ancestor), brand or product list is named; nothing named means every line."""
+    (or an ancestor), brand or product list is named, or it is an own-brand product and
+    `own_brand` is set, or its product has one of the `attributes` (name, value) with that
+    very value and type; nothing named means every line."""
 
     skus: tuple[str, ...] = ()
     category_ids: tuple[str, ...] = ()
     brand_ids: tuple[str, ...] = ()
     product_list_ids: tuple[str, ...] = ()
+    own_brand: bool = False
+    attributes: tuple[tuple[str, AttributeValue], ...] = ()
 
     @property
     def everything(self) -> bool:
-        return not (self.skus or self.category_ids or self.brand_ids or self.product_list_ids)
+        return not (
+            self.skus
+            or self.category_ids
+            or self.brand_ids
+            or self.product_list_ids
+            or self.own_brand
+            or self.attributes
+        )
 
     def matches(self, sku: str, product: Product | None) -> bool:
         if self.everything or sku in self.skus:
@@ -158,10 +171,64 @@ class Scope:
             any(category in self.category_ids for category in product.category_ids)
             or (bool(product.brand_id) and product.brand_id in self.brand_ids)
             or any(list_id in product.list_ids for list_id in self.product_list_ids)
+            or (self.own_brand and product.own_brand)
+            or any(_same_value(product.attributes.get(name), value) for name, value in self.attributes)
         )
 
 
+def _same_value(actual: Any, wanted: AttributeValue) -> bool:
+    """Equal and of the same type (True is not 1)."""
+    return type(actual) is type(wanted) and actual == wanted
+
+
 EVERYTHING = Scope()
+
+
+class ExpiryRounding(StrEnum):
+    """Where an expiry computed from a lot's lifetime is moved ("" leaves it to the currency)."""
+
+    CURRENCY = ""
+    NONE = "none"
+    MONTH_END = "month_end"
+    YEAR_END = "year_end"
+
+
+POINTS_CURRENCY = re.compile(r"[A-Z][A-Z0-9_]{0,15}")
+MAX_ACTIVATION_DELAY_DAYS = 3650
+MAX_LIFETIME_DAYS = 36500
+
+
+@dataclass(frozen=True)
+class PointsLot:
+    """How the points of a points effect are credited: after `activation_delay_days` (0: the
+    currency's own delay), expiring at `expire_time` (a fixed moment such as 31 December) or
+    `lifetime_days` after activation moved by `expiry_rounding` (0 and "": the currency's
+    defaults), in `currency` ("" is the program's default). The default lot is today's
+    behaviour: the accounts service decides everything."""
+
+    activation_delay_days: int = 0
+    expire_time: datetime | None = None
+    lifetime_days: int = 0
+    expiry_rounding: ExpiryRounding = ExpiryRounding.CURRENCY
+    currency: str = ""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """What is wrong with the parameters, as (field, reason)."""
+        problems = []
+        if not 0 <= self.activation_delay_days <= MAX_ACTIVATION_DELAY_DAYS:
+            problems.append(("activation_delay_days", f"between 0 and {MAX_ACTIVATION_DELAY_DAYS}"))
+        if not 0 <= self.lifetime_days <= MAX_LIFETIME_DAYS:
+            problems.append(("lifetime_days", f"between 0 and {MAX_LIFETIME_DAYS}"))
+        if self.expire_time is not None and (self.lifetime_days or self.expiry_rounding):
+            problems.append(("expire_time", "a fixed expiry excludes lifetime_days and expiry_rounding"))
+        if self.expiry_rounding and not self.lifetime_days:
+            problems.append(("expiry_rounding", "only with lifetime_days"))
+        if self.currency and POINTS_CURRENCY.fullmatch(self.currency) is None:
+            problems.append(("currency", "an uppercase letter, then up to 15 uppercase letters, digits or underscores"))
+        return problems
+
+
+DEFAULT_LOT = PointsLot()
 
 
 @dataclass(frozen=True)
@@ -170,6 +237,7 @@ class EarnPointsPercent:
 
     basis_points: int
     scope: Scope = EVERYTHING
+    lot: PointsLot = DEFAULT_LOT
 
 
 @dataclass(frozen=True)
@@ -177,6 +245,7 @@ class EarnFixedPoints:
     """Points once per receipt, spread over the eligible lines."""
 
     amount: int
+    lot: PointsLot = DEFAULT_LOT
 
 
 @dataclass(frozen=True)
@@ -271,6 +340,7 @@ class EarnPointsPerAmount:
     points: int
     per_minor: int
     scope: Scope = EVERYTHING
+    lot: PointsLot = DEFAULT_LOT
 
 
 @dataclass(frozen=True)
@@ -279,16 +349,19 @@ class EarnPointsCheapestItem:
 
     basis_points: int
     scope: Scope = EVERYTHING
+    lot: PointsLot = DEFAULT_LOT
 
 
 @dataclass(frozen=True)
 class EarnPointsNthLine:
     """Points worth `basis_points` of the final amount of the n-th line in scope (in position
-    order); nothing when fewer lines are in scope."""
+    order), or of every n-th line with `every`; nothing when fewer lines are in scope."""
 
     n: int
     basis_points: int
     scope: Scope = EVERYTHING
+    lot: PointsLot = DEFAULT_LOT
+    every: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,6 +373,53 @@ class EarnPointsMultiplier:
 
     basis_points: int
     scope: Scope = EVERYTHING
+    lot: PointsLot = DEFAULT_LOT
+
+
+@dataclass(frozen=True)
+class EarnPointsPerUnits:
+    """`points` for each whole `units` units bought of the lines in scope (a product, a
+    category; weight counts too: 2.5 kg is 2.5 units), spread over those lines."""
+
+    points: int
+    units: int
+    scope: Scope = EVERYTHING
+    lot: PointsLot = DEFAULT_LOT
+
+
+@dataclass(frozen=True)
+class SetPrice:
+    """A set of SKUs sold together for `price_minor`: one unit of each SKU in `skus` (a SKU
+    named twice is needed twice) makes a set; every whole set on the receipt costs the price,
+    the difference spread pro rata over the units making the sets. Never raised."""
+
+    skus: tuple[str, ...]
+    price_minor: int
+
+    @property
+    def scope(self) -> Scope:
+        return Scope(skus=tuple(sorted(set(self.skus))))
+
+
+@dataclass(frozen=True)
+class NthLineDiscount:
+    """`amount_minor` off every n-th line in scope (position order, `no_promotions` lines not
+    counted), never more than the line costs."""
+
+    n: int
+    amount_minor: int
+    scope: Scope = EVERYTHING
+
+
+@dataclass(frozen=True)
+class DiscountPercentPerAmount:
+    """`basis_points` off for each whole `per_minor` of the lines in scope (1% for each
+    1,000.00), at most `max_basis_points`, computed on their sum and spread."""
+
+    basis_points: int
+    per_minor: int
+    max_basis_points: int
+    scope: Scope = EVERYTHING
 
 
 PointsEffect = (
@@ -309,13 +429,34 @@ PointsEffect = (
     | EarnPointsCheapestItem
     | EarnPointsNthLine
     | EarnPointsMultiplier
+    | EarnPointsPerUnits
 )
-DiscountEffect = DiscountPercent | DiscountAmount | FixedPrice | BuyMPayN | NthItemDiscount | CheapestItemDiscount
+DiscountEffect = (
+    DiscountPercent
+    | DiscountAmount
+    | FixedPrice
+    | BuyMPayN
+    | NthItemDiscount
+    | CheapestItemDiscount
+    | SetPrice
+    | NthLineDiscount
+    | DiscountPercentPerAmount
+)
 RewardEffect = IssueCoupon | AwardBadge
 Effect = PointsEffect | DiscountEffect | RedemptionCap | RewardEffect | IncrementCounter
 # The effects an event-triggered campaign may have: nothing to discount or cap without a receipt.
 TRIGGERED_EFFECTS = (EarnFixedPoints, IssueCoupon, AwardBadge)
-DISCOUNT_EFFECTS = (DiscountPercent, DiscountAmount, FixedPrice, BuyMPayN, NthItemDiscount, CheapestItemDiscount)
+DISCOUNT_EFFECTS = (
+    DiscountPercent,
+    DiscountAmount,
+    FixedPrice,
+    BuyMPayN,
+    NthItemDiscount,
+    CheapestItemDiscount,
+    SetPrice,
+    NthLineDiscount,
+    DiscountPercentPerAmount,
+)
 POINTS_EFFECTS = (
     EarnPointsPercent,
     EarnFixedPoints,
@@ -323,14 +464,21 @@ POINTS_EFFECTS = (
     EarnPointsCheapestItem,
     EarnPointsNthLine,
     EarnPointsMultiplier,
+    EarnPointsPerUnits,
 )
 
 
 class CampaignTrigger(StrEnum):
-    """What runs a campaign's rules: a receipt being evaluated, or a member registering."""
+    """What runs a campaign's rules: a receipt being evaluated, or an event of the members service."""
 
     RECEIPT = "receipt"
     MEMBER_REGISTERED = "member_registered"
+    # a friend registered with the member's referral code; the member (the referrer) is rewarded
+    MEMBER_REFERRED = "member_referred"
+    # member.birthday: once per member per year
+    MEMBER_BIRTHDAY = "member_birthday"
+    # member.profile_completed: once per member
+    PROFILE_COMPLETED = "profile_completed"
 
 
 @dataclass(frozen=True)
@@ -365,6 +513,15 @@ class CampaignLimits:
 
 
 NO_LIMITS = CampaignLimits()
+
+
+def given_back(amount: int, returned_minor: int, paid_minor: int, whole: bool) -> int:
+    """How much of what a receipt gave (`amount` of discount or points) its returns so far give
+    back to the campaign's budget: all of it once the whole receipt is returned, else the
+    returned share of what was paid, rounded down."""
+    if whole or paid_minor <= 0 or returned_minor >= paid_minor:
+        return amount
+    return amount * max(0, returned_minor) // paid_minor
 
 
 WEEKDAYS = range(1, 8)
@@ -467,6 +624,16 @@ class ReceiptLine:
 
 
 @dataclass(frozen=True)
+class Payment:
+    """How a part of the receipt is paid: `type` is "cash", "bank_card", "gift_card" or "other";
+    `card_bin` the first digits of a bank card (partner-bank promotions)."""
+
+    type: str
+    amount_minor: int
+    card_bin: str = ""
+
+
+@dataclass(frozen=True)
 class Receipt:
     store_id: str
     terminal_id: str
@@ -474,6 +641,7 @@ class Receipt:
     time: datetime
     currency_code: str
     lines: tuple[ReceiptLine, ...]
+    payments: tuple[Payment, ...] = ()
 
     @property
     def total_minor(self) -> int:
@@ -505,6 +673,29 @@ class Subject:
     # the member's counters as committed receipts left them (loaded only when a live
     # condition reads member.counters)
     counters: Mapping[str, int] = field(default_factory=dict)
+    # the member's card type, typed attributes (survey answers, preferences) and birth date,
+    # as the caller knows them
+    card_type: str = ""
+    attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+    birth_date: date | None = None
+
+
+def birthday_distances(birth_date: date | None, today: date) -> tuple[int, int]:
+    """Days from `today` to the next birthday and since the last one (both 0 on the day;
+    -1 and -1 when the birth date is unknown). A 29 February birthday falls on 28 February
+    in other years."""
+    if birth_date is None:
+        return -1, -1
+    this_year = _birthday_in(birth_date, today.year)
+    upcoming = this_year if this_year >= today else _birthday_in(birth_date, today.year + 1)
+    last = this_year if this_year <= today else _birthday_in(birth_date, today.year - 1)
+    return (upcoming - today).days, (today - last).days
+
+
+def _birthday_in(birth_date: date, year: int) -> date:
+    if (birth_date.month, birth_date.day) == (2, 29) and not calendar.isleap(year):
+        return date(year, 2, 28)
+    return date(year, birth_date.month, birth_date.day)
 
 
 COUNTER_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
@@ -583,6 +774,27 @@ class CompiledCampaign:
     def mentions(self, word: str) -> bool:
         return word in self.conditions
 
+    @functools.cached_property
+    def counters(self) -> frozenset[str]:
+        """The counters its conditions read, found once rather than per receipt."""
+        return frozenset(counter_names(self.conditions))
+
+    @functools.cached_property
+    def reads_lines(self) -> bool:
+        """Whether a condition may read receipt.lines (or the receipt as a whole)."""
+        programs = [group.program for group in self.groups] + [rule.program for rule in self.rules]
+        return any(program is not None and not _decided_without_lines(program.source) for program in programs)
+
+    @functools.cached_property
+    def reads(self) -> Reads:
+        """What its conditions may read of their variables, found once rather than per receipt."""
+        programs = [group.program for group in self.groups] + [rule.program for rule in self.rules]
+        reads = NOTHING_READ
+        for program in programs:
+            if program is not None:
+                reads |= condition_reads(program.source)
+        return reads
+
     @property
     def rules(self) -> tuple[CompiledRule, ...]:
         return tuple(rule for group in self.groups for rule in group.rules)
@@ -608,10 +820,13 @@ def activation(
     local: datetime | None = None,
     with_lines: bool = True,
     counters_read: Iterable[str] = (),
+    reads: Reads | None = None,
 ) -> dict[str, Any]:
     """The variables a condition sees (documented in docs/rules.md); times are the store's
     local time `local` when known. `receipt.lines` (a map per line) is by far the dearest
-    part to hand to CEL, so it is left out when no condition mentions it."""
+    part to hand to CEL, so it is left out when no condition mentions it; with `reads`, only
+    the fields the conditions may read are kept (the CEL library converts every value, and
+    copies the whole of `receipt.lines` each time a condition reads it)."""
     local = local or receipt.time
     products = [catalogue.get(line.sku) or Product(line.sku) for line in receipt.lines]
 
@@ -630,6 +845,7 @@ def activation(
             "attributes": dict(product.attributes),
         }
 
+    to_birthday, since_birthday = birthday_distances(subject.birth_date, local.date())
     facts: dict[str, Any] = {
         "receipt": {
             "total_minor": receipt.total_minor,
@@ -647,6 +863,11 @@ def activation(
             "list_ids": sorted({list_id for product in products for list_id in product.list_ids}),
             "coupon_codes": [coupon.code for coupon in coupons],
             "coupon_series": [coupon.series_id for coupon in coupons],
+            "payments": [
+                {"type": payment.type, "amount_minor": payment.amount_minor, "card_bin": payment.card_bin}
+                for payment in receipt.payments
+            ],
+            "payment_types": sorted({payment.type for payment in receipt.payments}),
         },
         "member": {
             "id": subject.member_id,
@@ -655,13 +876,118 @@ def activation(
             "segments": list(subject.segments),
             "purchases": purchase_facts(subject.purchases, receipt.time),
             "counters": {**dict.fromkeys(counters_read, 0), **subject.counters},
+            "card_type": subject.card_type,
+            "attributes": dict(subject.attributes),
+            "days_to_birthday": to_birthday,
+            "days_since_birthday": since_birthday,
         },
     }
     if with_lines:
         facts["receipt"]["lines"] = [
             line_facts(line, product) for line, product in zip(receipt.lines, products, strict=True)
         ]
+    if reads is not None:
+        _keep_only(facts, "receipt", reads.receipt)
+        _keep_only(facts, "member", reads.member)
+        if "lines" in facts["receipt"] and reads.line is not None:
+            wanted = reads.line
+            facts["receipt"]["lines"] = [
+                {name: value for name, value in line.items() if name in wanted} for line in facts["receipt"]["lines"]
+            ]
     return facts
+
+
+def _keep_only(facts: dict[str, Any], variable: str, fields: frozenset[str] | None) -> None:
+    if fields is not None:
+        facts[variable] = {name: value for name, value in facts[variable].items() if name in fields}
+
+
+# the receipt's fields other than lines, as conditions see them
+_RECEIPT_FIELDS = frozenset(activation(SAMPLE_RECEIPT, SAMPLE_SUBJECT, with_lines=False)["receipt"])
+_RECEIPT_MENTION = re.compile(r"\breceipt\b\s*(?:\.\s*([A-Za-z_]\w*))?")
+
+
+@functools.lru_cache(maxsize=4096)
+def _decided_without_lines(condition: str) -> bool:
+    """Whether a condition has the same outcome when receipt.lines is left out of its
+    variables: it never mentions lines, and every mention of receipt selects one of its other
+    fields (so nothing can look at the receipt as a whole, such as its size)."""
+    if "lines" in condition:
+        return False
+    return all(match.group(1) in _RECEIPT_FIELDS for match in _RECEIPT_MENTION.finditer(condition))
+
+
+@dataclass(frozen=True)
+class Reads:
+    """The fields of `receipt`, `member` and each of `receipt.lines` that conditions may read;
+    None is every field (a use the text does not prove to be a plain field selection)."""
+
+    receipt: frozenset[str] | None = frozenset()
+    member: frozenset[str] | None = frozenset()
+    line: frozenset[str] | None = frozenset()
+
+    def __or__(self, other: Reads) -> Reads:
+        def union(mine: frozenset[str] | None, theirs: frozenset[str] | None) -> frozenset[str] | None:
+            return None if mine is None or theirs is None else mine | theirs
+
+        return Reads(union(self.receipt, other.receipt), union(self.member, other.member), union(self.line, other.line))
+
+
+NOTHING_READ = Reads()
+_LINE_FIELDS = frozenset(activation(SAMPLE_RECEIPT, SAMPLE_SUBJECT)["receipt"]["lines"][0])
+_MEMBER_MENTION = re.compile(r"\bmember\b\s*(?:\.\s*([A-Za-z_]\w*))?")
+_LINES_WORD = re.compile(r"\blines\b")
+# the only uses of receipt.lines whose elements can be trimmed: their size, and a macro whose
+# variable (captured) then only ever selects fields
+_LINES_READ = re.compile(
+    r"\breceipt\s*\.\s*lines\s*\.\s*(?:(?:exists|all|exists_one|map)\s*\(\s*([A-Za-z_]\w*)\s*,|size\s*\(\s*\))"
+    r"|\bsize\s*\(\s*receipt\s*\.\s*lines\s*\)"
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def condition_reads(condition: str) -> Reads:
+    """What a condition may read of its variables, from its text, erring towards more: a
+    mention of `receipt` or `member` that does not select a field reads all of its fields, and
+    the lines' fields are narrowed only when every mention of `lines` is one of `_LINES_READ`
+    and every mention of each macro variable declares it or selects a line field with it.
+    A string literal can only make the answer larger (a word in it counts as a mention)."""
+    receipt: set[str] | None = set()
+    for match in _RECEIPT_MENTION.finditer(condition):
+        if match.group(1) is None:
+            receipt = None
+            break
+        assert receipt is not None
+        receipt.add(match.group(1))
+    member: set[str] | None = set()
+    for match in _MEMBER_MENTION.finditer(condition):
+        if match.group(1) is None:
+            member = None
+            break
+        assert member is not None
+        member.add(match.group(1))
+    return Reads(
+        None if receipt is None else frozenset(receipt),
+        None if member is None else frozenset(member),
+        None if receipt is None else _line_reads(condition),
+    )
+
+
+def _line_reads(condition: str) -> frozenset[str] | None:
+    uses = list(_LINES_READ.finditer(condition))
+    if len(uses) != len(_LINES_WORD.findall(condition)):
+        return None
+    fields: set[str] = set()
+    for name in {use.group(1) for use in uses if use.group(1)}:
+        word = re.escape(name)
+        declarations = re.findall(rf"\b(?:exists|all|exists_one|map)\s*\(\s*{word}\s*,", condition)
+        selections = re.findall(rf"\b{word}\s*\.\s*([A-Za-z_]\w*)\b(?!\s*\()", condition)
+        if len(declarations) + len(selections) != len(re.findall(rf"\b{word}\b", condition)):
+            return None
+        if not _LINE_FIELDS.issuperset(selections):
+            return None
+        fields.update(selections)
+    return frozenset(fields)
 
 
 def _holds(program: cel.Program, variables: dict[str, Any] | cel.Context) -> bool:
@@ -674,8 +1000,11 @@ def _holds(program: cel.Program, variables: dict[str, Any] | cel.Context) -> boo
     return result
 
 
+@functools.lru_cache(maxsize=4096)
 def compile_condition(condition: str) -> cel.Program | None:
-    """Compiles and trial-runs a condition on a sample receipt; empty means always."""
+    """Compiles and trial-runs a condition on a sample receipt; empty means always. The live
+    campaigns are compiled again after every publication, so a text compiled before is
+    answered from a cache (a program is immutable and can be shared) rather than re-parsed."""
     if not condition.strip():
         return None
     try:
@@ -762,12 +1091,25 @@ class LineOutcome:
     max_points_payment_minor: int = 0
 
 
+@dataclass(frozen=True)
+class LotOutcome:
+    """The points of a receipt that share one lot's parameters; `activate_time` is the
+    receipt's time plus the lot's activation delay (None: no delay of its own)."""
+
+    points: int
+    lot: PointsLot
+    activate_time: datetime | None
+
+
 @dataclass
 class Evaluation:
     lines: list[LineOutcome]
     applied: list[Applied] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unused_coupon_codes: list[str] = field(default_factory=list)
+    # the points total grouped by lot parameters, in the order the rules applied; the lots'
+    # points add up to points_total
+    lots: list[LotOutcome] = field(default_factory=list)
 
     @property
     def points_total(self) -> int:
@@ -776,6 +1118,32 @@ class Evaluation:
     @property
     def discount_total_minor(self) -> int:
         return sum(line.discount_minor for line in self.lines)
+
+
+def _line_keys(sku: str, product: Product | None) -> frozenset[tuple[str, str]]:
+    """What a line can be named by in a scope (see `_scope_keys`)."""
+    keys = [("sku", sku)]
+    if product is not None:
+        keys += [("category", category) for category in product.category_ids]
+        keys += [("brand", product.brand_id)] if product.brand_id else []
+        keys += [("list", list_id) for list_id in product.list_ids]
+    return frozenset(keys)
+
+
+@functools.lru_cache(maxsize=4096)
+def _scope_keys(scope: Scope) -> frozenset[tuple[str, str]] | None:
+    """What a scope names by SKU, category, brand or list, as keys a line in it shares (an
+    index lookup instead of `Scope.matches` per line); None for a scope that names nothing
+    or restricts by anything else, which `Scope.matches` decides line by line."""
+    named_only = dataclasses.replace(scope, skus=(), category_ids=(), brand_ids=(), product_list_ids=())
+    if scope.everything or named_only != EVERYTHING:
+        return None
+    return frozenset(
+        [("sku", sku) for sku in scope.skus]
+        + [("category", category) for category in scope.category_ids]
+        + [("brand", brand) for brand in scope.brand_ids]
+        + [("list", list_id) for list_id in scope.product_list_ids]
+    )
 
 
 class _Basket:
@@ -787,39 +1155,86 @@ class _Basket:
         self.original = [line.amount_minor for line in receipt.lines]
         self.current = list(self.original)
         self._masks: dict[Scope, list[bool]] = {}
+        # the masks by the scope object asked for (rules ask with the same objects every time,
+        # and hashing a scope costs more than finding it by identity); the scope is kept so
+        # that its id cannot be reused while it is here
+        self._masks_by_id: dict[int, tuple[Scope, list[bool]]] = {}
+        self._keys: list[frozenset[tuple[str, str]]] | None = None
+        # the least each line may cost after discounts, asked for by every discount
+        self.minimum = [_minimum_amount(line, product) for line, product in zip(self.lines, self.products, strict=True)]
+        # the lines of a mask that have whole units, by the mask asked with (kept, as in _masks_by_id)
+        self._whole: dict[int, tuple[list[bool], list[tuple[int, int, int]]]] = {}
+        # each effect's discounts on the current amounts (a BEST group weighs a rule, then applies
+        # it), by the effect asked with, kept with the amounts they were worked out on; the
+        # amounts are never changed in place (apply replaces them)
+        self.discounted: dict[tuple[int, DiscountBase], tuple[DiscountEffect, list[int], list[int]]] = {}
 
     def in_scope(self, scope: Scope) -> list[bool]:
         """Which lines a scope takes in; many rules share a scope, so it is worked out once."""
+        known = self._masks_by_id.get(id(scope))
+        if known is not None and known[0] is scope:
+            return known[1]
         mask = self._masks.get(scope)
         if mask is None:
-            mask = [
-                not line.no_promotions and scope.matches(line.sku, product)
-                for line, product in zip(self.lines, self.products, strict=True)
-            ]
+            wanted = _scope_keys(scope)
+            if wanted is None:
+                mask = [
+                    not line.no_promotions and scope.matches(line.sku, product)
+                    for line, product in zip(self.lines, self.products, strict=True)
+                ]
+            else:
+                mask = [
+                    not line.no_promotions and not keys.isdisjoint(wanted)
+                    for line, keys in zip(self.lines, self.line_keys(), strict=True)
+                ]
             self._masks[scope] = mask
+        self._masks_by_id[id(scope)] = (scope, mask)
         return mask
+
+    def line_keys(self) -> list[frozenset[tuple[str, str]]]:
+        """What each line can be named by in a scope: its SKU, and its product's categories,
+        brand and lists."""
+        if self._keys is None:
+            self._keys = [
+                _line_keys(line.sku, product) for line, product in zip(self.lines, self.products, strict=True)
+            ]
+        return self._keys
+
+    def whole_lines(self, mask: list[bool]) -> list[tuple[int, int, int]]:
+        """The lines in `mask` sold by the unit, as (line index, position, units)."""
+        known = self._whole.get(id(mask))
+        if known is not None and known[0] is mask:
+            return known[1]
+        whole = [
+            (index, line.position, line.quantity_milli // UNIT_MILLI)
+            for index, (line, selected) in enumerate(zip(self.lines, mask, strict=True))
+            if selected and not line.quantity_milli % UNIT_MILLI
+        ]
+        self._whole[id(mask)] = (mask, whole)
+        return whole
 
     def base(self, discount_base: DiscountBase) -> list[int]:
         return self.original if discount_base is DiscountBase.ORIGINAL else self.current
 
     def apply(self, discounts: list[int]) -> None:
-        self.current = [amount - discount for amount, discount in zip(self.current, discounts, strict=True)]
+        # nothing off keeps the very list, so what was worked out on it stays known (_discounts)
+        if any(discounts):
+            self.current = [amount - discount for amount, discount in zip(self.current, discounts, strict=True)]
 
 
 def _units(basket: _Basket, mask: list[bool], base: list[int]) -> list[tuple[int, int, int]]:
     """Every whole unit on the lines in `mask` as (unit price, position, line index), dearest
     first; a line's amount is split over its units with the remainder on its last unit.
     Lines sold by weight (a fractional quantity) have no units."""
+    # built with the price negated so that a plain tuple sort orders them (dearest, then by
+    # position, then by line: the order the lines were added in)
     units: list[tuple[int, int, int]] = []
-    for index, (line, selected) in enumerate(zip(basket.lines, mask, strict=True)):
-        if not selected or line.quantity_milli % UNIT_MILLI:
-            continue
-        count = line.quantity_milli // UNIT_MILLI
+    for index, position, count in basket.whole_lines(mask):
         share, remainder = divmod(base[index], count)
-        units.extend((share, line.position, index) for _ in range(count - 1))
-        units.append((share + remainder, line.position, index))
-    units.sort(key=lambda unit: (-unit[0], unit[1]))
-    return units
+        units += [(-share, position, index)] * (count - 1)
+        units.append((-share - remainder, position, index))
+    units.sort()
+    return [(-price, position, index) for price, position, index in units]
 
 
 def _unit_discounts(size: int, basket: _Basket, units: list[tuple[int, int, int]], free: int, bps: int) -> list[int]:
@@ -831,10 +1246,41 @@ def _unit_discounts(size: int, basket: _Basket, units: list[tuple[int, int, int]
     return discounts
 
 
+MIN_PRICE_ATTRIBUTE = "min_price_minor"
+
+
+def _minimum_amount(line: ReceiptLine, product: Product | None) -> int:
+    """The least a line may cost after discounts: its product's `min_price_minor` catalogue
+    attribute (a unit price) times the quantity, rounded up; 0 without one."""
+    unit_price = product.attributes.get(MIN_PRICE_ATTRIBUTE) if product is not None else None
+    if not isinstance(unit_price, int) or isinstance(unit_price, bool) or unit_price <= 0:
+        return 0
+    return -(-unit_price * line.quantity_milli // UNIT_MILLI)
+
+
+def _room(basket: _Basket, mask: list[bool]) -> list[int]:
+    """How much more each line in `mask` may be discounted: down to zero, or to its minimum price."""
+    return [
+        max(0, amount - minimum) if selected else 0
+        for amount, minimum, selected in zip(basket.current, basket.minimum, mask, strict=True)
+    ]
+
+
 def _discounts(effect: DiscountEffect, basket: _Basket, discount_base: DiscountBase) -> list[int]:
-    """The discount per line, never more than what a line in scope still costs."""
+    """The discount per line, never more than what a line in scope still costs (above its
+    minimum price); worked out once per effect and amounts."""
+    key = (id(effect), discount_base)
+    known = basket.discounted.get(key)
+    if known is not None and known[0] is effect and known[1] is basket.current:
+        return known[2]
+    discounts = _fresh_discounts(effect, basket, discount_base)
+    basket.discounted[key] = (effect, basket.current, discounts)
+    return discounts
+
+
+def _fresh_discounts(effect: DiscountEffect, basket: _Basket, discount_base: DiscountBase) -> list[int]:
     mask = basket.in_scope(effect.scope)
-    caps = [amount if selected else 0 for amount, selected in zip(basket.current, mask, strict=True)]
+    caps = _room(basket, mask)
     raw = _raw_discounts(effect, basket, discount_base, mask)
     if all(discount <= cap for discount, cap in zip(raw, caps, strict=True)):
         return raw
@@ -850,6 +1296,17 @@ def _raw_discounts(effect: DiscountEffect, basket: _Basket, discount_base: Disco
         return spread(scaled(sum(weights), effect.basis_points), weights)
     if isinstance(effect, DiscountAmount):
         return spread(effect.amount_minor, weights)
+    if isinstance(effect, DiscountPercentPerAmount):
+        rate = min(sum(weights) // effect.per_minor * effect.basis_points, effect.max_basis_points)
+        return spread(scaled(sum(weights), rate), weights)
+    if isinstance(effect, NthLineDiscount):
+        discounts = [0] * len(basket.lines)
+        chosen = [index for index, selected in enumerate(mask) if selected]
+        for index in chosen[effect.n - 1 :: effect.n]:
+            discounts[index] = min(effect.amount_minor, basket.current[index])
+        return discounts
+    if isinstance(effect, SetPrice):
+        return _set_discounts(effect, basket, mask)
     if isinstance(effect, FixedPrice):
         return [
             max(0, amount - (effect.unit_price_minor * line.quantity_milli + UNIT_MILLI // 2) // UNIT_MILLI)
@@ -865,6 +1322,33 @@ def _raw_discounts(effect: DiscountEffect, basket: _Basket, discount_base: Disco
     if len(units) < max(effect.min_units, 1):
         return [0] * len(basket.lines)
     return _unit_discounts(len(units), basket, units, 1, effect.basis_points)
+
+
+def _set_discounts(effect: SetPrice, basket: _Basket, mask: list[bool]) -> list[int]:
+    """Every whole set costs `price_minor`: the units making the sets are taken from the lines
+    in position order, and what they cost over the price is spread over those lines pro rata
+    to the part of each line's current amount they make."""
+    needed: dict[str, int] = {}
+    for sku in effect.skus:
+        needed[sku] = needed.get(sku, 0) + 1
+    whole = [
+        line.quantity_milli // UNIT_MILLI if selected and not line.quantity_milli % UNIT_MILLI else 0
+        for line, selected in zip(basket.lines, mask, strict=True)
+    ]
+    available: dict[str, int] = {}
+    for line, units in zip(basket.lines, whole, strict=True):
+        available[line.sku] = available.get(line.sku, 0) + units
+    sets = min(available.get(sku, 0) // count for sku, count in needed.items())
+    weights = [0] * len(basket.lines)
+    if sets == 0:
+        return weights
+    wanted = {sku: count * sets for sku, count in needed.items()}
+    for index, (line, units) in enumerate(zip(basket.lines, whole, strict=True)):
+        used = min(units, wanted.get(line.sku, 0))
+        if used:
+            wanted[line.sku] -= used
+            weights[index] = basket.current[index] * used // units
+    return spread(max(0, sum(weights) - sets * effect.price_minor), weights)
 
 
 def _points(effect: PointsEffect, basket: _Basket, earned: list[int]) -> list[int]:
@@ -886,11 +1370,13 @@ def _points(effect: PointsEffect, basket: _Basket, earned: list[int]) -> list[in
         return spread(scaled(sum(weights), effect.basis_points), weights)
     if isinstance(effect, EarnPointsPerAmount):
         return spread(sum(weights) // effect.per_minor * effect.points, weights)
+    if isinstance(effect, EarnPointsPerUnits):
+        quantity_milli = sum(line.quantity_milli for line, selected in zip(basket.lines, mask, strict=True) if selected)
+        return spread(quantity_milli // (effect.units * UNIT_MILLI) * effect.points, weights)
     points = [0] * len(basket.lines)
     if isinstance(effect, EarnPointsNthLine):
         chosen = [index for index, selected in enumerate(mask) if selected]
-        if len(chosen) >= effect.n:
-            index = chosen[effect.n - 1]
+        for index in chosen[effect.n - 1 :: effect.n] if effect.every else chosen[effect.n - 1 : effect.n]:
             points[index] = scaled(basket.current[index], effect.basis_points)
         return points
     units = _units(basket, mask, basket.current)
@@ -920,6 +1406,23 @@ def _earned(picks: Sequence[_Pick], basket: _Basket) -> list[int]:
     return earned
 
 
+def _final_points(picks: Sequence[_Pick], basket: _Basket) -> list[int]:
+    """Sets the points of every points pick on the final basket and answers their sum per line.
+    A multiplier works on what the other points effects earned, so two multipliers never
+    compound: the others are worked out first (once), then the multipliers on their sum."""
+    earned = [0] * len(basket.lines)
+    for pick in picks:
+        if isinstance(pick.effect, POINTS_EFFECTS) and not isinstance(pick.effect, EarnPointsMultiplier):
+            pick.points = _points(pick.effect, basket, earned)
+            earned = [a + b for a, b in zip(earned, pick.points, strict=True)]
+    points = earned
+    for pick in picks:
+        if isinstance(pick.effect, EarnPointsMultiplier):
+            pick.points = _points(pick.effect, basket, earned)
+            points = [a + b for a, b in zip(points, pick.points, strict=True)]
+    return points
+
+
 def _worth(effect: Effect, basket: _Basket, discount_base: DiscountBase, picks: Sequence[_Pick]) -> int:
     """What a rule gives the customer on the basket as it stands (a point counts as a minor unit);
     a multiplier is worth its share of what the rules picked so far earn."""
@@ -938,9 +1441,10 @@ def _coupon_discounts(benefit: CouponBenefit, basket: _Basket) -> list[int] | No
     if sum(basket.current) < benefit.min_receipt_total_minor or not any(eligible):
         return None
     if benefit.percent_off_basis_points:
-        return spread(scaled(sum(eligible), benefit.percent_off_basis_points), eligible)
+        # spread_within keeps every line at or above its minimum price
+        return spread_within(scaled(sum(eligible), benefit.percent_off_basis_points), eligible, _room(basket, mask))
     if benefit.amount_off_minor:
-        return spread_within(benefit.amount_off_minor, eligible, eligible)
+        return spread_within(benefit.amount_off_minor, eligible, _room(basket, mask))
     if benefit.fixed_price_minor is not None:
         return _discounts(FixedPrice(benefit.fixed_price_minor, benefit.scope), basket, DiscountBase.DISCOUNTED)
     if benefit.gift_sku:
@@ -956,6 +1460,23 @@ def _coupon_discounts(benefit: CouponBenefit, basket: _Basket) -> list[int] | No
         discounts[index] = price
         return discounts
     return [0] * len(basket.lines)
+
+
+def points_lots(picks: Sequence[_Pick], moment: datetime) -> list[LotOutcome]:
+    """The points the applied rules earned, grouped by their effects' lot parameters."""
+    totals: dict[PointsLot, int] = {}
+    for pick in picks:
+        earned: int = sum(pick.points)
+        if earned and isinstance(pick.effect, POINTS_EFFECTS):
+            totals[pick.effect.lot] = totals.get(pick.effect.lot, 0) + earned
+    return [
+        LotOutcome(
+            points,
+            lot,
+            moment + timedelta(days=lot.activation_delay_days) if lot.activation_delay_days else None,
+        )
+        for lot, points in totals.items()
+    ]
 
 
 class _Evaluator:
@@ -979,7 +1500,11 @@ class _Evaluator:
         self.basket = _Basket(receipt, catalogue)
         self.catalogue = catalogue
         self.with_lines = with_lines
+        # what the conditions about to run may read (set once the live campaigns are known)
+        self.reads: Reads | None = None
         self._variables: cel.Context | None = None
+        # each condition text's outcome on this receipt: whether it holds, or why it failed
+        self._outcomes: dict[str, bool | str] = {}
         self.picks: list[_Pick] = []
         self.skipped: list[tuple[str, str]] = []
 
@@ -1010,18 +1535,29 @@ class _Evaluator:
                 self.local,
                 self.with_lines,
                 self.counters_read,
+                self.reads,
             )
             self._variables = cel.Context(variables=facts)
         return self._variables
 
+    def outcome(self, program: cel.Program) -> bool | str:
+        """Whether a condition holds on this receipt, or why it could not be decided. A
+        condition is a pure function of the variables, so a text several rules share runs
+        once per receipt."""
+        outcome = self._outcomes.get(program.source)
+        if outcome is None:
+            try:
+                outcome = _holds(program, self.variables())
+            except ConditionError as error:
+                outcome = str(error)
+            self._outcomes[program.source] = outcome
+        return outcome
+
     def holds(self, program: cel.Program | None, subject_id: str) -> bool:
-        try:
-            if program is None or _holds(program, self.variables()):
-                return True
-        except ConditionError as error:
-            self.skipped.append((subject_id, f"condition failed: {error}"))
-            return False
-        self.skipped.append((subject_id, "condition is false"))
+        outcome = True if program is None else self.outcome(program)
+        if outcome is True:
+            return True
+        self.skipped.append((subject_id, "condition is false" if outcome is False else f"condition failed: {outcome}"))
         return False
 
     def candidates(self, group: CompiledGroup) -> list[CompiledRule]:
@@ -1058,7 +1594,7 @@ class _Evaluator:
         if group.mode is GroupMode.FIRST:
             rules, passed = rules[:1], rules[1:]
             self.skipped.extend((r.rule.rule_id, f"group {group.group_id}: an earlier rule applied") for r in passed)
-        elif group.mode is GroupMode.BEST and rules:
+        elif group.mode is GroupMode.BEST and len(rules) > 1:  # a lone rule is the best unweighed
             best = max(rules, key=lambda r: _worth(r.rule.effect, self.basket, group.discount_base, self.picks))
             self.skipped.extend(
                 (r.rule.rule_id, f"group {group.group_id}: {best.rule.rule_id} is worth more")
@@ -1101,11 +1637,18 @@ def evaluate(
     canonical = dataclasses.replace(receipt, lines=tuple(sorted(receipt.lines, key=lambda line: line.position)))
     moment = receipt.time if receipt.time.tzinfo else receipt.time.replace(tzinfo=UTC)
     with_lines = any(compiled.mentions("lines") for compiled in campaigns)
-    counters_read = set().union(*(counter_names(compiled.conditions) for compiled in campaigns))
+    counters_read = set().union(*(compiled.counters for compiled in campaigns))
     evaluator = _Evaluator(
         canonical, subject, coupons, catalogue, moment.astimezone(time_zone), with_lines, refusals or {}, counters_read
     )
     live = [compiled for compiled in campaigns if evaluator.admits(compiled.campaign)]
+    # receipt.lines is most of the work of converting the variables to CEL: it is left out
+    # unless a condition about to run may read it
+    evaluator.with_lines = with_lines and any(compiled.reads_lines for compiled in live)
+    reads = NOTHING_READ
+    for compiled in live:
+        reads |= compiled.reads
+    evaluator.reads = reads
     ordered = sorted(
         ((group.group.priority, compiled.campaign.campaign_id, index), compiled.campaign, group)
         for compiled in live
@@ -1124,16 +1667,8 @@ def evaluate(
     unused = evaluator.run_coupons()
 
     basket = evaluator.basket
-    points = [0] * len(canonical.lines)
-    cap: RedemptionCap | None = None
-    # a multiplier works on what the other points effects earned, so two multipliers never compound
-    earned = _earned(evaluator.picks, basket)
-    for pick in evaluator.picks:
-        if isinstance(pick.effect, POINTS_EFFECTS):
-            pick.points = _points(pick.effect, basket, earned)
-            points = [a + b for a, b in zip(points, pick.points, strict=True)]
-        elif isinstance(pick.effect, RedemptionCap) and cap is None:
-            cap = pick.effect
+    points = _final_points(evaluator.picks, basket)
+    cap = next((pick.effect for pick in evaluator.picks if isinstance(pick.effect, RedemptionCap)), None)
     payable = redemption_cap(basket, cap or RedemptionCap(basis_points=default_cap_basis_points))
     outcomes = {
         line.position: LineOutcome(line.position, original - final, final, line_points, line_payable)
@@ -1159,6 +1694,7 @@ def evaluate(
         ],
         skipped=evaluator.skipped,
         unused_coupon_codes=unused,
+        lots=points_lots(evaluator.picks, moment),
     )
 
 

@@ -27,10 +27,11 @@ def gateway_handler(sessions: async_sessionmaker[AsyncSession], rewarder: Reward
 
 
 def members_handler(live: service.LiveCampaigns, rewarder: Rewarder) -> Handler:
-    """Runs the registration-triggered campaigns for each member.registered; nothing is
-    written here, the peers' idempotency keys make a redelivery harmless."""
+    """Runs the campaigns triggered by members events (registration, referral, birthday,
+    profile completed); nothing is written here, the peers' idempotency keys make a
+    redelivery harmless."""
 
     async def handle(event: Event) -> None:
-        await rewarder.grant(await service.registration_grants(live, event))
+        await rewarder.grant(await service.member_event_grants(live, event))
 
     return handle

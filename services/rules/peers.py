@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import timedelta
 from functools import partial
 
 from loyalty.accounts.v1 import accounts_service_pb2 as accounts
@@ -13,7 +14,15 @@ from loyalty.rewards.v1 import rewards_service_pb2 as rewards
 from loyalty.rewards.v1 import rewards_service_pb2_grpc as rewards_grpc
 from loyalty.runtime.clients import Channels
 from loyalty.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, call_remote
-from services.rules.domain import AwardBadge, EarnFixedPoints, Grant, IssueCoupon
+from loyalty.runtime.timeutil import to_timestamp, utcnow
+from services.rules.domain import AwardBadge, EarnFixedPoints, ExpiryRounding, Grant, IssueCoupon
+
+_ROUNDINGS = {
+    ExpiryRounding.CURRENCY: accounts.EXPIRY_ROUNDING_UNSPECIFIED,
+    ExpiryRounding.NONE: accounts.EXPIRY_ROUNDING_NONE,
+    ExpiryRounding.MONTH_END: accounts.EXPIRY_ROUNDING_MONTH_END,
+    ExpiryRounding.YEAR_END: accounts.EXPIRY_ROUNDING_YEAR_END,
+}
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +70,10 @@ class Rewarder:
                 timeout=self._timeout,
             )
         elif isinstance(effect, EarnFixedPoints):
+            lot = effect.lot
+            # the delay counts from the event's handling; a redelivery repeats the request id,
+            # so the accounts service keeps the first answer
+            delay = lot.activation_delay_days
             await self._accounts.AccruePoints(
                 accounts.AccruePointsRequest(
                     request_id=grant.request_id,
@@ -70,6 +83,11 @@ class Rewarder:
                     source=accounts.ACCRUAL_SOURCE_CAMPAIGN,
                     source_ref=f"campaign:{grant.campaign_id}",
                     reason=grant.reason,
+                    currency=lot.currency,
+                    activate_time=to_timestamp(utcnow() + timedelta(days=delay) if delay else None),
+                    expire_time=to_timestamp(lot.expire_time),
+                    lifetime_days=lot.lifetime_days,
+                    expiry_rounding=_ROUNDINGS[lot.expiry_rounding],
                 ),
                 timeout=self._timeout,
             )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,11 +17,13 @@ from loyalty.runtime.bus import Event
 from loyalty.runtime.errors import FailedPrecondition, NotFound
 from loyalty.runtime.inbox import first_delivery
 from loyalty.runtime.outbox import add_event
+from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import utcnow
 from services.rules import store
 from services.rules.domain import (
     NO_CATALOGUE,
     STATUS_CHANGES,
+    AttributeValue,
     AwardBadge,
     Brand,
     Campaign,
@@ -71,6 +73,65 @@ async def campaign_usage(session: AsyncSession, campaign_id: str) -> CampaignUsa
     """The campaign's statistics from committed receipts (returns are not taken off)."""
     usage = (await store.campaign_usage(session, [campaign_id])).get(campaign_id, CampaignUsage())
     return dataclasses.replace(usage, participants=await store.campaign_participants(session, campaign_id))
+
+
+async def update_draft(
+    session: AsyncSession, campaign_id: str, edit: Callable[[Campaign], Campaign], replaces_rules: bool
+) -> Campaign:
+    """Edits a draft in place with `edit` (which validates and may raise InvalidArgument).
+    Published campaigns keep one version of their rules, immutable, so they are refused
+    (CAMPAIGN_PUBLISHED; ended ones CAMPAIGN_ENDED) rather than edited under the receipts
+    already evaluated against them."""
+    campaign = await store.find_campaign(session, campaign_id, for_update=True)
+    if campaign is None:
+        raise NotFound("CAMPAIGN_NOT_FOUND", f"no campaign {campaign_id!r}")
+    if campaign.status is CampaignStatus.ENDED:
+        raise FailedPrecondition("CAMPAIGN_ENDED", "an ended campaign cannot be changed")
+    if campaign.status is not CampaignStatus.DRAFT:
+        raise FailedPrecondition(
+            "CAMPAIGN_PUBLISHED", "a published campaign's rules are immutable: end it and create a new campaign"
+        )
+    await store.replace_draft(session, edit(campaign), replaces_rules)
+    return await get_campaign(session, campaign_id)
+
+
+@dataclass(frozen=True)
+class CampaignPage:
+    campaigns: list[Campaign]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class CampaignQuery:
+    """A validated ListCampaigns request; `scope` is what its page tokens are bound to."""
+
+    size: int
+    after: Cursor | None
+    statuses: frozenset[CampaignStatus]
+    scheduled: bool
+    trigger: CampaignTrigger | None
+    name_contains: str
+    scope: str
+
+
+async def list_campaigns(session: AsyncSession, query: CampaignQuery) -> CampaignPage:
+    """One page of campaigns newest first; a next_page_token when more may follow."""
+    found = await store.list_campaigns(
+        session,
+        query.size + 1,
+        query.after,
+        query.statuses,
+        query.scheduled,
+        query.trigger,
+        query.name_contains,
+        utcnow(),
+    )
+    page = found[: query.size]
+    token = ""
+    if len(found) > query.size:
+        last, created_at = page[-1]
+        token = Cursor(query.scope, created_at, last.campaign_id).encode()
+    return CampaignPage([campaign for campaign, _ in page], token)
 
 
 async def publish_campaign(session: AsyncSession, campaign_id: str) -> Campaign:
@@ -387,6 +448,7 @@ async def handle_gateway_event(session: AsyncSession, event: Event) -> list[Gran
             await count_counters(session, event.payload)
         elif event.event_type == "cheque.returned":
             await revert_counters(session, event.payload)
+            await give_back_promotions(session, event.payload)
     member_id = str(event.payload.get("member_id") or "")
     if event.event_type != "cheque.committed" or not member_id:
         return []
@@ -422,10 +484,25 @@ async def count_promotions(session: AsyncSession, payload: dict[str, Any]) -> No
             points + int(entry.get("points") or 0),
             coupons + (rule is not None and isinstance(rule.effect, IssueCoupon)),
         )
+    paid = int(payload.get("paid_minor") or 0)
     for campaign_id, (discount, points, coupons) in sorted(given.items()):
         await store.count_usage(session, campaign_id, discount, points, coupons)
         if member_id:
             await store.count_member_use(session, campaign_id, member_id)
+        await store.record_campaign_receipt(
+            session, _receipt_key(payload), campaign_id, member_id, discount, points, paid
+        )
+
+
+async def give_back_promotions(session: AsyncSession, payload: dict[str, Any]) -> None:
+    """Gives a return's share back to the budgets of the campaigns its receipt used: the
+    returned part of what was paid, pro rata (rounded down, the rest once the whole receipt
+    is returned), and the member's use and the receipt once it is wholly returned."""
+    returned = await store.campaign_receipt_returned(
+        session, _receipt_key(payload), int(payload.get("returned_minor") or 0), bool(payload.get("cancelled"))
+    )
+    for give_back in returned:
+        await store.give_back_usage(session, give_back)
 
 
 def _receipt_key(payload: dict[str, Any]) -> str:
@@ -467,15 +544,81 @@ async def member_counters(session: AsyncSession, member_id: str) -> dict[str, in
     return await store.member_counters(session, member_id)
 
 
+def _typed_attributes(raw: Any) -> dict[str, AttributeValue]:
+    """The member attributes of a members event that conditions can read (text, integers, flags)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {str(name): value for name, value in raw.items() if isinstance(value, str | int | bool)}
+
+
+def _birth_date(raw: Any) -> date | None:
+    try:
+        return date.fromisoformat(str(raw)) if raw else None
+    except ValueError:
+        return None  # a members event is not ours to refuse; conditions read "unknown"
+
+
+async def member_event_grants(live: LiveCampaigns, event: Event) -> list[Grant]:
+    """What the live campaigns triggered by a members event give: registration and referral
+    (registration_grants), a birthday, a first completed profile; other events give nothing."""
+    if event.event_type == "member.registered":
+        return await registration_grants(live, event)
+    member_id = str(event.payload.get("member_id") or "")
+    if not member_id:
+        return []
+    if event.event_type == "member.birthday":
+        birthday = _birth_date(event.payload.get("date"))
+        if birthday is None:
+            return []
+        subject = Subject(
+            member_id=member_id, tier="", segments=(), birth_date=_birth_date(event.payload.get("birth_date"))
+        )
+        # keyed by the member and the year, not the event: a birthday rewards once a year
+        # even if it were announced twice
+        return _trigger_grants(
+            await live.current(),
+            CampaignTrigger.MEMBER_BIRTHDAY,
+            subject,
+            event,
+            f"birthday:{member_id}:{birthday.year}",
+        )
+    if event.event_type == "member.profile_completed":
+        subject = Subject(member_id=member_id, tier="", segments=())
+        return _trigger_grants(
+            await live.current(), CampaignTrigger.PROFILE_COMPLETED, subject, event, f"profile:{member_id}"
+        )
+    return []
+
+
+def _trigger_grants(
+    campaigns: Sequence[CompiledCampaign], trigger: CampaignTrigger, subject: Subject, event: Event, key: str
+) -> list[Grant]:
+    fired = triggered_rules(campaigns, trigger, subject, event.occurred_at)
+    return grants_for(key, subject.member_id, [(campaign.campaign_id, rule) for campaign, rule in fired])
+
+
 async def registration_grants(live: LiveCampaigns, event: Event) -> list[Grant]:
     """What the live registration-triggered campaigns give the member of a member.registered
-    event; the same keys on a redelivery, so nothing is handed out twice."""
+    event, and, when a friend's referral code was used (`referrer_id`), what the live
+    referral campaigns give that friend; the same keys on a redelivery, so nothing is handed
+    out twice (a rule belongs to one campaign, so the keys of the two never meet)."""
     if event.event_type != "member.registered" or not event.payload.get("member_id"):
         return []
     member_id = str(event.payload["member_id"])
-    subject = Subject(member_id=member_id, tier=str(event.payload.get("tier") or ""), segments=())
-    fired = triggered_rules(await live.current(), CampaignTrigger.MEMBER_REGISTERED, subject, event.occurred_at)
-    return grants_for(event.event_id, member_id, [(campaign.campaign_id, rule) for campaign, rule in fired])
+    campaigns = await live.current()
+    subject = Subject(
+        member_id=member_id,
+        tier=str(event.payload.get("tier") or ""),
+        segments=(),
+        attributes=_typed_attributes(event.payload.get("attributes")),
+        birth_date=_birth_date(event.payload.get("birth_date")),
+    )
+    grants = _trigger_grants(campaigns, CampaignTrigger.MEMBER_REGISTERED, subject, event, event.event_id)
+    referrer_id = str(event.payload.get("referrer_id") or "")
+    if referrer_id:
+        referrer = Subject(member_id=referrer_id, tier="", segments=())
+        grants += _trigger_grants(campaigns, CampaignTrigger.MEMBER_REFERRED, referrer, event, event.event_id)
+    return grants
 
 
 async def record_gateway_event(session: AsyncSession, event: Event) -> None:

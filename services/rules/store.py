@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, delete, func, select, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Integer,
+    String,
+    and_,
+    delete,
+    func,
+    not_,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
@@ -15,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 from loyalty.runtime.idempotency import define_idempotency_table
 from loyalty.runtime.inbox import define_inbox_table
 from loyalty.runtime.outbox import define_outbox_table
+from loyalty.runtime.paging import Cursor
 from loyalty.runtime.timeutil import UtcDateTime
 from services.rules.domain import (
     EVERYONE,
@@ -35,18 +50,23 @@ from services.rules.domain import (
     DiscountAmount,
     DiscountBase,
     DiscountPercent,
+    DiscountPercentPerAmount,
     EarnFixedPoints,
     EarnPointsCheapestItem,
     EarnPointsMultiplier,
     EarnPointsNthLine,
     EarnPointsPerAmount,
     EarnPointsPercent,
+    EarnPointsPerUnits,
     Effect,
+    ExpiryRounding,
     FixedPrice,
     GroupMode,
     IncrementCounter,
     IssueCoupon,
     NthItemDiscount,
+    NthLineDiscount,
+    PointsLot,
     Product,
     ProductList,
     ProductRecord,
@@ -55,7 +75,9 @@ from services.rules.domain import (
     Rule,
     RuleGroup,
     Scope,
+    SetPrice,
     category_path,
+    given_back,
 )
 
 
@@ -230,6 +252,25 @@ class CounterReceiptRow(Base):
     reverted: Mapped[bool] = mapped_column(Boolean)
 
 
+class CampaignReceiptRow(Base):
+    """What a committed receipt took of a campaign's budgets, so that its returns give it back
+    pro rata (and the use, once the whole receipt is returned), exactly once."""
+
+    __tablename__ = "campaign_receipts"
+
+    receipt_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    campaign_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(64))
+    discount_minor: Mapped[int] = mapped_column(BigInteger)
+    points: Mapped[int] = mapped_column(BigInteger)
+    paid_minor: Mapped[int] = mapped_column(BigInteger)
+    returned_minor: Mapped[int] = mapped_column(BigInteger)
+    # what the returns have given back so far, and whether the use is given back
+    discount_given_back: Mapped[int] = mapped_column(BigInteger)
+    points_given_back: Mapped[int] = mapped_column(BigInteger)
+    reverted: Mapped[bool] = mapped_column(Boolean)
+
+
 class CatalogueVersionRow(Base):
     """One row counting catalogue changes, so every replica knows when its cache is stale."""
 
@@ -262,18 +303,51 @@ _EFFECT_KINDS: dict[str, type[Effect]] = {
     "issue_coupon": IssueCoupon,
     "award_badge": AwardBadge,
     "increment_counter": IncrementCounter,
+    "earn_points_per_units": EarnPointsPerUnits,
+    "set_price": SetPrice,
+    "nth_line_discount": NthLineDiscount,
+    "discount_percent_per_amount": DiscountPercentPerAmount,
 }
 _EFFECT_NAMES = {kind: name for name, kind in _EFFECT_KINDS.items()}
 
 
 def _effect_to_json(effect: Effect) -> dict[str, Any]:
-    return {"kind": _EFFECT_NAMES[type(effect)], **dataclasses.asdict(effect)}
+    data = {"kind": _EFFECT_NAMES[type(effect)], **dataclasses.asdict(effect)}
+    lot = data.get("lot")
+    if lot is not None and lot["expire_time"] is not None:
+        lot["expire_time"] = lot["expire_time"].isoformat()
+    return data
+
+
+def _scope_from_json(data: dict[str, Any]) -> Scope:
+    return Scope(
+        skus=tuple(data.get("skus", ())),
+        category_ids=tuple(data.get("category_ids", ())),
+        brand_ids=tuple(data.get("brand_ids", ())),
+        product_list_ids=tuple(data.get("product_list_ids", ())),
+        own_brand=data.get("own_brand", False),
+        attributes=tuple((name, value) for name, value in data.get("attributes", ())),
+    )
 
 
 def _effect_from_json(data: dict[str, Any]) -> Effect:
+    """The effect of a stored rule; rules stored before an effect had lot parameters read
+    with the default lot."""
     fields = {name: value for name, value in data.items() if name != "kind"}
     if "scope" in fields:
-        fields["scope"] = Scope(**{name: tuple(values) for name, values in fields["scope"].items()})
+        fields["scope"] = _scope_from_json(fields["scope"])
+    if "skus" in fields:
+        fields["skus"] = tuple(fields["skus"])
+    if "lot" in fields:
+        lot = fields["lot"]
+        expire_time = lot.get("expire_time")
+        fields["lot"] = PointsLot(
+            activation_delay_days=lot.get("activation_delay_days", 0),
+            expire_time=datetime.fromisoformat(expire_time) if expire_time else None,
+            lifetime_days=lot.get("lifetime_days", 0),
+            expiry_rounding=ExpiryRounding(lot.get("expiry_rounding", "")),
+            currency=lot.get("currency", ""),
+        )
     return _EFFECT_KINDS[data["kind"]](**fields)
 
 
@@ -321,10 +395,29 @@ def _rule_row(rule: Rule, position: int, group_id: str) -> RuleRow:
     )
 
 
-async def add_campaign(session: AsyncSession, campaign: Campaign, now: datetime) -> None:
+def _rule_rows(campaign: Campaign) -> list[RuleRow]:
     grouped = [(rule, "") for rule in campaign.rules] + [
         (rule, group.group_id) for group in campaign.groups for rule in group.rules
     ]
+    return [_rule_row(rule, position, group_id) for position, (rule, group_id) in enumerate(grouped)]
+
+
+def _group_rows(campaign: Campaign) -> list[RuleGroupRow]:
+    return [
+        RuleGroupRow(
+            group_id=group.group_id,
+            position=position,
+            name=group.name,
+            mode=group.mode.value,
+            priority=group.priority,
+            condition=group.condition,
+            discount_base=group.discount_base.value,
+        )
+        for position, group in enumerate(campaign.groups)
+    ]
+
+
+async def add_campaign(session: AsyncSession, campaign: Campaign, now: datetime) -> None:
     session.add(
         CampaignRow(
             campaign_id=campaign.campaign_id,
@@ -339,19 +432,8 @@ async def add_campaign(session: AsyncSession, campaign: Campaign, now: datetime)
             points_budget=campaign.limits.points_budget,
             max_uses_per_member=campaign.limits.max_uses_per_member,
             trigger=campaign.trigger.value,
-            rules=[_rule_row(rule, position, group_id) for position, (rule, group_id) in enumerate(grouped)],
-            groups=[
-                RuleGroupRow(
-                    group_id=group.group_id,
-                    position=position,
-                    name=group.name,
-                    mode=group.mode.value,
-                    priority=group.priority,
-                    condition=group.condition,
-                    discount_base=group.discount_base.value,
-                )
-                for position, group in enumerate(campaign.groups)
-            ],
+            rules=_rule_rows(campaign),
+            groups=_group_rows(campaign),
         )
     )
     await session.flush()
@@ -379,6 +461,65 @@ async def set_status(session: AsyncSession, campaign_id: str, status: CampaignSt
     row.status = status.value
     row.status_changed_at = now
     await session.flush()
+
+
+async def replace_draft(session: AsyncSession, campaign: Campaign, replace_rules: bool) -> None:
+    """Writes a draft's edited fields over its row; its rules and groups are replaced by new
+    rows only when `replace_rules` (their ids are new, so nothing collides)."""
+    row = await session.scalar(
+        select(CampaignRow).options(*_WITH_RULES).where(CampaignRow.campaign_id == campaign.campaign_id)
+    )
+    assert row is not None  # the service found and locked it in this transaction
+    row.name = campaign.name
+    row.start_at = campaign.start_at
+    row.end_at = campaign.end_at
+    row.scope = None if campaign.scope == EVERYONE else dataclasses.asdict(campaign.scope)
+    row.discount_budget_minor = campaign.limits.discount_budget_minor
+    row.points_budget = campaign.limits.points_budget
+    row.max_uses_per_member = campaign.limits.max_uses_per_member
+    row.trigger = campaign.trigger.value
+    if replace_rules:
+        row.rules = _rule_rows(campaign)
+        row.groups = _group_rows(campaign)
+    await session.flush()
+
+
+async def list_campaigns(
+    session: AsyncSession,
+    limit: int,
+    after: Cursor | None,
+    statuses: Collection[CampaignStatus],
+    scheduled: bool,
+    trigger: CampaignTrigger | None,
+    name_contains: str,
+    now: datetime,
+) -> list[tuple[Campaign, datetime]]:
+    """Campaigns newest first (creation time, then id), starting after the cursor, each with
+    its creation time. With `scheduled` (an active campaign whose start is after `now`), an
+    ACTIVE in `statuses` means one already started; no statuses and not `scheduled` means
+    every status."""
+    query = select(CampaignRow).options(*_WITH_RULES)
+    if statuses or scheduled:
+        started = or_(CampaignRow.start_at.is_(None), CampaignRow.start_at <= now)
+        matches = [CampaignRow.status == status.value for status in statuses if status is not CampaignStatus.ACTIVE]
+        if CampaignStatus.ACTIVE in statuses:
+            matches.append(and_(CampaignRow.status == CampaignStatus.ACTIVE.value, started))
+        if scheduled:
+            matches.append(and_(CampaignRow.status == CampaignStatus.ACTIVE.value, not_(started)))
+        query = query.where(or_(*matches))
+    if trigger is not None:
+        query = query.where(CampaignRow.trigger == trigger.value)
+    if name_contains:
+        query = query.where(func.lower(CampaignRow.name).contains(name_contains.lower(), autoescape=True))
+    if after is not None:
+        query = query.where(
+            or_(
+                CampaignRow.created_at < after.time,
+                and_(CampaignRow.created_at == after.time, CampaignRow.campaign_id < after.item_id),
+            )
+        )
+    query = query.order_by(CampaignRow.created_at.desc(), CampaignRow.campaign_id.desc()).limit(limit)
+    return [(_to_domain(row), row.created_at) for row in await session.scalars(query)]
 
 
 async def active_campaigns(session: AsyncSession) -> list[Campaign]:
@@ -582,9 +723,11 @@ async def campaign_usage(session: AsyncSession, campaign_ids: Iterable[str]) -> 
 
 
 async def campaign_participants(session: AsyncSession, campaign_id: str) -> int:
-    """The members a campaign applied to on at least one committed receipt."""
+    """The members a campaign applied to on at least one committed receipt not wholly returned."""
     count = await session.scalar(
-        select(func.count()).select_from(CampaignMemberUseRow).where(CampaignMemberUseRow.campaign_id == campaign_id)
+        select(func.count())
+        .select_from(CampaignMemberUseRow)
+        .where(CampaignMemberUseRow.campaign_id == campaign_id, CampaignMemberUseRow.uses > 0)
     )
     return int(count or 0)
 
@@ -655,6 +798,101 @@ async def counter_receipt_returned(
         return None
     row = await session.get_one(CounterReceiptRow, receipt_key)
     return row.member_id, dict(row.changes)
+
+
+async def record_campaign_receipt(
+    session: AsyncSession,
+    receipt_key: str,
+    campaign_id: str,
+    member_id: str,
+    discount_minor: int,
+    points: int,
+    paid_minor: int,
+) -> None:
+    """Remembers what a committed receipt took of a campaign (once per receipt and campaign)."""
+    await session.execute(
+        _insert(session)(CampaignReceiptRow)
+        .values(
+            receipt_key=receipt_key,
+            campaign_id=campaign_id,
+            member_id=member_id,
+            discount_minor=discount_minor,
+            points=points,
+            paid_minor=paid_minor,
+            returned_minor=0,
+            discount_given_back=0,
+            points_given_back=0,
+            reverted=False,
+        )
+        .on_conflict_do_nothing(index_elements=["receipt_key", "campaign_id"])
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GiveBack:
+    """What one return gives back to one campaign."""
+
+    campaign_id: str
+    member_id: str
+    discount_minor: int
+    points: int
+    use: bool
+
+
+async def campaign_receipt_returned(
+    session: AsyncSession, receipt_key: str, returned_minor: int, cancelled: bool
+) -> list[GiveBack]:
+    """Adds a return to the receipt's campaign rows and answers what it gives back to each.
+    The first statement is an update, so it takes the rows' (or SQLite's database) lock and
+    concurrent returns of one receipt are worked out one after the other."""
+    pending = (CampaignReceiptRow.receipt_key == receipt_key) & ~CampaignReceiptRow.reverted
+    await session.execute(
+        update(CampaignReceiptRow)
+        .where(pending)
+        .values(returned_minor=CampaignReceiptRow.returned_minor + returned_minor)
+    )
+    rows = await session.scalars(select(CampaignReceiptRow).where(pending).order_by(CampaignReceiptRow.campaign_id))
+    given = []
+    for row in rows:
+        whole = cancelled or row.returned_minor >= row.paid_minor
+        discount = given_back(row.discount_minor, row.returned_minor, row.paid_minor, whole)
+        points = given_back(row.points, row.returned_minor, row.paid_minor, whole)
+        given.append(
+            GiveBack(
+                row.campaign_id,
+                row.member_id,
+                discount - row.discount_given_back,
+                points - row.points_given_back,
+                whole,
+            )
+        )
+        row.discount_given_back, row.points_given_back, row.reverted = discount, points, whole
+    await session.flush()
+    return given
+
+
+async def give_back_usage(session: AsyncSession, give_back: GiveBack) -> None:
+    """Takes a return's share off a campaign's usage (and the receipt and the member's use once
+    the whole receipt is returned)."""
+    await session.execute(
+        update(CampaignUsageRow)
+        .where(CampaignUsageRow.campaign_id == give_back.campaign_id)
+        .values(
+            discount_minor=CampaignUsageRow.discount_minor - give_back.discount_minor,
+            points=CampaignUsageRow.points - give_back.points,
+            receipts=CampaignUsageRow.receipts - int(give_back.use),
+        )
+    )
+    if give_back.use and give_back.member_id:
+        await session.execute(
+            update(CampaignMemberUseRow)
+            .where(
+                CampaignMemberUseRow.campaign_id == give_back.campaign_id,
+                CampaignMemberUseRow.member_id == give_back.member_id,
+                CampaignMemberUseRow.uses > 0,
+            )
+            .values(uses=CampaignMemberUseRow.uses - 1)
+        )
 
 
 async def member_counters(session: AsyncSession, member_id: str) -> dict[str, int]:

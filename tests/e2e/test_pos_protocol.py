@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from pydantic import SecretStr
 
+from loyalty.accounts.v1 import accounts_service_pb2 as accounts
+from loyalty.accounts.v1 import accounts_service_pb2_grpc as accounts_grpc
 from loyalty.client.pos import PosClient, pos_channel
 from loyalty.common.v1 import receipt_pb2
 from loyalty.gateway.v1 import api_key_service_pb2 as keys_pb
@@ -28,10 +31,14 @@ from loyalty.members.v1 import members_service_pb2 as members
 from loyalty.members.v1 import members_service_pb2_grpc as members_grpc
 from loyalty.rewards.v1 import rewards_service_pb2 as rewards
 from loyalty.rewards.v1 import rewards_service_pb2_grpc as rewards_grpc
-from loyalty.runtime.errors import read_remote_error
+from loyalty.rules.v1 import rules_service_pb2 as rules
+from loyalty.rules.v1 import rules_service_pb2_grpc as rules_grpc
+from loyalty.runtime.errors import Unavailable, read_remote_error
 from loyalty.runtime.server import ServiceHost
 from loyalty.runtime.settings import ServiceConfig, Settings
+from loyalty.runtime.timeutil import to_timestamp
 from services import cluster, suite
+from services.gateway.peers import Peers
 from services.members.domain import luhn_check_digit
 from tests import infra
 from tests.e2e.scenario import Program, issue_coupon, receipt, set_up_program
@@ -443,6 +450,8 @@ async def test_a_qr_token_identifies_and_a_blocked_card_does_not(platform: Suite
                 request_id=f"block-{uuid.uuid4()}", card_number=platform.program.card_number, reason="lost"
             )
         )
+    # The gateway may reuse an identification of this card for member_cache_seconds.
+    await asyncio.sleep(platform.settings.member_cache_seconds)
     with pytest.raises(grpc.aio.AioRpcError) as blocked:
         await platform.client.calculate(platform.receipt("9602", 10_000), platform.by_card)
     assert (blocked.value.code(), read_remote_error(blocked.value).reason) == (
@@ -526,3 +535,142 @@ async def test_a_gift_card_pays_from_two_registers_without_going_negative_and_re
         await platform.client.pay_with_gift_card("9803:gift", number, 1_000, reference(first), pin="0000")
     assert read_remote_error(wrong_pin.value).reason == "GIFT_CARD_WRONG_PIN"
     assert (await platform.client.gift_card_balance(number, pin="4321")).balance_minor == 80_000
+
+
+# DOMAIN.md: "every 5th purchase over 500 -> +100 points that expire on 31 December", in stores
+# of its own so the other tests' receipts are untouched; in "store-lot" every receipt gets it.
+NEW_YEARS_EVE = datetime(datetime.now(UTC).year, 12, 31, 23, 59, 59, tzinfo=UTC)
+UNTIL_NEW_YEAR = rules.PointsLot(expire_time=to_timestamp(NEW_YEARS_EVE))
+EVERY_FIFTH = rules.Campaign(
+    name="every 5th purchase over 500",
+    rules=[
+        rules.Rule(
+            name="count purchases over 500",
+            condition='receipt.store_id == "store-fifth" && receipt.total_minor >= 50000',
+            effect=rules.Effect(increment_counter=rules.IncrementCounter(counter="big_purchases", by=1)),
+        ),
+        rules.Rule(
+            name="+100 on the 5th",
+            condition='receipt.store_id == "store-fifth" && receipt.total_minor >= 50000'
+            " && member.counters.big_purchases % 5 == 4",
+            effect=rules.Effect(earn_fixed_points=rules.EarnFixedPoints(amount=100, lot=UNTIL_NEW_YEAR)),
+            receipt_text="+100 until New Year",
+        ),
+        rules.Rule(
+            name="+100 on every receipt",
+            condition='receipt.store_id == "store-lot"',
+            effect=rules.Effect(earn_fixed_points=rules.EarnFixedPoints(amount=100, lot=UNTIL_NEW_YEAR)),
+        ),
+    ],
+)
+
+
+async def publish_every_fifth(settings: Settings) -> None:
+    """Publishes EVERY_FIFTH once for the module (both calls are idempotent by request id)."""
+    async with grpc.aio.insecure_channel(settings.address("rules")) as channel:
+        stub = rules_grpc.RulesServiceStub(channel)
+        created = await stub.CreateCampaign(rules.CreateCampaignRequest(request_id="camp-fifth", campaign=EVERY_FIFTH))
+        await stub.PublishCampaign(
+            rules.PublishCampaignRequest(request_id="pub-fifth", campaign_id=created.campaign.campaign_id)
+        )
+
+
+async def ledger(settings: Settings, holder_id: str) -> tuple[accounts.Balance, list[accounts.Entry]]:
+    """The holder's balance (with its next expiries) and entries, from the accounts service."""
+    async with grpc.aio.insecure_channel(settings.address("accounts")) as channel:
+        stub = accounts_grpc.AccountsServiceStub(channel)
+        balance = (await stub.GetBalance(accounts.GetBalanceRequest(holder_id=holder_id))).balance
+        entries = (await stub.ListEntries(accounts.ListEntriesRequest(holder_id=holder_id, page_size=100))).entries
+    return balance, list(entries)
+
+
+def expiring(balance: accounts.Balance, day: datetime) -> int:
+    return sum(expiry.amount for expiry in balance.next_expiries if expiry.day == day.date().isoformat())
+
+
+async def test_the_fifth_purchase_over_500_earns_a_lot_that_expires_on_31_december(platform: Suite) -> None:
+    await publish_every_fifth(platform.settings)
+    client, by_card, member_id = platform.client, platform.by_card, platform.program.member_id
+
+    def sale(number: str) -> receipt_pb2.Receipt:
+        bought = platform.receipt(number, 60_000)
+        bought.store_id = "store-fifth"
+        return bought
+
+    for number in ("1", "2", "3", "4"):
+        assert (await client.commit(sale(number), by_card)).points_earned_total == 3_000  # 5% of 600.00
+    fifth = sale("5")
+
+    async def counted_four() -> bool:
+        return (await client.calculate(fifth, by_card)).points_earned_total == 3_100
+
+    # the counter moves when the rules service reads cheque.committed off the stream
+    await infra.wait_until(counted_four, "four purchases counted", seconds=20)
+    calculated = await client.calculate(fifth, by_card)
+    assert "+100 until New Year" in calculated.receipt_messages
+    committed = await client.commit(fifth, by_card, calculated.calculation_id)
+    assert (committed.state, committed.points_earned_total) == (pos.CHEQUE_STATE_COMPLETED, 3_100)
+
+    balance, entries = await ledger(platform.settings, member_id)
+    ref = f"receipt:{infra.PARTNER}:{platform.terminal}:5"
+    assert sorted(entry.amount for entry in entries if entry.source_ref == ref) == [100, 3_000], "one entry a lot"
+    assert balance.available == 4 * 3_000 + 3_100
+    assert expiring(balance, NEW_YEARS_EVE) == 100, "only the promo lot expires on 31 December"
+
+    half = pos.ReturnLine(position=1, quantity_milli=500)
+    returned = await client.return_cheque("ret-fifth", reference(fifth), [half])
+    assert returned.points_taken_back == 1_550
+    balance, entries = await ledger(platform.settings, member_id)
+    reversals = [entry.amount for entry in entries if entry.kind == accounts.ENTRY_KIND_REVERSAL]
+    assert sorted(reversals) == [-1_500, -50], "half of each lot"
+    assert balance.available == 4 * 3_000 + 3_100 - 1_550
+    assert expiring(balance, NEW_YEARS_EVE) == 50
+
+    await client.return_cheque("ret-fifth-2", reference(fifth), [half])
+    balance, entries = await ledger(platform.settings, member_id)
+    assert sorted(entry.amount for entry in entries if entry.kind == accounts.ENTRY_KIND_REVERSAL) == [
+        -1_500,
+        -1_500,
+        -50,
+        -50,
+    ], "two halves take back each lot whole, never more"
+    assert balance.available == 4 * 3_000
+    assert expiring(balance, NEW_YEARS_EVE) == 0
+
+
+async def test_a_saga_failing_between_two_lot_accruals_accrues_each_lot_once(
+    platform: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second lot's accrual fails once after the first was credited: the resumed saga
+    credits the second and does not credit the first again."""
+    await publish_every_fifth(platform.settings)
+    accrue = Peers.accrue
+    calls: list[tuple[str, str]] = []  # (request id, "credited" or "failed"), in order
+
+    async def second_lot_fails_once(
+        peers: Peers, request: accounts.AccruePointsRequest
+    ) -> accounts.AccruePointsResponse:
+        if request.request_id.endswith(":accrue_points:1") and not calls.count((request.request_id, "failed")):
+            calls.append((request.request_id, "failed"))
+            raise Unavailable("ACCOUNTS_UNAVAILABLE", "injected failure between two lot accruals")
+        accrued = await accrue(peers, request)
+        calls.append((request.request_id, "credited"))
+        return accrued
+
+    monkeypatch.setattr(Peers, "accrue", second_lot_fails_once)
+    sale = platform.receipt("7001", 40_000)
+    sale.store_id = "store-lot"
+    committed = await platform.client.commit(sale, platform.by_card)
+    assert committed.state == pos.CHEQUE_STATE_COMMITTED, "durable; the second lot is owed"
+    first_lot = f"cheque:{infra.PARTNER}:{platform.terminal}:7001:accrue_points"
+    assert calls[:2] == [(first_lot, "credited"), (f"{first_lot}:1", "failed")], "a failure between the lots"
+
+    async def completed() -> bool:
+        return (await platform.client.commit(sale, platform.by_card)).state == pos.CHEQUE_STATE_COMPLETED
+
+    await infra.wait_until(completed, "the resumed saga", seconds=20)
+    balance, entries = await ledger(platform.settings, platform.program.member_id)
+    assert calls.count((first_lot, "credited")) >= 2, "the resumed saga sent the first lot again"
+    assert sorted(entry.amount for entry in entries if entry.kind == accounts.ENTRY_KIND_ACCRUAL) == [100, 2_000]
+    assert balance.available == 2_100, "each lot credited exactly once"
+    assert expiring(balance, NEW_YEARS_EVE) == 100

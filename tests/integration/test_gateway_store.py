@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from loyalty.rules.v1 import rules_service_pb2 as rules
 from loyalty.runtime import db
 from loyalty.runtime.timeutil import utcnow
 from services.gateway import store
 from services.gateway.domain import ReceiptKey, SagaState
+from services.gateway.saga import cheque_lots, lot_reversals
 from tests import infra
 
 
@@ -114,3 +116,37 @@ async def test_lapsed_calculations_are_purged_and_recent_ones_kept(database_url:
         async with sessions() as session:
             assert await store.find_calculation(session, "old") is None
             assert await store.find_calculation(session, "recent") is not None
+
+
+async def test_a_receipt_keeps_its_lots_and_their_entries_and_one_from_before_lots_has_one(
+    database_url: str,
+) -> None:
+    promo = rules.PointsLotResult(points=100, currency="PROMO", lifetime_days=30)
+    with_lots = cheque("lots")
+    with_lots.points_lots = rules.EvaluateReceiptResponse(
+        points_lots=[rules.PointsLotResult(points=400), promo]
+    ).SerializeToString()
+    with_lots.accrual_entry_ids = ["e-1", "e-2"]
+    async with infra.migrated_engine("gateway", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            assert await store.add_cheque_if_new(session, with_lots)
+            assert await store.add_cheque_if_new(session, cheque("old"))
+        async with sessions() as session:
+            found = await store.find_cheque(session, ReceiptKey("P1", "T1", "lots"))
+            old = await store.find_cheque(session, ReceiptKey("P1", "T1", "old"))
+    assert found is not None and old is not None
+    assert [(lot.points, lot.currency, lot.lifetime_days) for lot in cheque_lots(found)] == [
+        (400, "", 0),
+        (100, "PROMO", 30),
+    ]
+    assert found.accrual_entry_ids == ["e-1", "e-2"]
+    assert (old.points_lots, old.accrual_entry_ids) == (None, None)
+    assert [lot.points for lot in cheque_lots(old)] == [500], "a receipt from before lots is one lot"
+    old.accrual_entry_id = "e-old"
+    legacy_return = store.ReturnRow(points_taken_back=120, lots_taken_back=None)
+    assert lot_reversals(old, legacy_return) == [("e-old", 120)]
+    assert lot_reversals(found, store.ReturnRow(points_taken_back=120, lots_taken_back=[96, 24])) == [
+        ("e-1", 96),
+        ("e-2", 24),
+    ]

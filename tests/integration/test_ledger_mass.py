@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -19,7 +20,9 @@ from services.accounts.domain import MassOperationKind
 from tests import infra
 from tests.integration.test_accounts_store import accounts_stub, accrue_request
 from tests.integration.test_ledger_adjustments import payloads, tables
+from tests.integration.test_ledger_currencies import configured_stub
 from tests.integration.test_ledger_holds import refusal
+from tests.integration.test_ledger_limits import LIMITED, receipt
 
 if TYPE_CHECKING:
     from loyalty.accounts.v1.accounts_service_pb2_grpc import AccountsServiceAsyncStub
@@ -35,7 +38,7 @@ async def finished(stub: AccountsServiceAsyncStub, operation_id: str) -> pb.Mass
     """The operation once the service's own background job has finished it."""
     for _ in range(600):
         operation = (await stub.GetMassOperation(pb.GetMassOperationRequest(operation_id=operation_id))).operation
-        if operation.status == pb.MASS_OPERATION_STATUS_DONE:
+        if operation.status in (pb.MASS_OPERATION_STATUS_DONE, pb.MASS_OPERATION_STATUS_CANCELLED):
             return operation
         await asyncio.sleep(0.1)
     raise AssertionError(f"mass operation {operation_id} never finished")
@@ -75,20 +78,15 @@ async def test_an_uploaded_accrual_and_a_deduction_run_in_the_background(tmp_pat
         done = await finished(stub, operation_id)
         assert (done.total, done.applied, done.failed) == (4, 4, 0)
         assert [await available(stub, holder) for holder in ("m-1", "m-2", "m-3")] == [105, 200, 300]
-        events = await payloads(sessions, "points.adjusted")
-        assert sorted((e["holder_id"], e["amount"], e["actor"]) for e in events) == [
-            ("m-1", 5, "marketing-1"),
-            ("m-1", 100, "marketing-1"),
-            ("m-2", 200, "marketing-1"),
-            ("m-3", 300, "marketing-1"),
+        assert await payloads(sessions, "points.adjusted") == [], "an accrual announces chunks, not items"
+        chunks = await payloads(sessions, "points.mass_applied")
+        assert [(e["operation_id"], e["applied"], e["points"], e["actor"]) for e in chunks] == [
+            (operation_id, 4, 605, "marketing-1")
         ]
         async with sessions() as session:
-            audited = await session.scalar(
-                select(func.count()).select_from(store.AdjustmentRow).where(store.AdjustmentRow.actor == "marketing-1")
-            )
-            refs = set(await session.scalars(select(store.EntryRow.source_ref)))
-        assert audited == 4
-        assert refs == {f"mass:{operation_id}:{index}" for index in range(4)}
+            written = (await session.execute(select(store.EntryRow.source_ref, store.EntryRow.reason))).tuples()
+            refs = {ref for ref, reason in written if reason == "campaign: spring bonus"}
+        assert refs == {f"mass:{operation_id}:{index}" for index in range(4)}, "an entry per item, with the reason"
 
         await stub.BlockAccount(pb.BlockAccountRequest(request_id="b", holder_id="m-3", actor="fraud", reason="x"))
         deduct = pb.CreateMassOperationRequest(
@@ -196,7 +194,7 @@ async def test_a_job_that_crashes_midway_resumes_and_applies_each_item_once(
 
         monkeypatch.setattr(store, "settle_mass_items", crash_on_the_third_chunk)
         with pytest.raises(RuntimeError):
-            await jobs.apply_mass_operations(sessions, chunk=4)
+            await jobs.apply_mass_operations(sessions, chunk=4, workers=1)
         refs, _ = await ledger(sessions)
         assert sum(refs.values()) == 8, "two chunks committed, the third rolled back"
         async with sessions() as session:
@@ -238,3 +236,145 @@ async def test_replicas_running_the_job_at_once_apply_each_item_once(database_ur
         for holder, amount in deduction_pairs:
             expected[holder] -= amount
         assert totals == expected
+
+
+async def test_a_mass_accrual_honours_the_daily_accrual_limit_and_records_what_it_clips(
+    tmp_path: Path, database_url: str
+) -> None:
+    """BONUS refuses over 1,000 points a day, CLIP clips at 800 a day (500 per receipt):
+    mass items count against the same day as receipts, item after item."""
+    async with configured_stub(tmp_path, database_url, LIMITED) as stub, tables(database_url) as sessions:
+        await stub.AccruePoints(receipt("r1", 900))
+        refuse = pb.CreateMassOperationRequest(
+            request_id="refuse",
+            kind=pb.MASS_OPERATION_KIND_ACCRUAL,
+            currency="BONUS",
+            actor="marketing-1",
+            reason="bonus",
+            items=items(("member-1", 200), ("m-2", 600), ("m-2", 400), ("m-2", 1)),
+            start=True,
+        )
+        refused = await finished(stub, (await stub.CreateMassOperation(refuse)).operation.operation_id)
+        assert (refused.applied, refused.failed, refused.capped_points) == (2, 2, 0)
+        assert [(f.index, f.reason) for f in refused.failures] == [
+            (0, "ACCRUAL_LIMIT_REACHED"),
+            (3, "ACCRUAL_LIMIT_REACHED"),
+        ]
+        assert await available(stub, "m-2") == 1000
+        assert await refusal(stub.AccruePoints(receipt("r2", 101))) == "ACCRUAL_LIMIT_REACHED"
+
+        await stub.AccruePoints(receipt("c1", 700, "CLIP"))
+        clip = pb.CreateMassOperationRequest(
+            request_id="clip",
+            kind=pb.MASS_OPERATION_KIND_ACCRUAL,
+            currency="CLIP",
+            actor="marketing-1",
+            reason="bonus",
+            items=items(("member-1", 400), ("m-3", 1000), ("m-3", 5)),
+            start=True,
+        )
+        clipped = await finished(stub, (await stub.CreateMassOperation(clip)).operation.operation_id)
+        assert (clipped.applied, clipped.failed, clipped.capped_points) == (2, 1, 100 + 200)
+        assert [(f.index, f.reason) for f in clipped.failures] == [(2, "ACCRUAL_LIMIT_REACHED")], "clipped to nothing"
+        balances = [
+            (await stub.GetBalance(pb.GetBalanceRequest(holder_id=holder, currency="CLIP"))).balance.available
+            for holder in ("member-1", "m-3")
+        ]
+        assert balances == [500 + 300, 800]
+        async with sessions() as session:
+            reasons = set(
+                await session.scalars(select(store.EntryRow.reason).where(store.EntryRow.source_ref.like("mass:%")))
+            )
+        assert reasons == {
+            "bonus",
+            "bonus; 100 of 400 points over the accrual limit not credited",
+            "bonus; 200 of 1000 points over the accrual limit not credited",
+        }
+        chunks = await payloads(sessions, "points.mass_applied")
+        assert sorted((e["currency"], e["points"], e["capped"]) for e in chunks) == [
+            ("BONUS", 1000, 0),
+            ("CLIP", 1100, 300),
+        ]
+
+
+async def test_a_cancel_keeps_what_was_applied_and_is_refused_once_finished(tmp_path: Path, database_url: str) -> None:
+    async with accounts_stub(tmp_path, database_url) as stub:
+        create = pb.CreateMassOperationRequest(
+            request_id="draft",
+            kind=pb.MASS_OPERATION_KIND_ACCRUAL,
+            actor="marketing-1",
+            reason="bonus",
+            items=items(("m-1", 10), ("m-2", 20), ("m-3", 30)),
+        )
+        operation_id = (await stub.CreateMassOperation(create)).operation.operation_id
+        cancel = pb.CancelMassOperationRequest(request_id="cancel-1", operation_id=operation_id)
+        cancelled = (await stub.CancelMassOperation(cancel)).operation
+        assert (cancelled.status, cancelled.applied, cancelled.cancelled) == (pb.MASS_OPERATION_STATUS_CANCELLED, 0, 3)
+        assert (await stub.CancelMassOperation(cancel)).operation == cancelled, "a retry answers the first result"
+        again = pb.CancelMassOperationRequest(request_id="cancel-2", operation_id=operation_id)
+        assert await refusal(stub.CancelMassOperation(again)) == "MASS_OPERATION_FINISHED"
+        start = pb.StartMassOperationRequest(request_id="start", operation_id=operation_id)
+        assert await refusal(stub.StartMassOperation(start)) == "MASS_OPERATION_STARTED"
+        await asyncio.sleep(1.5)
+        assert [await available(stub, holder) for holder in ("m-1", "m-2", "m-3")] == [0, 0, 0]
+
+        run = pb.CreateMassOperationRequest(
+            request_id="run",
+            kind=pb.MASS_OPERATION_KIND_ACCRUAL,
+            actor="marketing-1",
+            reason="bonus",
+            items=items(("m-1", 10)),
+            start=True,
+        )
+        done = await finished(stub, (await stub.CreateMassOperation(run)).operation.operation_id)
+        late = pb.CancelMassOperationRequest(request_id="late", operation_id=done.operation_id)
+        assert await refusal(stub.CancelMassOperation(late)) == "MASS_OPERATION_FINISHED"
+        assert await available(stub, "m-1") == 10
+
+        unknown = pb.CancelMassOperationRequest(request_id="unknown", operation_id="no-such-operation")
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.CancelMassOperation(unknown)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert await refusal(stub.CancelMassOperation(unknown)) == "MASS_OPERATION_NOT_FOUND"
+        assert await refusal(stub.CancelMassOperation(pb.CancelMassOperationRequest(request_id="x"))) == (
+            "INVALID_ARGUMENT"
+        )
+
+
+async def test_no_item_is_applied_after_a_cancel_commits_while_the_job_runs(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers apply slowed-down chunks; the cancel lands mid-job. What it reports as
+    applied is final: the chunks in flight finished before it, none started after it."""
+    pairs = [(f"h-{index}", 1) for index in range(400)]
+    async with infra.migrated_engine("accounts", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            view = await service.create_mass_operation(
+                session, MassOperationKind.ACCRUAL, CURRENCY, "ops", "bonus", None, pairs, start=True
+            )
+        operation_id = view.operation.operation_id
+        credit = store.add_mass_credits
+
+        async def slowly(*args: Any) -> None:
+            await asyncio.sleep(0.05)
+            await credit(*args)
+
+        monkeypatch.setattr(store, "add_mass_credits", slowly)
+        job = asyncio.create_task(jobs.apply_mass_operations(sessions, chunk=10, workers=2))
+        while True:
+            async with sessions() as session:
+                if (await service.mass_operation_view(session, operation_id)).applied >= 60:
+                    break
+            await asyncio.sleep(0.01)
+        async with sessions() as session, session.begin():
+            at_cancel = await service.cancel_mass_operation(session, operation_id)
+        handled = await job
+        refs, _ = await ledger(sessions)
+        async with sessions() as session:
+            after = await service.mass_operation_view(session, operation_id)
+        assert 60 <= at_cancel.applied < 400, "the cancel came mid-job"
+        assert handled == at_cancel.applied, "no chunk ran after the cancel"
+        assert sum(refs.values()) == at_cancel.applied == after.applied
+        assert (after.operation.status, after.cancelled) == ("cancelled", 400 - at_cancel.applied)
+        assert await jobs.apply_mass_operations(sessions) == 0, "a cancelled operation is never resumed"

@@ -135,3 +135,69 @@ async def test_a_statement_needs_a_period_and_its_token_fits_only_that_period(
         assert {v.field for v in read_remote_error(mismatched.value).violations} == {"page_token"}
         report = await stub.GetLiabilityReport(pb.GetLiabilityReportRequest())
         assert [(line.currency, line.active) for line in report.currencies] == [("BONUS", 15)]
+
+
+async def test_the_expiry_forecast_sums_outstanding_lots_by_month_currency_and_partner(database_url: str) -> None:
+    """As of 15 January 2031: what is left of each lot, pending ones included, by the UTC
+    month of its last spendable instant; a lot already expired, one that never expires and
+    one past the range are not in it."""
+    now = datetime(2031, 1, 15, 12, tzinfo=UTC)
+    async with infra.migrated_engine("accounts", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        start = now - DAY * 20
+        await accrue_at(sessions, start, 100, expire_in=datetime(2031, 1, 31, 23, tzinfo=UTC) - start)
+        await accrue_at(sessions, start, 50, expire_in=FEBRUARY - start)  # "at the end of January"
+        await accrue_at(sessions, start, 30, activate_in=DAY * 30, expire_in=datetime(2031, 3, 5, tzinfo=UTC) - start)
+        await accrue_at(sessions, start, 20, expire_in=datetime(2031, 1, 10, tzinfo=UTC) - start)  # expired
+        await accrue_at(sessions, start, 10)  # never expires
+        await accrue_at(sessions, start, 5, expire_in=datetime(2032, 1, 2, tzinfo=UTC) - start)  # past the range
+        await accrue_at(sessions, start, 40, holder="m-2", currency="MILES", expire_in=DAY * 25)  # 29 January
+        partner = Accrual(
+            "m-2", "BONUS", 70, AccrualSource.RECEIPT, "p", "", start, datetime(2031, 2, 10, tzinfo=UTC), partner_id="P"
+        )
+        with mock.patch.object(service, "utcnow", lambda: start):
+            async with sessions() as session, session.begin():
+                await service.accrue_points(session, partner)
+        await redeem_at(sessions, now, 60)  # soonest-expiring first: 60 of January's 100
+        with mock.patch.object(service, "utcnow", lambda: now):
+            async with sessions() as session:
+                as_of, lines = await service.expiry_forecast(session, JANUARY.date(), 12)
+                _, longer = await service.expiry_forecast(session, FEBRUARY.date(), 12)
+        assert as_of == now
+        assert [(line.month.isoformat()[:7], line.currency, line.partner_id, line.points) for line in lines] == [
+            ("2031-01", "BONUS", "", 40 + 50),
+            ("2031-01", "MILES", "", 40),
+            ("2031-02", "BONUS", "P", 70),
+            ("2031-03", "BONUS", "", 30),
+        ]
+        assert [(line.month.isoformat()[:7], line.points) for line in longer][-1] == ("2032-01", 5)
+
+
+async def test_the_expiry_forecast_over_grpc_takes_a_month_range(tmp_path: Path, database_url: str) -> None:
+    async with accounts_stub(tmp_path, database_url) as stub:
+        expire = utcnow() + DAY * 100
+        await stub.AccruePoints(
+            pb.AccruePointsRequest(
+                request_id="a",
+                holder_id="m-1",
+                amount=25,
+                source=pb.ACCRUAL_SOURCE_RECEIPT,
+                expire_time=to_timestamp(expire),
+            )
+        )
+        forecast = await stub.GetExpiryForecast(pb.GetExpiryForecastRequest(months=6))
+        assert [(line.month, line.currency, line.partner_id, line.points) for line in forecast.lines] == [
+            (expire.strftime("%Y-%m"), "BONUS", "", 25)
+        ]
+        later = pb.GetExpiryForecastRequest(first_month=(expire + DAY * 31).strftime("%Y-%m"))
+        assert list((await stub.GetExpiryForecast(later)).lines) == []
+        for bad, field in (
+            (pb.GetExpiryForecastRequest(first_month="2031-13"), "first_month"),
+            (pb.GetExpiryForecastRequest(first_month="January"), "first_month"),
+            (pb.GetExpiryForecastRequest(months=121), "months"),
+            (pb.GetExpiryForecastRequest(months=-1), "months"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetExpiryForecast(bad)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert {violation.field for violation in read_remote_error(refused.value).violations} == {field}

@@ -47,6 +47,7 @@ PROFILE_EVENT_KEYS = {
     "status",
     "tier",
     "consents",
+    "attributes",
 }
 
 
@@ -152,7 +153,7 @@ async def test_a_profile_changes_only_in_the_masked_fields_and_announces_it(tmp_
         registered = await members.events("member.registered")
         changes = await members.events("member.updated")
         assert len(registered) == 1 and len(changes) == 1, "one event per change, none for the retry"
-        assert set(registered[0]) == PROFILE_EVENT_KEYS | {"channel", "referral_code"}
+        assert set(registered[0]) == PROFILE_EVENT_KEYS | {"channel", "referral_code", "referrer_id"}
         assert set(changes[0]) == PROFILE_EVENT_KEYS
         assert registered[0]["consents"] == {
             "sms": True,

@@ -120,6 +120,9 @@ async def test_a_duplicate_merges_into_the_survivor_with_its_cards_statistics_an
                 "actor": "op-1",
                 "reason": "same person",
                 "cards_moved": 1,
+                "segments_moved": 0,
+                "tier_changes_moved": 0,
+                "consents_moved": 0,
             }
         ]
         async with members.engine.connect() as connection:
@@ -148,3 +151,64 @@ async def test_bad_merges_are_refused(tmp_path: Path, database_url: str) -> None
         assert in_household.reason == "MEMBER_IN_HOUSEHOLD"
         member_after = (await members.stub.GetMember(pb.GetMemberRequest(member_id=other.member_id))).member
         assert not member_after.merged_into
+
+
+async def test_a_merge_moves_static_segments_tier_history_and_newer_consents_audited(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with members_and_accounts(tmp_path, database_url) as (members, _):
+        survivor = await members.register(
+            "+79161111111", consents=[pb.Consent(channel=pb.CONTACT_CHANNEL_SMS, granted=True, source="pos")]
+        )
+        duplicate = await members.register(
+            "+79162222222",
+            consents=[
+                pb.Consent(channel=pb.CONTACT_CHANNEL_SMS, granted=False, source="web"),
+                pb.Consent(channel=pb.CONTACT_CHANNEL_EMAIL, granted=True, source="web"),
+            ],
+        )
+        for code in ("vip", "staff"):
+            await members.stub.CreateSegment(pb.CreateSegmentRequest(request_id=f"s-{code}", code=code, name=code))
+        await members.stub.AddSegmentMembers(
+            pb.AddSegmentMembersRequest(request_id="a-1", code="vip", member_ids=[duplicate.member_id])
+        )
+        await members.stub.AddSegmentMembers(
+            pb.AddSegmentMembersRequest(
+                request_id="a-2", code="staff", member_ids=[duplicate.member_id, survivor.member_id]
+            )
+        )
+        gold = pb.TierDefinition(code="gold", name="Gold", rank=1, spend_threshold_minor=50_00)
+        await members.stub.SetTierDefinition(pb.SetTierDefinitionRequest(request_id="t-1", tier=gold))
+        await members.publish_gateway("cheque.committed", receipt(duplicate.member_id, "1", 60_00, utcnow()))
+        await wait_for_purchases(members, duplicate.member_id, 1, 60_00)
+
+        merged = await members.stub.MergeMembers(merge("m-1", survivor.member_id, duplicate.member_id))
+        assert (merged.cards_moved, merged.segments_moved, merged.tier_changes_moved, merged.consents_moved) == (
+            0,
+            1,
+            1,
+            2,
+        )
+        assert merged.survivor.tier == "gold", "the survivor is judged on the purchases it received"
+        consents = {(c.channel, c.granted, c.source) for c in merged.survivor.consents}
+        assert consents == {
+            (pb.CONTACT_CHANNEL_SMS, False, "web"),
+            (pb.CONTACT_CHANNEL_EMAIL, True, "web"),
+        }, "the duplicate's answers are newer than the survivor's"
+        context = (await members.stub.IdentifyMember(pb.IdentifyMemberRequest(phone=survivor.phone))).context
+        assert list(context.segments) == ["staff", "vip"]
+        sizes = [(await members.stub.GetSegment(pb.GetSegmentRequest(code=c))).segment.size for c in ("vip", "staff")]
+        assert sizes == [1, 1]
+        history = (await members.stub.ListTierHistory(pb.ListTierHistoryRequest(member_id=survivor.member_id))).changes
+        assert [(c.old_tier, c.new_tier) for c in history] == [("basic", "gold"), ("basic", "gold")], (
+            "the duplicate's change moved, and the survivor's own qualification is recorded"
+        )
+        duplicate_history = await members.stub.ListTierHistory(pb.ListTierHistoryRequest(member_id=duplicate.member_id))
+        assert list(duplicate_history.changes) == []
+        gone = (await members.stub.GetMember(pb.GetMemberRequest(member_id=duplicate.member_id))).member
+        assert list(gone.consents) == []
+        async with members.engine.connect() as connection:
+            audit = (await connection.execute(select(store.MemberMergeRow.__table__))).mappings().one()
+        assert (audit["segments_moved"], audit["tier_changes_moved"], audit["consents_moved"]) == (1, 1, 2)
+        [event] = await members.events("member.merged")
+        assert (event["segments_moved"], event["tier_changes_moved"], event["consents_moved"]) == (1, 1, 2)

@@ -52,6 +52,7 @@ async def test_a_dynamic_segment_follows_its_expression_and_announces_each_chang
         assert list(context.context.segments) == ["big"]
         context = await members.stub.IdentifyMember(pb.IdentifyMemberRequest(phone="+79162222222"))
         assert list(context.context.segments) == ["adults"]
+        assert context.context.birth_date == "1990-05-17", "the promotions' birthday offers read it"
         assert await members.events("segment.joined") == [
             {"segment_code": "adults", "member_id": small.member_id},
             {"segment_code": "big", "member_id": big.member_id},

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy import func, select
+from alembic import command
+from sqlalchemy import Connection, func, select, text
 
 from loyalty.members.v1 import members_service_pb2 as pb
 from loyalty.runtime import db
 from loyalty.runtime.errors import FailedPrecondition, NotFound
 from loyalty.runtime.idempotency import run_idempotent
+from loyalty.runtime.timeutil import utcnow
+from services import suite
 from services.members import service, store
+from services.members.domain import normalize_referral_code
 from tests import infra
 
 
@@ -92,3 +96,37 @@ async def test_cards_identify_their_member_and_refuse_duplicates(database_url: s
             with pytest.raises(FailedPrecondition) as taken:
                 await service.issue_card(session, member.member_id, card.card_number)
         assert taken.value.reason == "CARD_NUMBER_TAKEN"
+
+
+async def test_the_referral_code_migration_gives_every_registered_member_a_code(database_url: str) -> None:
+    """Members registered before referral codes existed get one each on upgrade; anonymous
+    card holders (no phone) get theirs when they register."""
+    config = db.alembic_config(suite.definition("members").migrations_dir)
+
+    def upgrade(connection: Connection, target: str) -> None:
+        config.attributes["connection"] = connection
+        command.upgrade(config, target)
+
+    engine = db.create_engine(database_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(upgrade, "31d4c5542e57")
+        async with engine.begin() as connection:
+            for member_id, phone in (("m-1", "+79161111111"), ("m-2", "+79162222222"), ("anon", None)):
+                await connection.execute(
+                    text(
+                        "INSERT INTO members (member_id, phone, first_name, last_name, status, tier,"
+                        " registration_channel, created_at) VALUES (:id, :phone, '', '', 'active', 'basic', 1, :at)"
+                    ),
+                    {"id": member_id, "phone": phone, "at": utcnow()},
+                )
+        async with engine.begin() as connection:
+            await connection.run_sync(upgrade, "head")
+        async with engine.connect() as connection:
+            rows = await connection.execute(select(store.MemberRow.member_id, store.MemberRow.own_referral_code))
+            codes: dict[str, str | None] = {member_id: code for member_id, code in rows}
+        assert codes["anon"] is None
+        assert codes["m-1"] != codes["m-2"]
+        assert all(normalize_referral_code(codes[member] or "") == codes[member] for member in ("m-1", "m-2"))
+    finally:
+        await engine.dispose()

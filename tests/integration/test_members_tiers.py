@@ -174,4 +174,83 @@ async def test_tier_definitions_are_checked(tmp_path: Path, database_url: str) -
         taken = await refusal(members.stub.SetTierDefinition(pb.SetTierDefinitionRequest(request_id="t-3", tier=clash)))
         assert taken.reason == "TIER_RANK_TAKEN"
         listed = (await members.stub.ListTierDefinitions(pb.ListTierDefinitionsRequest())).tiers
-        assert list(listed) == [PREMIUM]
+        answered = pb.TierDefinition()
+        answered.CopyFrom(PREMIUM)
+        answered.metric = pb.TIER_METRIC_SPEND  # not given: spend, answered explicitly
+        assert list(listed) == [answered]
+
+
+async def test_a_points_tier_over_the_calendar_year_counts_points_net_of_returns(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with members_service(tmp_path, database_url) as members:
+        silver = pb.TierDefinition(
+            code="silver",
+            name="Silver",
+            rank=1,
+            metric=pb.TIER_METRIC_POINTS,
+            points_threshold=500,
+            # A spend threshold that would qualify at once: the metric decides what counts.
+            spend_threshold_minor=0,
+            calendar_period=pb.CALENDAR_PERIOD_YEAR,
+        )
+        stored = (await members.stub.SetTierDefinition(pb.SetTierDefinitionRequest(request_id="t-1", tier=silver))).tier
+        assert stored == silver
+        member = await members.register()
+        member_id, now = member.member_id, utcnow()
+        new_year = now.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+        # Last year's points are outside the calendar window.
+        await members.publish_gateway(
+            "cheque.committed", receipt(member_id, "1", 10_00, new_year - timedelta(days=1)) | {"points": 1000}
+        )
+        await members.publish_gateway(
+            "cheque.committed", receipt(member_id, "2", 10_00, new_year + timedelta(minutes=1)) | {"points": 300}
+        )
+        await wait_for_purchases(members, member_id, 2, 20_00)
+        assert (await statistics(members, member_id)).points_earned == 1300
+        assert (await members.stub.GetMember(pb.GetMemberRequest(member_id=member_id))).member.tier == "basic"
+
+        await members.publish_gateway("cheque.committed", receipt(member_id, "3", 10_00, now) | {"points": 250})
+        await wait_for_purchases(members, member_id, 3, 30_00)
+        assert (await members.stub.GetMember(pb.GetMemberRequest(member_id=member_id))).member.tier == "silver"
+
+        # A return takes back 100 of those points: 450 this year, under the threshold.
+        await members.publish_gateway(
+            "cheque.returned",
+            {
+                "terminal_id": "pos-1",
+                "receipt_number": "3",
+                "return_id": "r-1",
+                "member_id": member_id,
+                "holder_id": member_id,
+                "returned_minor": 4_00,
+                "points_taken_back": 100,
+                "points_refunded": 0,
+                "return_time": now.isoformat(),
+            },
+        )
+        await wait_for_purchases(members, member_id, 3, 26_00)
+        assert (await statistics(members, member_id)).points_earned == 1450
+        assert (await members.stub.GetMember(pb.GetMemberRequest(member_id=member_id))).member.tier == "basic"
+        history = (await members.stub.ListTierHistory(pb.ListTierHistoryRequest(member_id=member_id))).changes
+        assert [(c.old_tier, c.new_tier, c.reason) for c in history] == [
+            ("silver", "basic", "not_qualified"),
+            ("basic", "silver", "qualified"),
+        ]
+
+        both = await refusal(
+            members.stub.SetTierDefinition(
+                pb.SetTierDefinitionRequest(
+                    request_id="t-2",
+                    tier=pb.TierDefinition(
+                        code="gold",
+                        name="Gold",
+                        rank=2,
+                        window_months=6,
+                        calendar_period=pb.CALENDAR_PERIOD_QUARTER,
+                        points_threshold=-1,
+                    ),
+                )
+            )
+        )
+        assert {v.field for v in both.violations} == {"tier.window_months", "tier.points_threshold"}

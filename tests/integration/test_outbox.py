@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 from sqlalchemy import event as sa_event
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session
 from loyalty.runtime import db
 from loyalty.runtime.bus import Event, InProcessBus
 from loyalty.runtime.outbox import RELAY_BATCH, OutboxRelay, add_event
+from loyalty.runtime.telemetry import PipelineMetrics
 from services.members import store
 from tests import infra
 
@@ -268,3 +270,53 @@ async def test_postgres_concurrent_relays_publish_each_row_exactly_once() -> Non
         assert sum(totals) == len(written)
         assert all(total > 0 for total in totals), "both relays took part"
         assert await outbox.unpublished() == 0
+
+
+class UnreachableBus(InProcessBus):
+    async def publish(self, stream: str, event: Event) -> None:
+        raise ConnectionError("the bus is down")
+
+
+async def test_the_backlog_gauges_show_what_waits_while_the_bus_fails_and_zero_once_caught_up(
+    database_url: str,
+) -> None:
+    async with members_outbox(database_url) as outbox:
+        registry = CollectorRegistry()
+        metrics = PipelineMetrics.create(registry)
+
+        def pending() -> float:
+            return registry.get_sample_value("loyalty_outbox_pending_events") or 0.0
+
+        await outbox.commit_event("m-1")
+        await outbox.commit_event("m-2")
+        failing = OutboxRelay(
+            outbox.sessions, store.outbox, UnreachableBus(), STREAM, "members", poll_seconds=0.05, metrics=metrics
+        )
+        task = asyncio.create_task(failing.run())
+        try:
+
+            async def backlog_shown() -> bool:
+                return pending() == 2
+
+            await infra.wait_until(backlog_shown, "the gauge to count the unpublished events")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        relay = OutboxRelay(outbox.sessions, store.outbox, outbox.bus, STREAM, "members", 0.05, metrics)
+        task = asyncio.create_task(relay.run())
+        try:
+
+            async def caught_up() -> bool:
+                return pending() == 0 and await outbox.unpublished() == 0
+
+            await infra.wait_until(caught_up, "the relay to publish the backlog")
+            await outbox.commit_event("m-3")
+            relay.notify()
+            await infra.wait_until(caught_up, "the relay to publish the new event")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert [event.key for event in await published(outbox.bus)] == ["m-1", "m-2", "m-3"]

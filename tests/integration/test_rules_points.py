@@ -22,7 +22,8 @@ from loyalty.runtime import db
 from loyalty.runtime.bus import Event
 from loyalty.runtime.db import create_engine
 from loyalty.runtime.errors import read_remote_error
-from services.rules import service
+from loyalty.runtime.timeutil import to_timestamp
+from services.rules import service, store
 from services.rules.api import usage_to_proto
 from services.rules.domain import DiscountPercent, EarnPointsPercent, IncrementCounter, IssueCoupon, Rule
 from tests import infra
@@ -340,3 +341,237 @@ async def test_campaign_statistics_count_committed_receipts_participants_discoun
         assert usage_to_proto(usage) == pb.CampaignUsage(
             discount_minor=3800, points=1575, receipts=4, participants=2, coupons_issued=3
         )
+
+
+# lot parameters and the effects added for the mechanics catalogue
+
+NEW_YEAR = datetime(2026, 12, 31, 21, tzinfo=UTC)
+LOTS_AND_SETS = pb.Campaign(
+    name="bundles and promo points",
+    rules=[
+        discount_rule(
+            "breakfast set for 35.00",
+            pb.Effect(set_price=pb.SetPrice(skus=["MILK", "CHEESE"], price_minor=3500)),
+            priority=1,
+        ),
+        discount_rule(
+            "1.00 off every 3rd line",
+            pb.Effect(nth_line_discount=pb.NthLineDiscount(n=3, amount_minor=100)),
+            priority=2,
+        ),
+        discount_rule(
+            "1% per 20.00, at most 2%",
+            pb.Effect(
+                discount_percent_per_amount=pb.DiscountPercentPerAmount(
+                    basis_points=100, per_minor=2000, max_basis_points=200
+                )
+            ),
+            '"cash" in receipt.payment_types',
+            priority=3,
+        ),
+        discount_rule(
+            "+100 until New Year",
+            pb.Effect(
+                earn_fixed_points=pb.EarnFixedPoints(
+                    amount=10_000, lot=pb.PointsLot(expire_time=to_timestamp(NEW_YEAR))
+                )
+            ),
+            priority=4,
+        ),
+        discount_rule(
+            "+1 per 2 units in 2 weeks, promo currency",
+            pb.Effect(
+                earn_points_per_units=pb.EarnPointsPerUnits(
+                    points=100,
+                    units=2,
+                    lot=pb.PointsLot(
+                        activation_delay_days=14,
+                        lifetime_days=30,
+                        expiry_rounding=pb.POINTS_EXPIRY_ROUNDING_MONTH_END,
+                        currency="PROMO",
+                    ),
+                )
+            ),
+            priority=5,
+        ),
+        discount_rule(
+            "10% own brand and 500 ml, every 2nd line",
+            pb.Effect(
+                earn_points_nth_line=pb.EarnPointsNthLine(
+                    n=2,
+                    basis_points=1000,
+                    every=True,
+                    scope=pb.Scope(own_brand=True, attributes={"volume_ml": pb.AttributeValue(int_value=500)}),
+                )
+            ),
+            priority=6,
+        ),
+    ],
+)
+
+
+async def test_new_effects_and_lots_are_stored_and_evaluated_over_grpc(tmp_path: Path, database_url: str) -> None:
+    async with rules_stub(tmp_path, database_url) as stub:
+        created = (await stub.CreateCampaign(pb.CreateCampaignRequest(request_id="c", campaign=LOTS_AND_SETS))).campaign
+        fetched = (await stub.GetCampaign(pb.GetCampaignRequest(campaign_id=created.campaign_id))).campaign
+        assert fetched == created
+        written = [rule.effect for rule in LOTS_AND_SETS.rules]
+        assert [rule.effect.WhichOneof("kind") for rule in fetched.rules] == [e.WhichOneof("kind") for e in written]
+        assert fetched.rules[0].effect == written[0], "a set price has no scope of its own"
+        assert fetched.rules[3].effect == written[3]
+        assert fetched.rules[4].effect.earn_points_per_units.lot == written[4].earn_points_per_units.lot
+        assert fetched.rules[5].effect.earn_points_nth_line.scope == written[5].earn_points_nth_line.scope
+        await stub.PublishCampaign(pb.PublishCampaignRequest(request_id="p", campaign_id=created.campaign_id))
+
+        lines = (
+            receipt_pb2.ReceiptLine(position=1, sku="MILK", price_minor=1000, quantity_milli=2000),
+            receipt_pb2.ReceiptLine(position=2, sku="CHEESE", price_minor=3000, quantity_milli=1000),
+            receipt_pb2.ReceiptLine(position=3, sku="BREAD", price_minor=700, quantity_milli=1000),
+        )
+        the_receipt = receipt(*lines)
+        the_receipt.receipt_time.FromDatetime(NOW)
+        the_receipt.payments.add(type=receipt_pb2.PAYMENT_TYPE_CASH, amount_minor=5700)
+        answer = await stub.EvaluateReceipt(
+            pb.EvaluateReceiptRequest(receipt=the_receipt, subject=pb.Subject(member_id="m-1"))
+        )
+        # set: 10.00 + 30.00 -> 35.00 is 5.00 off, 1:3 -> 1.25 and 3.75; the 3rd line 1.00 off;
+        # then, paid in cash, 2% (51.00 left holds two 20.00 steps) = 1.02, spread 18.75 : 26.25 : 6.00
+        assert [line.discount_minor for line in answer.lines] == [125 + 37, 375 + 52, 100 + 13]
+        assert answer.discount_total_minor == 702
+        # +100 in its own lot until New Year; 4 units make two steps of 2: 200 in PROMO, active
+        # 14 days after the receipt; the nth-line rule's scope matches no line (no catalogue here)
+        assert [(lot.points, lot.currency) for lot in answer.points_lots] == [(10_000, ""), (200, "PROMO")]
+        assert answer.points_lots[0].expire_time.ToDatetime(tzinfo=UTC) == NEW_YEAR
+        assert not answer.points_lots[0].HasField("activate_time")
+        promo_lot = answer.points_lots[1]
+        assert promo_lot.activate_time.ToDatetime(tzinfo=UTC) == datetime(2026, 3, 16, 12, 0, tzinfo=UTC)
+        assert (promo_lot.lifetime_days, promo_lot.expiry_rounding) == (30, pb.POINTS_EXPIRY_ROUNDING_MONTH_END)
+        assert sum(lot.points for lot in answer.points_lots) == answer.points_total == 10_200
+
+        card = receipt(*lines)
+        card.payments.add(type=receipt_pb2.PAYMENT_TYPE_BANK_CARD, amount_minor=5700, card_bin="41111111")
+        by_card = await stub.EvaluateReceipt(pb.EvaluateReceiptRequest(receipt=card, subject=pb.Subject()))
+        assert [line.discount_minor for line in by_card.lines] == [125, 375, 100], "no cash, no stepped %"
+        assert list(by_card.points_lots) == [], "anonymous receipts earn no points"
+
+
+async def test_bad_lots_and_new_effects_are_refused_naming_every_field(tmp_path: Path, database_url: str) -> None:
+    bad_effects = {
+        "earn_fixed_points.lot.expire_time": pb.Effect(
+            earn_fixed_points=pb.EarnFixedPoints(
+                amount=1, lot=pb.PointsLot(expire_time=to_timestamp(NEW_YEAR), lifetime_days=10)
+            )
+        ),
+        "earn_points_percent.lot.currency": pb.Effect(
+            earn_points_percent=pb.EarnPointsPercent(basis_points=1, lot=pb.PointsLot(currency="promo"))
+        ),
+        "earn_points_per_units.units": pb.Effect(earn_points_per_units=pb.EarnPointsPerUnits(points=1)),
+        "set_price.skus": pb.Effect(set_price=pb.SetPrice(skus=["MILK"], price_minor=100)),
+        "nth_line_discount.amount_minor": pb.Effect(nth_line_discount=pb.NthLineDiscount(n=2)),
+        "discount_percent_per_amount.max_basis_points": pb.Effect(
+            discount_percent_per_amount=pb.DiscountPercentPerAmount(basis_points=100, per_minor=100)
+        ),
+    }
+    request = pb.CreateCampaignRequest(
+        request_id="bad",
+        campaign=pb.Campaign(name="bad", rules=[discount_rule("r", effect) for effect in bad_effects.values()]),
+    )
+    async with rules_stub(tmp_path, database_url) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateCampaign(request)
+    remote = read_remote_error(refused.value)
+    assert remote.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in remote.violations] == [
+        f"campaign.rules[{index}].effect.{field}" for index, field in enumerate(bad_effects)
+    ]
+
+
+async def test_returns_give_budgets_back_pro_rata_and_the_use_once_wholly_returned(database_url: str) -> None:
+    campaign = dataclasses.replace(
+        draft("budget"),
+        rules=(
+            Rule("off", "10% off", "", DiscountPercent(1000), "", 0),
+            Rule("earn", "5%", "", EarnPointsPercent(500), "", 1),
+        ),
+    )
+    answer = pb.EvaluateReceiptResponse(
+        applied_promotions=[
+            pb.AppliedPromotion(campaign_id="budget", rule_id="off", discount_minor=1000),
+            pb.AppliedPromotion(campaign_id="budget", rule_id="earn", points=450),
+        ],
+        lines=[pb.LineResult(position=1, final_amount_minor=9000, discount_minor=1000)],
+        discount_total_minor=1000,
+    )
+    async with infra.migrated_engine("rules", database_url) as engine:
+        sessions = db.create_session_factory(engine)
+        async with sessions() as session, session.begin():
+            await service.create_campaign(session, campaign)
+            await service.publish_campaign(session, "budget")
+
+        async def deliver(event: Event) -> None:
+            async with sessions() as session, session.begin():
+                await service.handle_gateway_event(session, event)
+
+        async def usage_and_uses(member_id: str) -> tuple[int, int, int, int]:
+            async with sessions() as session:
+                usage = await service.campaign_usage(session, "budget")
+                uses = await store.member_uses(session, member_id, ["budget"])
+            return usage.discount_minor, usage.points, usage.receipts, uses.get("budget", 0)
+
+        await deliver(committed("1", "m-1", answer))
+        await deliver(committed("2", "m-2", answer))
+        assert await usage_and_uses("m-1") == (2000, 900, 2, 1)
+        # a third of the 90.00 paid comes back: a third of the discount and of the points
+        await deliver(returned("1", "m-1", 3000))
+        assert await usage_and_uses("m-1") == (2000 - 333, 900 - 150, 2, 1)
+        # the rest in two returns at once: the whole receipt is back, exactly once
+        await asyncio.gather(deliver(returned("1", "m-1", 3000)), deliver(returned("1", "m-1", 3000)))
+        assert await usage_and_uses("m-1") == (1000, 450, 1, 0)
+        await deliver(returned("1", "m-1", 0, cancelled=True))
+        assert await usage_and_uses("m-1") == (1000, 450, 1, 0), "nothing is given back twice"
+        async with sessions() as session:
+            assert (await service.campaign_usage(session, "budget")).participants == 1, "m-1 no longer takes part"
+        await deliver(returned("2", "m-2", 0, cancelled=True))
+        assert await usage_and_uses("m-2") == (0, 0, 0, 0)
+
+
+async def test_conditions_read_the_card_type_attributes_and_birthday_sent_with_the_subject(
+    tmp_path: Path, database_url: str
+) -> None:
+    campaign = pb.Campaign(
+        name="who",
+        rules=[
+            discount_rule(
+                "platinum", pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=1)), 'member.card_type == "platinum"'
+            ),
+            discount_rule(
+                "dog owners",
+                pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=10)),
+                '"survey_pet" in member.attributes && member.attributes.survey_pet == "dog"',
+            ),
+            discount_rule(
+                "birthday week",
+                pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=100)),
+                "member.days_to_birthday <= 3 || member.days_since_birthday <= 3",
+            ),
+        ],
+    )
+    async with rules_stub(tmp_path, database_url) as stub:
+        created = await stub.CreateCampaign(pb.CreateCampaignRequest(request_id="c", campaign=campaign))
+        await stub.PublishCampaign(pb.PublishCampaignRequest(request_id="p", campaign_id=created.campaign.campaign_id))
+        the_receipt = receipt(receipt_pb2.ReceiptLine(position=1, sku="A", price_minor=1000, quantity_milli=1000))
+        the_receipt.receipt_time.FromDatetime(NOW)  # 2 March
+
+        async def points(subject: pb.Subject) -> int:
+            answer = await stub.EvaluateReceipt(pb.EvaluateReceiptRequest(receipt=the_receipt, subject=subject))
+            return answer.points_total
+
+        dog = {"survey_pet": pb.AttributeValue(string_value="dog")}
+        assert (
+            await points(pb.Subject(member_id="m", card_type="platinum", attributes=dog, birth_date="1990-02-28"))
+            == 111
+        )
+        assert await points(pb.Subject(member_id="m", card_type="basic", birth_date="1990-03-10")) == 0
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await points(pb.Subject(member_id="m", birth_date="28.02.1990"))
+        assert [v.field for v in read_remote_error(refused.value).violations] == ["subject.birth_date"]

@@ -349,3 +349,87 @@ async def test_an_event_triggered_campaign_is_refused_what_needs_a_receipt(tmp_p
             "campaign.rules[0].effect",
             "campaign.scope",
         ]
+
+
+async def test_a_referral_campaign_rewards_the_referrer_and_welcome_points_keep_their_expiry(
+    tmp_path: Path, database_url: str
+) -> None:
+    """DOMAIN.md: "500 points (valid until 31 August) on registration"; and points for the
+    member whose referral code a friend registered with."""
+    settings = infra.suite_settings(tmp_path)
+    settings.rules.database_url = SecretStr(database_url)
+    until = datetime(2027, 8, 31, 21, tzinfo=UTC)  # the end of 31 August in Moscow
+    async with (
+        infra.running_suite(settings, ("accounts", "rules")) as hosts,
+        grpc.aio.insecure_channel(settings.address("rules")) as rules_channel,
+        grpc.aio.insecure_channel(settings.address("accounts")) as accounts_channel,
+    ):
+        stub: RulesServiceAsyncStub = RulesServiceStub(rules_channel)
+        accounts: AccountsServiceAsyncStub = AccountsServiceStub(accounts_channel)
+        bus = hosts["rules"].bus
+        lot = pb.PointsLot(expire_time=to_timestamp(until))
+        welcome = pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=500, lot=lot))
+        await publish(
+            stub,
+            pb.Campaign(
+                name="welcome",
+                trigger=pb.CAMPAIGN_TRIGGER_MEMBER_REGISTERED,
+                rules=[
+                    pb.Rule(name="500", effect=welcome),
+                    pb.Rule(
+                        name="+50 to those who told their birthday",
+                        condition="member.days_to_birthday >= 0",
+                        effect=pb.Effect(
+                            earn_fixed_points=pb.EarnFixedPoints(
+                                amount=50, lot=pb.PointsLot(expire_time=to_timestamp(datetime(2028, 1, 1, tzinfo=UTC)))
+                            )
+                        ),
+                    ),
+                ],
+            ),
+        )
+        for_a_friend = pb.Effect(earn_fixed_points=pb.EarnFixedPoints(amount=300))
+        referral = await publish(
+            stub,
+            pb.Campaign(
+                name="bring a friend",
+                trigger=pb.CAMPAIGN_TRIGGER_MEMBER_REFERRED,
+                rules=[pb.Rule(name="300 for a friend", effect=for_a_friend)],
+            ),
+        )
+        assert referral.trigger == pb.CAMPAIGN_TRIGGER_MEMBER_REFERRED
+
+        invited = registered("friend-1")
+        invited.payload["referrer_id"] = "host-1"
+        invited.payload["birth_date"] = "1990-05-01"  # conditions of registration campaigns see it
+        for event in (invited, invited, registered("loner-1")):
+            await bus.publish("members", event)
+
+        async def all_credited() -> bool:
+            return (
+                await balance(accounts, "loner-1") == 500
+                and await balance(accounts, "friend-1") == 550
+                and await balance(accounts, "host-1") == 300
+            )
+
+        await infra.wait_until(all_credited, "welcome points for both and the referral points once")
+        entries = await accounts.ListEntries(accounts_pb.ListEntriesRequest(holder_id="host-1"))
+        assert [(e.amount, e.source_ref) for e in entries.entries] == [(300, f"campaign:{referral.campaign_id}")]
+        forecast = await accounts.GetExpiryForecast(
+            accounts_pb.GetExpiryForecastRequest(first_month="2027-08", months=1)
+        )
+        assert [(line.month, line.points) for line in forecast.lines] == [("2027-08", 1000)], "both welcomes"
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateCampaign(
+                pb.CreateCampaignRequest(
+                    request_id="scoped referral",
+                    campaign=pb.Campaign(
+                        name="x",
+                        trigger=pb.CAMPAIGN_TRIGGER_MEMBER_REFERRED,
+                        rules=[pb.Rule(effect=for_a_friend)],
+                        scope=pb.CampaignScope(tiers=["gold"]),
+                    ),
+                )
+            )
+        assert [v.field for v in read_remote_error(refused.value).violations] == ["campaign.scope"]

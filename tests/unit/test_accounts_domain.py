@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from hypothesis import given
@@ -19,6 +19,8 @@ from services.accounts.domain import (
     balance_at,
     check_accrual,
     check_currency,
+    forecast_range,
+    month_starts,
 )
 
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -184,3 +186,22 @@ def test_a_currency_with_a_line_break_is_refused(currency: str) -> None:
     violations = Violations()
     check_currency(currency, violations, field="currency")
     assert [violation.field for violation in violations.items] == ["currency"]
+
+
+def test_forecast_months_roll_over_the_year_and_default_to_twelve_from_now() -> None:
+    violations = Violations()
+    now = datetime(2030, 11, 20, 8, tzinfo=UTC)
+    first, months = forecast_range("", 0, now, violations)
+    assert (first, months) == (date(2030, 11, 1), 12)
+    assert month_starts(date(2030, 11, 1), 3) == [
+        datetime(2030, 11, 1, tzinfo=UTC),
+        datetime(2030, 12, 1, tzinfo=UTC),
+        datetime(2031, 1, 1, tzinfo=UTC),
+        datetime(2031, 2, 1, tzinfo=UTC),
+    ]
+    assert forecast_range("2031-02", 120, now, violations) == (date(2031, 2, 1), 120)
+    assert not violations.items
+    for first_month, count, field in (("2031-00", 1, "first_month"), ("31-01", 1, "first_month"), ("", 121, "months")):
+        bad = Violations()
+        forecast_range(first_month, count, now, bad)
+        assert [violation.field for violation in bad.items] == [field]

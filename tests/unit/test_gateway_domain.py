@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from loyalty.common.v1 import receipt_pb2
 from loyalty.gateway.v1 import pos_service_pb2 as pos
+from loyalty.members.v1 import members_service_pb2 as members
+from loyalty.rules.v1 import rules_service_pb2 as rules
 from loyalty.runtime.errors import FailedPrecondition, InvalidArgument
 from services.gateway.domain import (
     CommitPlan,
@@ -19,7 +21,9 @@ from services.gateway.domain import (
     plan_points_payment,
     plan_return,
     receipt_fingerprint,
+    receipt_lots,
 )
+from services.gateway.peers import rules_subject
 
 
 def commit(amount: int, card: str = "7700000000016", calculation_id: str = "") -> pos.CommitChequeRequest:
@@ -142,3 +146,79 @@ def test_any_sequence_of_partial_returns_never_gives_back_more_than_the_receipt(
     assert taken <= 617 and refunded <= 1_001 and refund <= 12_345 - 1_001
     if all(returned.get(line.position, 0) == line.quantity_milli for line in SOLD):
         assert (taken, refunded, refund) == (617, 1_001, 12_345 - 1_001)
+
+
+def test_the_first_lot_keeps_the_accrual_key_of_receipts_from_before_lots() -> None:
+    key = ReceiptKey("P1", "T1", "42")
+    assert key.accrual_request_id(0) == key.step_request_id("accrue_points") == "cheque:P1:T1:42:accrue_points"
+    assert len({key.accrual_request_id(index) for index in range(3)}) == 3
+
+
+def test_lots_are_scaled_to_the_points_left_after_a_points_payment() -> None:
+    promo = rules.PointsLotResult(points=100, currency="PROMO", lifetime_days=30)
+    lots = receipt_lots(310, [rules.PointsLotResult(points=300), promo])
+    assert [(lot.points, lot.currency, lot.lifetime_days) for lot in lots] == [(232, "", 0), (78, "PROMO", 30)]
+    assert promo.points == 100, "the rules' lot is not changed"
+    assert [lot.points for lot in receipt_lots(617, [])] == [617], "without lots: one lot of the defaults"
+    assert receipt_lots(0, []) == []
+    plan = CommitPlan(ReceiptKey("P1", "T1", "42"), "m-1", 100, lots=tuple(receipt_lots(100, [promo, promo])))
+    assert [index for index, _ in plan.accruals] == [0, 1]
+    nothing_in_first = receipt_lots(1, [rules.PointsLotResult(points=1), rules.PointsLotResult(points=1)])
+    assert [index for index, _ in CommitPlan(plan.key, "m-1", 1, lots=tuple(nothing_in_first)).accruals] == [1]
+    assert CommitPlan(plan.key, "", 100, lots=plan.lots).accruals == []
+
+
+# SOLD earns 617 points: 517 by default and 100 in a lot that expires on 31 December
+LOTS = [517, 100]
+
+
+def test_each_return_takes_back_its_share_of_every_lot() -> None:
+    half = plan_return(SOLD, {}, [(1, 1500), (2, 500)], lot_points=LOTS)
+    assert half.points_taken_back == 250 + 58
+    assert half.lots_taken_back == [258, 49]  # 517 * 308 // 617 and 100 * 308 // 617
+    rest = plan_return(SOLD, half.returned_after, [], lot_points=LOTS)
+    assert [a + b for a, b in zip(half.lots_taken_back, rest.lots_taken_back, strict=True)] == LOTS
+    assert plan_return(SOLD, {}, [(1, 1000)], lot_points=[617]).lots_taken_back == [166], "one lot: as before"
+
+
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(1, 3000)), max_size=12), st.integers(0, 617))
+def test_lot_returns_add_up_to_each_lot_and_never_exceed_it(steps: list[tuple[int, int]], promo: int) -> None:
+    lots = [617 - promo, promo]
+    returned: dict[int, int] = {}
+    taken = [0, 0]
+    for index, quantity in steps:
+        line = SOLD[index]
+        left = line.quantity_milli - returned.get(line.position, 0)
+        if left == 0:
+            continue
+        plan = plan_return(SOLD, returned, [(line.position, min(quantity, left))], lot_points=lots)
+        returned = plan.returned_after
+        assert all(share >= 0 for share in plan.lots_taken_back)
+        taken = [a + b for a, b in zip(taken, plan.lots_taken_back, strict=True)]
+    assert all(0 <= back <= lot for back, lot in zip(taken, lots, strict=True))
+    if all(returned.get(line.position, 0) == line.quantity_milli for line in SOLD):
+        assert taken == lots
+
+
+def test_the_rules_see_the_members_card_type_attributes_and_birth_date() -> None:
+    member = members.MemberContext(
+        member_id="m-1", tier="gold", segments=["vip"], card_type="platinum", birth_date="1990-05-17"
+    )
+    member.attributes["pets"].string_value = "cat"
+    member.attributes["children"].int_value = 2
+    member.attributes["vegan"].bool_value = True
+    subject = rules_subject(member)
+    assert (subject.member_id, subject.tier, list(subject.segments), subject.card_type) == (
+        "m-1",
+        "gold",
+        ["vip"],
+        "platinum",
+    )
+    assert {name: value.WhichOneof("value") for name, value in subject.attributes.items()} == {
+        "pets": "string_value",
+        "children": "int_value",
+        "vegan": "bool_value",
+    }
+    assert (subject.attributes["pets"].string_value, subject.attributes["children"].int_value) == ("cat", 2)
+    assert subject.attributes["vegan"].bool_value
+    assert subject.birth_date == "1990-05-17"

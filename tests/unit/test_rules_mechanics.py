@@ -11,23 +11,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.rules.domain import (
+    MIN_PRICE_ATTRIBUTE,
     BuyMPayN,
     Campaign,
     CampaignScope,
     CampaignStatus,
+    CampaignTrigger,
     CheapestItemDiscount,
     CompiledCampaign,
     CouponBenefit,
     DiscountAmount,
     DiscountBase,
     DiscountPercent,
+    DiscountPercentPerAmount,
     EarnFixedPoints,
+    EarnPointsNthLine,
     EarnPointsPercent,
+    EarnPointsPerUnits,
     Effect,
     Evaluation,
     FixedPrice,
     GroupMode,
+    IncrementCounter,
+    IssueCoupon,
     NthItemDiscount,
+    NthLineDiscount,
+    Payment,
     PresentedCoupon,
     Product,
     Purchase,
@@ -37,12 +46,15 @@ from services.rules.domain import (
     Rule,
     RuleGroup,
     Scope,
+    SetPrice,
     Subject,
     compile_campaign,
     evaluate,
     explain,
+    grants_for,
     purchase_facts,
     spread_within,
+    triggered_rules,
 )
 
 AT = datetime(2026, 3, 2, 12, 30, tzinfo=UTC)
@@ -52,6 +64,8 @@ CATALOGUE = {
     "MILK": Product("MILK", ("dairy", "food"), "farm", own_brand=True, list_ids=frozenset({"breakfast"})),
     "CHEESE": Product("CHEESE", ("cheese", "dairy", "food"), "alpine"),
     "SOAP": Product("SOAP", ("household",), "clean", attributes={"volume_ml": 500}),
+    # sold at no less than 8.00 a bottle, whatever the promotion
+    "WINE": Product("WINE", ("drinks",), "vineyard", attributes={MIN_PRICE_ATTRIBUTE: 800}),
 }
 
 
@@ -404,9 +418,18 @@ EFFECTS = st.one_of(
     st.builds(CheapestItemDiscount, st.integers(1, 10000), st.integers(0, 4)),
     st.builds(EarnPointsPercent, st.integers(1, 10000)),
     st.builds(EarnFixedPoints, st.integers(1, 10**4)),
+    st.builds(
+        SetPrice,
+        st.lists(st.sampled_from(["MILK", "SOAP", "WINE"]), min_size=2, max_size=3).map(tuple),
+        st.integers(0, 10**5),
+    ),
+    st.builds(NthLineDiscount, st.integers(1, 4), st.integers(1, 10**5)),
+    st.builds(DiscountPercentPerAmount, st.integers(1, 5000), st.integers(1, 10**5), st.integers(1, 10000)),
+    st.builds(EarnPointsPerUnits, st.integers(1, 1000), st.integers(1, 3)),
+    st.builds(lambda n, bp: EarnPointsNthLine(n, bp, every=True), st.integers(1, 3), st.integers(1, 10000)),
 )
 LINES = st.lists(
-    st.tuples(st.integers(0, 10**5), st.integers(1, 4), st.booleans(), st.sampled_from(["MILK", "SOAP", "X"])),
+    st.tuples(st.integers(0, 10**5), st.integers(1, 4), st.booleans(), st.sampled_from(["MILK", "SOAP", "X", "WINE"])),
     min_size=1,
     max_size=12,
 )
@@ -440,8 +463,11 @@ def test_discounts_stay_within_the_lines_add_up_and_do_not_depend_on_line_order(
         assert 0 <= outcome.max_points_payment_minor <= outcome.final_amount_minor
         if the_line.no_promotions:
             assert (outcome.discount_minor, outcome.points, outcome.max_points_payment_minor) == (0, 0, 0)
+        if the_line.sku == "WINE":  # never below its minimum price (unless it was sold below it)
+            assert outcome.final_amount_minor >= min(the_line.amount_minor, 800 * the_line.quantity_milli // 1000)
     assert sum(a.discount_minor for a in result.applied) == result.discount_total_minor
     assert sum(a.points for a in result.applied) == result.points_total
+    assert sum(lot.points for lot in result.lots) == result.points_total
 
     shuffled = list(the_lines)
     order.shuffle(shuffled)  # type: ignore[attr-defined]
@@ -660,3 +686,315 @@ def test_a_permanent_five_percent_discount_for_vip() -> None:
     )
     assert discounts(evaluate(receipt(line(1, 10_000)), Subject("m", "vip", ()), [vip])) == [500]
     assert discounts(evaluate(receipt(line(1, 10_000)), MEMBER, [vip])) == [0]
+
+
+# the mechanics catalogue of DOMAIN.md, one test per discount mechanic (docs/rules.md lists
+# each with its rule definition); amounts in kopecks
+
+
+ANYWHERE = CampaignScope()
+
+
+def promo(*rules: Rule, scope: CampaignScope = ANYWHERE, start: datetime | None = None) -> CompiledCampaign:
+    """A live campaign of default rules with a campaign scope."""
+    return compile_campaign(Campaign("promo", "promo", CampaignStatus.ACTIVE, start, None, 1, rules, (), scope))
+
+
+def at(
+    moment: datetime,
+    *lines: ReceiptLine,
+    store: str = "store-1",
+    channel: str = "pos",
+    payments: tuple[Payment, ...] = (),
+) -> Receipt:
+    return Receipt(store, "pos-1", channel, moment, "RUB", tuple(lines), payments)
+
+
+def off(campaign: CompiledCampaign, the_receipt: Receipt, subject: Subject = MEMBER) -> list[int]:
+    return discounts(evaluate(the_receipt, subject, [campaign], (), CATALOGUE))
+
+
+def test_d01_m_for_the_price_of_n() -> None:
+    three_for_two = promo(rule("3 for 2", BuyMPayN(3, 2, Scope(skus=("TEA",)))))
+    tea = (line(1, 300, quantity=2, sku="TEA"), line(2, 200, sku="TEA"), line(3, 100, sku="BUN"))
+    assert off(three_for_two, receipt(*tea)) == [0, 200, 0], "of 3.00, 3.00, 2.00 the 2.00 is free"
+    assert off(three_for_two, receipt(*tea[:1])) == [0], "two are not three"
+
+
+def test_d02_discount_on_given_items() -> None:
+    cheese = promo(rule("15% cheese", DiscountPercent(1500, Scope(skus=("CHEESE",)))))
+    assert off(cheese, receipt(line(1, 1000, sku="MILK"), line(2, 3000, sku="CHEESE"))) == [0, 450]
+
+
+def test_d03_fixed_price_for_items() -> None:
+    cheese_at_25 = promo(rule("cheese at 25.00", FixedPrice(2500, Scope(skus=("CHEESE",)))))
+    assert off(cheese_at_25, receipt(line(1, 1000, sku="MILK"), line(2, 3000, quantity=2, sku="CHEESE"))) == [0, 1000]
+
+
+@pytest.mark.parametrize(
+    ("scope", "condition", "expected"),
+    [
+        pytest.param(Scope(category_ids=("dairy",)), "", [100, 300, 0], id="category with subcategories"),
+        pytest.param(Scope(brand_ids=("clean",)), "", [0, 0, 50], id="brand"),
+        pytest.param(Scope(product_list_ids=("breakfast",)), "", [100, 0, 0], id="product list"),
+        pytest.param(
+            Scope(skus=("MILK", "CHEESE")),
+            '"MILK" in receipt.skus && "CHEESE" in receipt.skus',
+            [100, 300, 0],
+            id="a set: only when all of it is bought",
+        ),
+    ],
+)
+def test_d04_discount_on_a_set_category_brand_or_list(scope: Scope, condition: str, expected: list[int]) -> None:
+    ten = promo(rule("10%", DiscountPercent(1000, scope), condition))
+    lines = (line(1, 1000, sku="MILK"), line(2, 3000, sku="CHEESE"), line(3, 500, sku="SOAP"))
+    assert off(ten, receipt(*lines)) == expected
+    assert sum(off(ten, receipt(lines[0], lines[2]))) == (0 if condition else expected[0] + expected[2])
+
+
+def test_d05_fixed_price_for_a_set() -> None:
+    breakfast = promo(rule("milk + cheese for 35.00", SetPrice(("MILK", "CHEESE"), 3500)))
+    # one set (a milk of the two, the cheese) costs 10.00 + 30.00 = 40.00: 5.00 off, pro rata 1:3
+    one_set = receipt(line(1, 1000, quantity=2, sku="MILK"), line(2, 3000, sku="CHEESE"), line(3, 500, sku="SOAP"))
+    assert off(breakfast, one_set) == [125, 375, 0]
+    two_sets = receipt(line(1, 1000, quantity=2, sku="MILK"), line(2, 3000, quantity=2, sku="CHEESE"))
+    assert off(breakfast, two_sets) == [250, 750]
+    assert off(breakfast, receipt(line(1, 1000, quantity=2, sku="MILK"))) == [0], "no cheese, no set"
+    pair = promo(rule("two milks for 15.00", SetPrice(("MILK", "MILK"), 1500)))
+    assert off(pair, receipt(line(1, 1000, quantity=3, sku="MILK"))) == [500], "a SKU named twice is needed twice"
+    dear = promo(rule("a set dearer than its goods", SetPrice(("MILK", "CHEESE"), 5000)))
+    assert off(dear, one_set) == [0, 0, 0], "a set price never raises a price"
+
+
+def test_d06_m_percent_for_each_n_roubles_of_the_receipt() -> None:
+    stepped = promo(rule("1% per 1,000.00, at most 10%", DiscountPercentPerAmount(100, 100_000, 1000)))
+    # 3,450.00 holds three 1,000.00: 3% = 103.50, spread 145:200 with the remainder on the last line
+    assert off(stepped, receipt(line(1, 145_000), line(2, 200_000))) == [4_350, 6_000]
+    assert off(stepped, receipt(line(1, 99_999))) == [0]
+    assert off(stepped, receipt(line(1, 1_500_000))) == [150_000], "15 steps, capped at 10%"
+
+
+def test_d07_m_roubles_off_every_nth_line() -> None:
+    every_second = promo(rule("50.00 off every 2nd line", NthLineDiscount(2, 5000)))
+    lines = (
+        line(1, 10_000),
+        line(2, 20_000, no_promotions=True),  # not counted
+        line(3, 4_000),  # the 2nd counted line: cheaper than 50.00, so all of it
+        line(4, 30_000),
+        line(5, 8_000),  # the 4th counted line
+    )
+    assert off(every_second, receipt(*lines)) == [0, 0, 4_000, 0, 5_000]
+
+
+def test_d08_extra_discount_on_every_nth_purchase() -> None:
+    third = promo(rule("5% on every 3rd purchase", DiscountPercent(500), "(member.purchases.count + 1) % 3 == 0"))
+    two_before = Subject("m", "", (), (Purchase(AT - timedelta(days=9), 1), Purchase(AT - timedelta(days=3), 1)))
+    assert off(third, receipt(line(1, 10_000)), two_before) == [500]
+    assert off(third, receipt(line(1, 10_000)), Subject("m", "", (), two_before.purchases[:1])) == [0]
+
+
+def test_d09_gift_item() -> None:
+    gift = promo(
+        rule(
+            "a free mug over 1,000.00",
+            CheapestItemDiscount(10_000, 0, Scope(skus=("MUG",))),
+            "receipt.total_minor >= 105000",
+        )
+    )
+    assert off(gift, receipt(line(1, 100_000), line(2, 5_000, quantity=2, sku="MUG"))) == [0, 5_000]
+    assert off(gift, receipt(line(1, 90_000), line(2, 5_000, sku="MUG"))) == [0, 0]
+
+
+def test_d10_discount_depending_on_last_period_spend() -> None:
+    loyal = promo(
+        rule(
+            "7% for 5,000.00 in half a year",
+            DiscountPercent(700),
+            "member.purchases.spend_last_180_days_minor >= 500000",
+        )
+    )
+    recent = Subject("m", "", (), (Purchase(AT - timedelta(days=30), 600_000),))
+    long_ago = Subject("m", "", (), (Purchase(AT - timedelta(days=200), 600_000),))
+    assert off(loyal, receipt(line(1, 10_000)), recent) == [700]
+    assert off(loyal, receipt(line(1, 10_000)), long_ago) == [0]
+
+
+def test_d11_happy_hours() -> None:
+    happy = promo(rule("10% at 12-13", DiscountPercent(1000)), scope=CampaignScope(hours=(12,)))
+    assert off(happy, at(AT, line(1, 10_000))) == [1_000]
+    assert off(happy, at(AT.replace(hour=15), line(1, 10_000))) == [0]
+
+
+def test_d12_days_of_week() -> None:
+    mondays = promo(rule("10% on Mondays", DiscountPercent(1000)), scope=CampaignScope(weekdays=(1,)))
+    assert off(mondays, at(AT, line(1, 10_000))) == [1_000]
+    assert off(mondays, at(AT + timedelta(days=1), line(1, 10_000))) == [0]
+
+
+def test_d13_days_of_month() -> None:
+    second = promo(rule("10% on the 2nd", DiscountPercent(1000)), scope=CampaignScope(days_of_month=(2,)))
+    assert off(second, at(AT, line(1, 10_000))) == [1_000]
+    assert off(second, at(AT + timedelta(days=1), line(1, 10_000))) == [0]
+
+
+def test_d14_chips_or_stickers_collected() -> None:
+    stamps = promo(
+        rule("a stamp a visit", IncrementCounter("stamps", 1)),
+        rule("the 11th coffee free", DiscountPercent(10_000, Scope(skus=("COFFEE",))), "member.counters.stamps >= 10"),
+    )
+    coffee = receipt(line(1, 25_000, sku="COFFEE"), line(2, 9_000))
+    tenth = evaluate(coffee, Subject("m", "", (), counters={"stamps": 10}), [stamps], (), CATALOGUE)
+    assert (discounts(tenth), [a.rule_id for a in tenth.applied]) == (
+        [25_000, 0],
+        ["a stamp a visit", "the 11th coffee free"],
+    )
+    assert off(stamps, coffee, Subject("m", "", (), counters={"stamps": 9})) == [0, 0]
+
+
+def test_d15_favourite_items() -> None:
+    favourites = promo(rule("10% on the favourites", DiscountPercent(1000, Scope(product_list_ids=("breakfast",)))))
+    assert off(favourites, receipt(line(1, 1000, sku="MILK"), line(2, 3000, sku="CHEESE"))) == [100, 0]
+
+
+def test_d16_favourite_categories_and_brands() -> None:
+    favourites = promo(rule("5%", DiscountPercent(500, Scope(category_ids=("cheese",), brand_ids=("clean",)))))
+    lines = (line(1, 1000, sku="MILK"), line(2, 3000, sku="CHEESE"), line(3, 500, sku="SOAP"))
+    assert off(favourites, receipt(*lines)) == [0, 150, 25]
+
+
+def test_d17_every_nth_item_free() -> None:
+    third_free = promo(rule("every 3rd free", NthItemDiscount(3, 10_000)))
+    # units dearest first: 1.00 1.00 1.00 | 1.00 0.70 0.70: the cheapest of each three is free
+    assert off(third_free, receipt(line(1, 100, quantity=4), line(2, 70, quantity=2))) == [100, 70]
+
+
+def test_d18_first_purchase() -> None:
+    first = promo(rule("15% on the first purchase", DiscountPercent(1500), "member.purchases.count == 0"))
+    assert off(first, receipt(line(1, 10_000)), Subject("m", "", ())) == [1_500]
+    assert off(first, receipt(line(1, 10_000)), Subject("m", "", (), (Purchase(AT - timedelta(days=1), 1),))) == [0]
+
+
+def test_d21_precomputed_personal_discounts() -> None:
+    offer = promo(rule("12% for Anna", DiscountPercent(1200)), scope=CampaignScope(segments=("offer-2026-03-17",)))
+    assert off(offer, receipt(line(1, 10_000)), Subject("anna", "", ("offer-2026-03-17",))) == [1_200]
+    assert off(offer, receipt(line(1, 10_000)), MEMBER) == [0]
+
+
+def test_d22_receipt_total_threshold() -> None:
+    over = promo(rule("200.00 off over 2,000.00", DiscountAmount(20_000), "receipt.total_minor >= 200000"))
+    assert off(over, receipt(line(1, 150_000), line(2, 100_000))) == [12_000, 8_000]
+    assert off(over, receipt(line(1, 199_999))) == [0]
+
+
+def test_d23_partner_bank_card_payment() -> None:
+    partner = promo(
+        rule(
+            "5% with the partner bank's card",
+            DiscountPercent(500),
+            'receipt.payments.exists(p, p.type == "bank_card" && p.card_bin.startsWith("220070"))',
+        )
+    )
+    assert off(partner, at(AT, line(1, 10_000), payments=(Payment("bank_card", 10_000, "22007011"),))) == [500]
+    assert off(partner, at(AT, line(1, 10_000), payments=(Payment("bank_card", 10_000, "41111111"),))) == [0]
+    assert off(partner, at(AT, line(1, 10_000), payments=(Payment("cash", 10_000),))) == [0]
+
+
+def test_d24_geolocation_as_the_stores_of_a_region() -> None:
+    moscow = promo(rule("10% in Moscow", DiscountPercent(1000)), scope=CampaignScope(store_ids=("msk-1", "msk-2")))
+    assert off(moscow, at(AT, line(1, 10_000), store="msk-2")) == [1_000]
+    assert off(moscow, at(AT, line(1, 10_000), store="spb-1")) == [0]
+
+
+def test_d25_a_given_store() -> None:
+    opening = promo(rule("20% at the new store", DiscountPercent(2000)), scope=CampaignScope(store_ids=("store-9",)))
+    assert off(opening, at(AT, line(1, 10_000), store="store-9")) == [2_000]
+    assert off(opening, at(AT, line(1, 10_000), store="store-1")) == [0]
+
+
+def test_d26_a_given_sales_channel() -> None:
+    online = promo(rule("10% online", DiscountPercent(1000)), scope=CampaignScope(channels=("web",)))
+    assert off(online, at(AT, line(1, 10_000), channel="web")) == [1_000]
+    assert off(online, at(AT, line(1, 10_000), channel="pos")) == [0]
+
+
+def test_d27_per_referred_friend() -> None:
+    """A coupon for the referrer per friend who registers with their code (the service runs
+    MEMBER_REFERRED campaigns for the payload's referrer_id: tests/integration/test_rules_rewards.py)."""
+    per_friend = compile_campaign(
+        Campaign(
+            "friends",
+            "friends",
+            CampaignStatus.ACTIVE,
+            None,
+            None,
+            1,
+            (rule("a 15% coupon per friend", IssueCoupon("series-15")),),
+            trigger=CampaignTrigger.MEMBER_REFERRED,
+        )
+    )
+    referrer = Subject("host-1", "", ())
+    fired = triggered_rules([per_friend], CampaignTrigger.MEMBER_REFERRED, referrer, AT)
+    grants = grants_for("event-7", "host-1", [(c.campaign_id, r) for c, r in fired])
+    assert [(g.request_id, g.member_id, g.effect) for g in grants] == [
+        ("rules:event-7:a 15% coupon per friend:coupon", "host-1", IssueCoupon("series-15"))
+    ]
+    assert triggered_rules([per_friend], CampaignTrigger.MEMBER_REGISTERED, referrer, AT) == []
+    assert off(per_friend, receipt(line(1, 10_000))) == [0], "never on a receipt"
+
+
+def test_d28_employee_discount() -> None:
+    staff = promo(rule("30% for staff", DiscountPercent(3000)), scope=CampaignScope(segments=("staff",)))
+    assert off(staff, receipt(line(1, 10_000)), Subject("e", "", ("staff",))) == [3_000]
+    assert off(staff, receipt(line(1, 10_000)), MEMBER) == [0]
+
+
+def test_d29_each_nth_purchase_in_a_period() -> None:
+    march = promo(
+        rule("count March visits", IncrementCounter("march_visits", 1)),
+        rule("10% on every 5th March visit", DiscountPercent(1000), "member.counters.march_visits % 5 == 4"),
+        start=datetime(2026, 3, 1, tzinfo=UTC),
+    )
+    assert off(march, receipt(line(1, 10_000)), Subject("m", "", (), counters={"march_visits": 4})) == [1_000]
+    assert off(march, receipt(line(1, 10_000)), Subject("m", "", (), counters={"march_visits": 5})) == [0]
+    february = at(datetime(2026, 2, 27, tzinfo=UTC), line(1, 10_000))
+    assert off(march, february, Subject("m", "", (), counters={"march_visits": 4})) == [0], "outside the period"
+
+
+def test_d30_cash_payment() -> None:
+    cash = promo(rule("3% paying cash", DiscountPercent(300), '"cash" in receipt.payment_types'))
+    paid_in_cash = (Payment("cash", 5_000), Payment("bank_card", 5_000, "41111111"))
+    assert off(cash, at(AT, line(1, 10_000), payments=paid_in_cash)) == [300]
+    assert off(cash, at(AT, line(1, 10_000), payments=paid_in_cash[1:])) == [0]
+
+
+def test_d31_target_segments() -> None:
+    parents = promo(rule("10% for young parents", DiscountPercent(1000)), scope=CampaignScope(segments=("parents",)))
+    assert off(parents, receipt(line(1, 10_000)), Subject("m", "", ("students", "parents"))) == [1_000]
+    assert off(parents, receipt(line(1, 10_000)), Subject("m", "", ("students",))) == [0]
+
+
+def test_d32_tier_holders() -> None:
+    gold = promo(rule("7% for gold", DiscountPercent(700)), scope=CampaignScope(tiers=("gold",)))
+    assert off(gold, receipt(line(1, 10_000)), GOLD) == [700]
+    assert off(gold, receipt(line(1, 10_000)), MEMBER) == [0]
+
+
+def test_d33_returning_lapsed_customers() -> None:
+    welcome_back = promo(rule("20% back after 90 days", DiscountPercent(2000), "member.purchases.days_since_last > 90"))
+    lapsed = Subject("m", "", (), (Purchase(AT - timedelta(days=120), 5_000),))
+    regular = Subject("m", "", (), (Purchase(AT - timedelta(days=30), 5_000),))
+    assert off(welcome_back, receipt(line(1, 10_000)), lapsed) == [2_000]
+    assert off(welcome_back, receipt(line(1, 10_000)), regular) == [0]
+
+
+# a line's minimum price
+
+
+def test_no_discount_takes_a_line_below_its_minimum_price() -> None:
+    half_off = promo(rule("50%", DiscountPercent(5000)))
+    # 15.00 off 30.00; the wine (2 x 10.00, at least 2 x 8.00) takes 4.00, the milk the rest of its part and more
+    wine_and_milk = receipt(line(1, 1000, quantity=2, sku="WINE"), line(2, 1000, sku="MILK"))
+    assert off(half_off, wine_and_milk) == [400, 1000]
+    assert off(promo(rule("wine at 5.00", FixedPrice(500, Scope(skus=("WINE",))))), wine_and_milk) == [400, 0]
+    coupon = PresentedCoupon("HALF", "S", "", CouponBenefit(percent_off_basis_points=5000, scope=Scope(skus=("WINE",))))
+    assert discounts(run(wine_and_milk, coupons=(coupon,))) == [400, 0], "coupons too"

@@ -25,6 +25,11 @@ from loyalty.runtime.timeutil import UtcDateTime
 log = logging.getLogger(__name__)
 
 RELAY_BATCH = 100
+# How often the relay counts its table for the backlog gauges. In between, a round that
+# published less than a full batch left nothing it could see waiting, so the gauges read 0
+# without a query: counting after every wake-up (every commit that wrote events) was a
+# second session and an aggregate per commit in every service.
+BACKLOG_COUNT_SECONDS = 10.0
 EVENTS_WRITTEN = "outbox_events_written"
 
 
@@ -132,14 +137,28 @@ class OutboxRelay:
         self._metrics.outbox_pending.set(pending)
         self._metrics.outbox_oldest_age.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
 
+    def _observe_caught_up(self) -> None:
+        if self._metrics is not None:
+            self._metrics.outbox_pending.set(0)
+            self._metrics.outbox_oldest_age.set(0)
+
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_count = loop.time()
         while True:
             try:
                 while await self.publish_pending() == RELAY_BATCH:
                     pass
-                await self.observe_backlog()
+                if loop.time() >= next_count:
+                    await self.observe_backlog()
+                    next_count = loop.time() + BACKLOG_COUNT_SECONDS
+                else:
+                    self._observe_caught_up()
             except Exception:
                 log.exception("outbox relay for %s failed; retrying", self._stream)
+                # The gauges must show a backlog that grows while the bus is unreachable.
+                with contextlib.suppress(Exception):
+                    await self.observe_backlog()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_seconds)
             self._wake.clear()

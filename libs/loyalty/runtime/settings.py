@@ -162,6 +162,12 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(
         default=5.0, ge=0, description="how long a gateway replica trusts a key lookup (a revocation's delay)"
     )
+    member_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="how long a gateway replica reuses a customer's identification (0: never): a register "
+        "identifies, then calculates with the same card within seconds; a blocked card shows within this time",
+    )
     saga_resume_seconds: float = Field(
         default=5.0, gt=0, description="how often, and after how long, unfinished receipts are completed"
     )
@@ -182,6 +188,9 @@ class Settings(BaseSettings):
     )
     card_emission_interval_seconds: float = Field(
         default=5.0, gt=0, description="how often the card emission job looks for ordered batches"
+    )
+    birthday_job_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="how often the members service looks for today's birthdays (member.birthday)"
     )
     identify_cache_seconds: float = Field(
         default=2.0,

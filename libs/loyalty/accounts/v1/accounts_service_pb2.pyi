@@ -214,6 +214,8 @@ class _MassOperationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_M
     """The background job is applying the items."""
     MASS_OPERATION_STATUS_DONE: _MassOperationStatus.ValueType  # 3
     """Every item is applied or failed."""
+    MASS_OPERATION_STATUS_CANCELLED: _MassOperationStatus.ValueType  # 4
+    """Stopped by CancelMassOperation: applied items stay applied, the rest never are."""
 
 class MassOperationStatus(_MassOperationStatus, metaclass=_MassOperationStatusEnumTypeWrapper):
     """Where a mass operation stands."""
@@ -226,6 +228,8 @@ MASS_OPERATION_STATUS_RUNNING: MassOperationStatus.ValueType  # 2
 """The background job is applying the items."""
 MASS_OPERATION_STATUS_DONE: MassOperationStatus.ValueType  # 3
 """Every item is applied or failed."""
+MASS_OPERATION_STATUS_CANCELLED: MassOperationStatus.ValueType  # 4
+"""Stopped by CancelMassOperation: applied items stay applied, the rest never are."""
 Global___MassOperationStatus: _TypeAlias = MassOperationStatus  # noqa: Y015
 
 @_typing.final
@@ -1822,6 +1826,8 @@ class MassOperation(_message.Message):
     APPLIED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     FAILURES_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    CAPPED_POINTS_FIELD_NUMBER: _builtins.int
     operation_id: _builtins.str
     """The operation's id."""
     kind: Global___MassOperationKind.ValueType
@@ -1839,7 +1845,13 @@ class MassOperation(_message.Message):
     applied: _builtins.int
     """Items applied."""
     failed: _builtins.int
-    """Items that failed; total - applied - failed are still to do."""
+    """Items that failed; total - applied - failed - cancelled are still to do."""
+    cancelled: _builtins.int
+    """Items never applied because the operation was cancelled first."""
+    capped_points: _builtins.int
+    """Points not credited because the daily accrual limit clipped applied items (clip
+    policy); each such entry's reason says how many.
+    """
     @_builtins.property
     def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___MassOperationFailure]:
         """The first 100 failed items, by index."""
@@ -1857,10 +1869,12 @@ class MassOperation(_message.Message):
         applied: _builtins.int = ...,
         failed: _builtins.int = ...,
         failures: _abc.Iterable[Global___MassOperationFailure] | None = ...,
+        cancelled: _builtins.int = ...,
+        capped_points: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied", b"applied", "currency", b"currency", "failed", b"failed", "failures", b"failures", "kind", b"kind", "operation_id", b"operation_id", "reason", b"reason", "status", b"status", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied", b"applied", "cancelled", b"cancelled", "capped_points", b"capped_points", "currency", b"currency", "failed", b"failed", "failures", b"failures", "kind", b"kind", "operation_id", b"operation_id", "reason", b"reason", "status", b"status", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2095,3 +2109,145 @@ class GetMassOperationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetMassOperationResponse: _TypeAlias = GetMassOperationResponse  # noqa: Y015
+
+@_typing.final
+class CancelMassOperationRequest(_message.Message):
+    """Request of CancelMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key: a retried cancel returns the first answer."""
+    operation_id: _builtins.str
+    """The draft or running operation."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelMassOperationRequest: _TypeAlias = CancelMassOperationRequest  # noqa: Y015
+
+@_typing.final
+class CancelMassOperationResponse(_message.Message):
+    """Response of CancelMassOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___MassOperation:
+        """The operation, cancelled, with what was applied before the cancel."""
+
+    def __init__(
+        self,
+        *,
+        operation: Global___MassOperation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelMassOperationResponse: _TypeAlias = CancelMassOperationResponse  # noqa: Y015
+
+@_typing.final
+class GetExpiryForecastRequest(_message.Message):
+    """Request of GetExpiryForecast."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_MONTH_FIELD_NUMBER: _builtins.int
+    MONTHS_FIELD_NUMBER: _builtins.int
+    first_month: _builtins.str
+    """The first month, "YYYY-MM" (UTC); empty means the current month."""
+    months: _builtins.int
+    """How many months from first_month, 1 to 120; 0 means 12."""
+    def __init__(
+        self,
+        *,
+        first_month: _builtins.str = ...,
+        months: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_month", b"first_month", "months", b"months"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExpiryForecastRequest: _TypeAlias = GetExpiryForecastRequest  # noqa: Y015
+
+@_typing.final
+class ExpiryForecastLine(_message.Message):
+    """Points expiring in one month, of one currency and issuing partner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MONTH_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    month: _builtins.str
+    """The month, "YYYY-MM" (UTC)."""
+    currency: _builtins.str
+    """The point currency."""
+    partner_id: _builtins.str
+    """The partner that issued the points; empty means the program itself."""
+    points: _builtins.int
+    """Points of outstanding lots (active or pending) whose expiry falls in the month, as of
+    as_of_time: later spending, returns or accruals change it.
+    """
+    def __init__(
+        self,
+        *,
+        month: _builtins.str = ...,
+        currency: _builtins.str = ...,
+        partner_id: _builtins.str = ...,
+        points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "month", b"month", "partner_id", b"partner_id", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpiryForecastLine: _TypeAlias = ExpiryForecastLine  # noqa: Y015
+
+@_typing.final
+class GetExpiryForecastResponse(_message.Message):
+    """Response of GetExpiryForecast."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """When the figures were taken."""
+
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpiryForecastLine]:
+        """One line per (month, currency, partner) with points expiring, by month, currency, partner."""
+
+    def __init__(
+        self,
+        *,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
+        lines: _abc.Iterable[Global___ExpiryForecastLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExpiryForecastResponse: _TypeAlias = GetExpiryForecastResponse  # noqa: Y015

@@ -141,6 +141,16 @@ class AccountsServiceStub:
                 request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationRequest.SerializeToString,
                 response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationResponse.FromString,
                 _registered_method=True)
+        self.CancelMassOperation = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/CancelMassOperation',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CancelMassOperationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CancelMassOperationResponse.FromString,
+                _registered_method=True)
+        self.GetExpiryForecast = channel.unary_unary(
+                '/loyalty.accounts.v1.AccountsService/GetExpiryForecast',
+                request_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetExpiryForecastRequest.SerializeToString,
+                response_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetExpiryForecastResponse.FromString,
+                _registered_method=True)
 
 
 class AccountsServiceServicer:
@@ -302,10 +312,13 @@ class AccountsServiceServicer:
         """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
         its first items, at most 10,000 per call. With start set it runs at once; otherwise it
         is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
-        background job applies the items, each exactly once, as audited staff adjustments
-        (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
-        events). A deduction beyond what is available, or an accrual to a blocked account,
-        fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+        background job applies the items, each exactly once, as staff adjustments (entries of
+        kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>"). An accrual is audited by the
+        operation (actor, reason) and writes one points.mass_applied event per chunk of items; a
+        deduction is audited and announced (points.adjusted) per item. A deduction beyond what is available, an accrual to a
+        blocked account, or an accrual over the currency's daily accrual limit (refuse policy)
+        fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED, ACCRUAL_LIMIT_REACHED), not the
+        operation; under the clip policy the item is credited up to the limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -327,6 +340,26 @@ class AccountsServiceServicer:
 
     def GetMassOperation(self, request, context):
         """The progress of a mass operation: items in total, applied and failed, with reasons.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelMassOperation(self, request, context):
+        """Stops a draft or running mass operation: the items applied so far stay applied (reverse
+        them with a mass deduction if needed), the items still pending are never applied and
+        count as cancelled. Returns once no chunk is in flight. FAILED_PRECONDITION
+        MASS_OPERATION_FINISHED when it is already done or cancelled; NOT_FOUND
+        MASS_OPERATION_NOT_FOUND for an unknown operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExpiryForecast(self, request, context):
+        """The points of outstanding lots (active and pending, not yet expired) that expire in each
+        calendar month (UTC) of a range, per currency and issuing partner. A lot counts in the
+        month of its last spendable instant: expiring at 00:00 on 1 February is January's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -439,6 +472,16 @@ def add_AccountsServiceServicer_to_server(servicer, server):
                     servicer.GetMassOperation,
                     request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationRequest.FromString,
                     response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationResponse.SerializeToString,
+            ),
+            'CancelMassOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMassOperation,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CancelMassOperationRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CancelMassOperationResponse.SerializeToString,
+            ),
+            'GetExpiryForecast': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExpiryForecast,
+                    request_deserializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetExpiryForecastRequest.FromString,
+                    response_serializer=loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetExpiryForecastResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1010,6 +1053,60 @@ class AccountsService:
             '/loyalty.accounts.v1.AccountsService/GetMassOperation',
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationRequest.SerializeToString,
             loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetMassOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMassOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/CancelMassOperation',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CancelMassOperationRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.CancelMassOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExpiryForecast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.accounts.v1.AccountsService/GetExpiryForecast',
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetExpiryForecastRequest.SerializeToString,
+            loyalty_dot_accounts_dot_v1_dot_accounts__service__pb2.GetExpiryForecastResponse.FromString,
             options,
             channel_credentials,
             insecure,

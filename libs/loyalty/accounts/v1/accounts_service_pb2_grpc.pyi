@@ -117,10 +117,13 @@ class AccountsServiceStub:
     """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
     its first items, at most 10,000 per call. With start set it runs at once; otherwise it
     is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
-    background job applies the items, each exactly once, as audited staff adjustments
-    (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
-    events). A deduction beyond what is available, or an accrual to a blocked account,
-    fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+    background job applies the items, each exactly once, as staff adjustments (entries of
+    kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>"). An accrual is audited by the
+    operation (actor, reason) and writes one points.mass_applied event per chunk of items; a
+    deduction is audited and announced (points.adjusted) per item. A deduction beyond what is available, an accrual to a
+    blocked account, or an accrual over the currency's daily accrual limit (refuse policy)
+    fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED, ACCRUAL_LIMIT_REACHED), not the
+    operation; under the clip policy the item is credited up to the limit.
     """
     AddMassOperationItems: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.AddMassOperationItemsRequest, _accounts_service_pb2.AddMassOperationItemsResponse]
     """Appends up to 10,000 items to a draft; fails with MASS_OPERATION_STARTED once it runs."""
@@ -128,6 +131,18 @@ class AccountsServiceStub:
     """Starts applying a draft's items in the background."""
     GetMassOperation: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.GetMassOperationRequest, _accounts_service_pb2.GetMassOperationResponse]
     """The progress of a mass operation: items in total, applied and failed, with reasons."""
+    CancelMassOperation: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.CancelMassOperationRequest, _accounts_service_pb2.CancelMassOperationResponse]
+    """Stops a draft or running mass operation: the items applied so far stay applied (reverse
+    them with a mass deduction if needed), the items still pending are never applied and
+    count as cancelled. Returns once no chunk is in flight. FAILED_PRECONDITION
+    MASS_OPERATION_FINISHED when it is already done or cancelled; NOT_FOUND
+    MASS_OPERATION_NOT_FOUND for an unknown operation.
+    """
+    GetExpiryForecast: _grpc.UnaryUnaryMultiCallable[_accounts_service_pb2.GetExpiryForecastRequest, _accounts_service_pb2.GetExpiryForecastResponse]
+    """The points of outstanding lots (active and pending, not yet expired) that expire in each
+    calendar month (UTC) of a range, per currency and issuing partner. A lot counts in the
+    month of its last spendable instant: expiring at 00:00 on 1 February is January's.
+    """
 
 @_typing.type_check_only
 class AccountsServiceAsyncStub(AccountsServiceStub):
@@ -218,10 +233,13 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
     its first items, at most 10,000 per call. With start set it runs at once; otherwise it
     is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
-    background job applies the items, each exactly once, as audited staff adjustments
-    (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
-    events). A deduction beyond what is available, or an accrual to a blocked account,
-    fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+    background job applies the items, each exactly once, as staff adjustments (entries of
+    kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>"). An accrual is audited by the
+    operation (actor, reason) and writes one points.mass_applied event per chunk of items; a
+    deduction is audited and announced (points.adjusted) per item. A deduction beyond what is available, an accrual to a
+    blocked account, or an accrual over the currency's daily accrual limit (refuse policy)
+    fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED, ACCRUAL_LIMIT_REACHED), not the
+    operation; under the clip policy the item is credited up to the limit.
     """
     AddMassOperationItems: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.AddMassOperationItemsRequest, _accounts_service_pb2.AddMassOperationItemsResponse]  # type: ignore[assignment]
     """Appends up to 10,000 items to a draft; fails with MASS_OPERATION_STARTED once it runs."""
@@ -229,6 +247,18 @@ class AccountsServiceAsyncStub(AccountsServiceStub):
     """Starts applying a draft's items in the background."""
     GetMassOperation: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.GetMassOperationRequest, _accounts_service_pb2.GetMassOperationResponse]  # type: ignore[assignment]
     """The progress of a mass operation: items in total, applied and failed, with reasons."""
+    CancelMassOperation: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.CancelMassOperationRequest, _accounts_service_pb2.CancelMassOperationResponse]  # type: ignore[assignment]
+    """Stops a draft or running mass operation: the items applied so far stay applied (reverse
+    them with a mass deduction if needed), the items still pending are never applied and
+    count as cancelled. Returns once no chunk is in flight. FAILED_PRECONDITION
+    MASS_OPERATION_FINISHED when it is already done or cancelled; NOT_FOUND
+    MASS_OPERATION_NOT_FOUND for an unknown operation.
+    """
+    GetExpiryForecast: _aio.UnaryUnaryMultiCallable[_accounts_service_pb2.GetExpiryForecastRequest, _accounts_service_pb2.GetExpiryForecastResponse]  # type: ignore[assignment]
+    """The points of outstanding lots (active and pending, not yet expired) that expire in each
+    calendar month (UTC) of a range, per currency and issuing partner. A lot counts in the
+    month of its last spendable instant: expiring at 00:00 on 1 February is January's.
+    """
 
 class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
     """The points ledger: accounts per holder and point currency, append-only
@@ -424,10 +454,13 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a mass accrual or deduction (e.g. a campaign bonus to a list of members) with
         its first items, at most 10,000 per call. With start set it runs at once; otherwise it
         is a draft: add more items with AddMassOperationItems, then StartMassOperation. A
-        background job applies the items, each exactly once, as audited staff adjustments
-        (entries of kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>", points.adjusted
-        events). A deduction beyond what is available, or an accrual to a blocked account,
-        fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED), not the operation.
+        background job applies the items, each exactly once, as staff adjustments (entries of
+        kind ADJUSTMENT, source_ref "mass:<operation_id>:<index>"). An accrual is audited by the
+        operation (actor, reason) and writes one points.mass_applied event per chunk of items; a
+        deduction is audited and announced (points.adjusted) per item. A deduction beyond what is available, an accrual to a
+        blocked account, or an accrual over the currency's daily accrual limit (refuse policy)
+        fails that item (INSUFFICIENT_POINTS, ACCOUNT_BLOCKED, ACCRUAL_LIMIT_REACHED), not the
+        operation; under the clip policy the item is credited up to the limit.
         """
 
     @_abc_1.abstractmethod
@@ -453,5 +486,29 @@ class AccountsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_accounts_service_pb2.GetMassOperationResponse, _abc.Awaitable[_accounts_service_pb2.GetMassOperationResponse]]:
         """The progress of a mass operation: items in total, applied and failed, with reasons."""
+
+    @_abc_1.abstractmethod
+    def CancelMassOperation(
+        self,
+        request: _accounts_service_pb2.CancelMassOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.CancelMassOperationResponse, _abc.Awaitable[_accounts_service_pb2.CancelMassOperationResponse]]:
+        """Stops a draft or running mass operation: the items applied so far stay applied (reverse
+        them with a mass deduction if needed), the items still pending are never applied and
+        count as cancelled. Returns once no chunk is in flight. FAILED_PRECONDITION
+        MASS_OPERATION_FINISHED when it is already done or cancelled; NOT_FOUND
+        MASS_OPERATION_NOT_FOUND for an unknown operation.
+        """
+
+    @_abc_1.abstractmethod
+    def GetExpiryForecast(
+        self,
+        request: _accounts_service_pb2.GetExpiryForecastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_accounts_service_pb2.GetExpiryForecastResponse, _abc.Awaitable[_accounts_service_pb2.GetExpiryForecastResponse]]:
+        """The points of outstanding lots (active and pending, not yet expired) that expire in each
+        calendar month (UTC) of a range, per currency and issuing partner. A lot counts in the
+        month of its last spendable instant: expiring at 00:00 on 1 February is January's.
+        """
 
 def add_AccountsServiceServicer_to_server(servicer: AccountsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -153,6 +153,42 @@ REGISTRATION_CHANNEL_IMPORT: RegistrationChannel.ValueType  # 6
 """From a bulk import."""
 Global___RegistrationChannel: _TypeAlias = RegistrationChannel  # noqa: Y015
 
+class _AttributeType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttributeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttributeType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTRIBUTE_TYPE_UNSPECIFIED: _AttributeType.ValueType  # 0
+    """Never used."""
+    ATTRIBUTE_TYPE_STRING: _AttributeType.ValueType  # 1
+    """Text (string_value), up to 500 characters."""
+    ATTRIBUTE_TYPE_INT: _AttributeType.ValueType  # 2
+    """A whole number (int_value)."""
+    ATTRIBUTE_TYPE_BOOL: _AttributeType.ValueType  # 3
+    """A flag (bool_value)."""
+    ATTRIBUTE_TYPE_DATE: _AttributeType.ValueType  # 4
+    """A date as YYYY-MM-DD (string_value)."""
+    ATTRIBUTE_TYPE_ENUM: _AttributeType.ValueType  # 5
+    """One of the definition's allowed values (string_value)."""
+
+class AttributeType(_AttributeType, metaclass=_AttributeTypeEnumTypeWrapper):
+    """The type of a custom profile attribute."""
+
+ATTRIBUTE_TYPE_UNSPECIFIED: AttributeType.ValueType  # 0
+"""Never used."""
+ATTRIBUTE_TYPE_STRING: AttributeType.ValueType  # 1
+"""Text (string_value), up to 500 characters."""
+ATTRIBUTE_TYPE_INT: AttributeType.ValueType  # 2
+"""A whole number (int_value)."""
+ATTRIBUTE_TYPE_BOOL: AttributeType.ValueType  # 3
+"""A flag (bool_value)."""
+ATTRIBUTE_TYPE_DATE: AttributeType.ValueType  # 4
+"""A date as YYYY-MM-DD (string_value)."""
+ATTRIBUTE_TYPE_ENUM: AttributeType.ValueType  # 5
+"""One of the definition's allowed values (string_value)."""
+Global___AttributeType: _TypeAlias = AttributeType  # noqa: Y015
+
 class _ContactChannel:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -213,11 +249,116 @@ CARD_BATCH_STATUS_DONE: CardBatchStatus.ValueType  # 2
 """Every number of the range is written."""
 Global___CardBatchStatus: _TypeAlias = CardBatchStatus  # noqa: Y015
 
+class _TierMetric:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TierMetricEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TierMetric.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TIER_METRIC_UNSPECIFIED: _TierMetric.ValueType  # 0
+    """Not given: spend."""
+    TIER_METRIC_SPEND: _TierMetric.ValueType  # 1
+    """Paid amount net of returns, minor units."""
+    TIER_METRIC_POINTS: _TierMetric.ValueType  # 2
+    """Points earned on receipts net of points taken back by returns."""
+
+class TierMetric(_TierMetric, metaclass=_TierMetricEnumTypeWrapper):
+    """What a tier's qualification counts."""
+
+TIER_METRIC_UNSPECIFIED: TierMetric.ValueType  # 0
+"""Not given: spend."""
+TIER_METRIC_SPEND: TierMetric.ValueType  # 1
+"""Paid amount net of returns, minor units."""
+TIER_METRIC_POINTS: TierMetric.ValueType  # 2
+"""Points earned on receipts net of points taken back by returns."""
+Global___TierMetric: _TypeAlias = TierMetric  # noqa: Y015
+
+class _CalendarPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CalendarPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CalendarPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALENDAR_PERIOD_UNSPECIFIED: _CalendarPeriod.ValueType  # 0
+    """No calendar window: the last window_months months, or all time."""
+    CALENDAR_PERIOD_YEAR: _CalendarPeriod.ValueType  # 1
+    """From January 1 of the current year."""
+    CALENDAR_PERIOD_QUARTER: _CalendarPeriod.ValueType  # 2
+    """From the first day of the current quarter."""
+    CALENDAR_PERIOD_MONTH: _CalendarPeriod.ValueType  # 3
+    """From the first day of the current month."""
+
+class CalendarPeriod(_CalendarPeriod, metaclass=_CalendarPeriodEnumTypeWrapper):
+    """A calendar window for tier qualification."""
+
+CALENDAR_PERIOD_UNSPECIFIED: CalendarPeriod.ValueType  # 0
+"""No calendar window: the last window_months months, or all time."""
+CALENDAR_PERIOD_YEAR: CalendarPeriod.ValueType  # 1
+"""From January 1 of the current year."""
+CALENDAR_PERIOD_QUARTER: CalendarPeriod.ValueType  # 2
+"""From the first day of the current quarter."""
+CALENDAR_PERIOD_MONTH: CalendarPeriod.ValueType  # 3
+"""From the first day of the current month."""
+Global___CalendarPeriod: _TypeAlias = CalendarPeriod  # noqa: Y015
+
+class _InvitationStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InvitationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InvitationStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INVITATION_STATUS_UNSPECIFIED: _InvitationStatus.ValueType  # 0
+    """Never used."""
+    INVITATION_STATUS_PENDING: _InvitationStatus.ValueType  # 1
+    """Waiting for the invited member's answer."""
+    INVITATION_STATUS_ACCEPTED: _InvitationStatus.ValueType  # 2
+    """Accepted: the member joined the household."""
+    INVITATION_STATUS_DECLINED: _InvitationStatus.ValueType  # 3
+    """Declined by the invited member."""
+    INVITATION_STATUS_EXPIRED: _InvitationStatus.ValueType  # 4
+    """Not answered before expire_time."""
+
+class InvitationStatus(_InvitationStatus, metaclass=_InvitationStatusEnumTypeWrapper):
+    """The state of a household invitation."""
+
+INVITATION_STATUS_UNSPECIFIED: InvitationStatus.ValueType  # 0
+"""Never used."""
+INVITATION_STATUS_PENDING: InvitationStatus.ValueType  # 1
+"""Waiting for the invited member's answer."""
+INVITATION_STATUS_ACCEPTED: InvitationStatus.ValueType  # 2
+"""Accepted: the member joined the household."""
+INVITATION_STATUS_DECLINED: InvitationStatus.ValueType  # 3
+"""Declined by the invited member."""
+INVITATION_STATUS_EXPIRED: InvitationStatus.ValueType  # 4
+"""Not answered before expire_time."""
+Global___InvitationStatus: _TypeAlias = InvitationStatus  # noqa: Y015
+
 @_typing.final
 class Member(_message.Message):
     """A program member."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AttributeValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AttributeValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     PHONE_FIELD_NUMBER: _builtins.int
@@ -242,6 +383,10 @@ class Member(_message.Message):
     TIER_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     MERGED_INTO_FIELD_NUMBER: _builtins.int
     RFM_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    REFERRAL_CODE_FIELD_NUMBER: _builtins.int
+    REFERRED_BY_FIELD_NUMBER: _builtins.int
+    REFERRED_COUNT_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id, assigned at registration."""
     phone: _builtins.str
@@ -282,6 +427,14 @@ class Member(_message.Message):
     """Why the member was blocked; empty when active."""
     merged_into: _builtins.str
     """The member this one was merged into; empty unless it was merged away as a duplicate."""
+    referral_code: _builtins.str
+    """The member's own referral code, to share with friends (8 characters, upper case);
+    empty after erasure.
+    """
+    referred_by: _builtins.str
+    """The member whose referral code this member registered with; empty when none."""
+    referred_count: _builtins.int
+    """How many members registered with this member's referral code."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the member registered."""
@@ -303,6 +456,12 @@ class Member(_message.Message):
     @_builtins.property
     def rfm(self) -> Global___RfmScore:
         """The member's RFM scores; unset until the member has bought something and the job ran."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.MessageMap[_builtins.str, Global___AttributeValue]:
+        """Custom attributes by code (see SetAttributeDefinition); an attribute never set is absent.
+        Dates and enum values are in string_value (dates as YYYY-MM-DD).
+        """
 
     def __init__(
         self,
@@ -330,14 +489,88 @@ class Member(_message.Message):
         tier_expire_time: _timestamp_pb2.Timestamp | None = ...,
         merged_into: _builtins.str = ...,
         rfm: Global___RfmScore | None = ...,
+        attributes: _abc.Mapping[_builtins.str, Global___AttributeValue] | None = ...,
+        referral_code: _builtins.str = ...,
+        referred_by: _builtins.str = ...,
+        referred_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "erase_time", b"erase_time", "rfm", b"rfm", "tier_expire_time", b"tier_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "birth_date", b"birth_date", "block_reason", b"block_reason", "consents", b"consents", "create_time", b"create_time", "email", b"email", "erase_time", b"erase_time", "first_name", b"first_name", "household_id", b"household_id", "last_name", b"last_name", "locale", b"locale", "member_id", b"member_id", "merged_into", b"merged_into", "participation_type", b"participation_type", "phone", b"phone", "push_token", b"push_token", "registration_channel", b"registration_channel", "rfm", b"rfm", "status", b"status", "telegram_chat_id", b"telegram_chat_id", "tier", b"tier", "tier_expire_time", b"tier_expire_time", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "attributes", b"attributes", "birth_date", b"birth_date", "block_reason", b"block_reason", "consents", b"consents", "create_time", b"create_time", "email", b"email", "erase_time", b"erase_time", "first_name", b"first_name", "household_id", b"household_id", "last_name", b"last_name", "locale", b"locale", "member_id", b"member_id", "merged_into", b"merged_into", "participation_type", b"participation_type", "phone", b"phone", "push_token", b"push_token", "referral_code", b"referral_code", "referred_by", b"referred_by", "referred_count", b"referred_count", "registration_channel", b"registration_channel", "rfm", b"rfm", "status", b"status", "telegram_chat_id", b"telegram_chat_id", "tier", b"tier", "tier_expire_time", b"tier_expire_time", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Member: _TypeAlias = Member  # noqa: Y015
+
+@_typing.final
+class AttributeDefinition(_message.Message):
+    """A custom profile attribute a program defines, e.g. "pet" (enum) or "car_owner" (bool)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    ALLOWED_VALUES_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """Stable code: lower case letters, digits, '_' or '-', up to 32. The update mask
+    names it as "attributes.<code>".
+    """
+    name: _builtins.str
+    """Display name."""
+    type: Global___AttributeType.ValueType
+    """The value type; fixed once defined."""
+    @_builtins.property
+    def allowed_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ENUM only: the values a member may have (at least one)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        name: _builtins.str = ...,
+        type: Global___AttributeType.ValueType = ...,
+        allowed_values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_values", b"allowed_values", "code", b"code", "name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttributeDefinition: _TypeAlias = AttributeDefinition  # noqa: Y015
+
+@_typing.final
+class AttributeValue(_message.Message):
+    """The value of a custom attribute: which field is set follows the attribute's type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STRING_VALUE_FIELD_NUMBER: _builtins.int
+    INT_VALUE_FIELD_NUMBER: _builtins.int
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    string_value: _builtins.str
+    """STRING, DATE (YYYY-MM-DD) and ENUM attributes."""
+    int_value: _builtins.int
+    """INT attributes."""
+    bool_value: _builtins.bool
+    """BOOL attributes."""
+    def __init__(
+        self,
+        *,
+        string_value: _builtins.str = ...,
+        int_value: _builtins.int = ...,
+        bool_value: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "int_value", b"int_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "int_value", b"int_value", "string_value", b"string_value", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["string_value", "int_value", "bool_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___AttributeValue: _TypeAlias = AttributeValue  # noqa: Y015
 
 @_typing.final
 class Consent(_message.Message):
@@ -532,6 +765,9 @@ class TierDefinition(_message.Message):
     WINDOW_MONTHS_FIELD_NUMBER: _builtins.int
     DURATION_DAYS_FIELD_NUMBER: _builtins.int
     DOWNGRADE_AFTER_INACTIVE_DAYS_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    POINTS_THRESHOLD_FIELD_NUMBER: _builtins.int
+    CALENDAR_PERIOD_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """Stable code, e.g. "premium"; "basic" (rank 0) is the tier of every new member."""
     name: _builtins.str
@@ -548,6 +784,16 @@ class TierDefinition(_message.Message):
     """The member drops out of the tier after this many days without a purchase;
     0 to never.
     """
+    metric: Global___TierMetric.ValueType
+    """What qualifies: spend (spend_threshold_minor) or points earned (points_threshold)."""
+    points_threshold: _builtins.int
+    """Points earned (net of points taken back by returns) needed within the window, when
+    metric is POINTS.
+    """
+    calendar_period: Global___CalendarPeriod.ValueType
+    """A calendar window instead of the last window_months: the current calendar year,
+    quarter or month (UTC). window_months must then be 0.
+    """
     def __init__(
         self,
         *,
@@ -558,10 +804,13 @@ class TierDefinition(_message.Message):
         window_months: _builtins.int = ...,
         duration_days: _builtins.int = ...,
         downgrade_after_inactive_days: _builtins.int = ...,
+        metric: Global___TierMetric.ValueType = ...,
+        points_threshold: _builtins.int = ...,
+        calendar_period: Global___CalendarPeriod.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "downgrade_after_inactive_days", b"downgrade_after_inactive_days", "duration_days", b"duration_days", "name", b"name", "rank", b"rank", "spend_threshold_minor", b"spend_threshold_minor", "window_months", b"window_months"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calendar_period", b"calendar_period", "code", b"code", "downgrade_after_inactive_days", b"downgrade_after_inactive_days", "duration_days", b"duration_days", "metric", b"metric", "name", b"name", "points_threshold", b"points_threshold", "rank", b"rank", "spend_threshold_minor", b"spend_threshold_minor", "window_months", b"window_months"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -718,6 +967,7 @@ class Partner(_message.Message):
     PARTNER_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     STORE_IDS_FIELD_NUMBER: _builtins.int
+    STORES_FIELD_NUMBER: _builtins.int
     partner_id: _builtins.str
     """Stable partner id."""
     name: _builtins.str
@@ -726,26 +976,147 @@ class Partner(_message.Message):
     def store_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the stores (as the registers send store_id) the partner owns."""
 
+    @_builtins.property
+    def stores(self) -> _containers.RepeatedCompositeFieldContainer[Global___Store]:
+        """The stores with their region, time zone and registers. On SetPartner a store may be
+        listed here or in store_ids (then it has no region and no registers), not in both;
+        the answer lists every store in both fields.
+        """
+
     def __init__(
         self,
         *,
         partner_id: _builtins.str = ...,
         name: _builtins.str = ...,
         store_ids: _abc.Iterable[_builtins.str] | None = ...,
+        stores: _abc.Iterable[Global___Store] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "partner_id", b"partner_id", "store_ids", b"store_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "partner_id", b"partner_id", "store_ids", b"store_ids", "stores", b"stores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Partner: _TypeAlias = Partner  # noqa: Y015
 
 @_typing.final
+class Store(_message.Message):
+    """A partner's store."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    TERMINAL_IDS_FIELD_NUMBER: _builtins.int
+    store_id: _builtins.str
+    """The store id, as the registers send store_id."""
+    region: _builtins.str
+    """The region, e.g. "moscow" or "RU-MOW"; free text up to 64 characters, may be empty."""
+    time_zone: _builtins.str
+    """IANA time zone of the store, e.g. "Europe/Moscow"; may be empty."""
+    @_builtins.property
+    def terminal_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The registers (terminal ids) of this store; a terminal belongs to one store."""
+
+    def __init__(
+        self,
+        *,
+        store_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+        terminal_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["region", b"region", "store_id", b"store_id", "terminal_ids", b"terminal_ids", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Store: _TypeAlias = Store  # noqa: Y015
+
+@_typing.final
+class HouseholdInvitation(_message.Message):
+    """An invitation of a member into a household."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATION_ID_FIELD_NUMBER: _builtins.int
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    INVITED_BY_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    invitation_id: _builtins.str
+    """The invitation id."""
+    household_id: _builtins.str
+    """The household."""
+    member_id: _builtins.str
+    """The invited member."""
+    invited_by: _builtins.str
+    """The household member who invited them."""
+    status: Global___InvitationStatus.ValueType
+    """Its state."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When a pending invitation expires."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was accepted or declined; unset otherwise."""
+
+    def __init__(
+        self,
+        *,
+        invitation_id: _builtins.str = ...,
+        household_id: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        invited_by: _builtins.str = ...,
+        status: Global___InvitationStatus.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decide_time", b"decide_time", "expire_time", b"expire_time", "household_id", b"household_id", "invitation_id", b"invitation_id", "invited_by", b"invited_by", "member_id", b"member_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HouseholdInvitation: _TypeAlias = HouseholdInvitation  # noqa: Y015
+
+@_typing.final
 class MemberContext(_message.Message):
     """What the gateway and the rules know about an identified customer."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AttributeValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AttributeValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
@@ -755,6 +1126,8 @@ class MemberContext(_message.Message):
     CARD_NUMBER_FIELD_NUMBER: _builtins.int
     CARD_TYPE_FIELD_NUMBER: _builtins.int
     HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    BIRTH_DATE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member's id."""
     status: Global___MemberStatus.ValueType
@@ -769,9 +1142,17 @@ class MemberContext(_message.Message):
     """Type code of that card; empty when identified without a card."""
     household_id: _builtins.str
     """The member's household; empty when none."""
+    birth_date: _builtins.str
+    """The member's birth date, "YYYY-MM-DD"; empty when unknown. The gateway hands
+    it to the promotions for birthday offers.
+    """
     @_builtins.property
     def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Codes of the segments the member is in."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.MessageMap[_builtins.str, Global___AttributeValue]:
+        """The member's custom attributes by code (as in Member.attributes), for the rules."""
 
     def __init__(
         self,
@@ -784,10 +1165,12 @@ class MemberContext(_message.Message):
         card_number: _builtins.str = ...,
         card_type: _builtins.str = ...,
         household_id: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, Global___AttributeValue] | None = ...,
+        birth_date: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "card_number", b"card_number", "card_type", b"card_type", "household_id", b"household_id", "member_id", b"member_id", "segments", b"segments", "status", b"status", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_holder_id", b"account_holder_id", "attributes", b"attributes", "birth_date", b"birth_date", "card_number", b"card_number", "card_type", b"card_type", "household_id", b"household_id", "member_id", b"member_id", "segments", b"segments", "status", b"status", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -825,7 +1208,10 @@ class RegisterMemberRequest(_message.Message):
     channel: Global___RegistrationChannel.ValueType
     """Where the registration came from."""
     referral_code: _builtins.str
-    """The referral code of the member who invited this one; optional."""
+    """The referral code of the member who invited this one (Member.referral_code of the
+    inviter; case, spaces and dashes ignored); optional. A malformed code is
+    INVALID_ARGUMENT; a code nobody owns is NOT_FOUND REFERRAL_CODE_NOT_FOUND.
+    """
     time_zone: _builtins.str
     """IANA time zone; optional."""
     locale: _builtins.str
@@ -1082,8 +1468,10 @@ class UpdateMemberRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: phone, email, first_name, last_name, time_zone, locale,
-        birth_date, push_token, telegram_chat_id, consents. For consents, each
-        channel listed is set; channels not listed keep their answer.
+        birth_date, push_token, telegram_chat_id, consents, attributes.<code>. For consents,
+        each channel listed is set; channels not listed keep their answer. For
+        attributes.<code>, the value in member.attributes[<code>] is set, or the attribute
+        cleared when the map has no such key.
         """
 
     def __init__(
@@ -1976,6 +2364,7 @@ class GetMemberStatisticsResponse(_message.Message):
     SPEND_LAST_365_DAYS_MINOR_FIELD_NUMBER: _builtins.int
     FIRST_PURCHASE_TIME_FIELD_NUMBER: _builtins.int
     LAST_PURCHASE_TIME_FIELD_NUMBER: _builtins.int
+    POINTS_EARNED_FIELD_NUMBER: _builtins.int
     purchase_count: _builtins.int
     """Receipts the member paid (returns do not reduce the count)."""
     total_spend_minor: _builtins.int
@@ -1984,6 +2373,8 @@ class GetMemberStatisticsResponse(_message.Message):
     """Net spend over the last 30 days, minor units."""
     spend_last_365_days_minor: _builtins.int
     """Net spend over the last 365 days, minor units."""
+    points_earned: _builtins.int
+    """Points earned on receipts over all time, net of points taken back by returns."""
     @_builtins.property
     def first_purchase_time(self) -> _timestamp_pb2.Timestamp:
         """The first purchase; unset when none."""
@@ -2001,10 +2392,11 @@ class GetMemberStatisticsResponse(_message.Message):
         spend_last_365_days_minor: _builtins.int = ...,
         first_purchase_time: _timestamp_pb2.Timestamp | None = ...,
         last_purchase_time: _timestamp_pb2.Timestamp | None = ...,
+        points_earned: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_purchase_time", b"first_purchase_time", "last_purchase_time", b"last_purchase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_purchase_time", b"first_purchase_time", "last_purchase_time", b"last_purchase_time", "purchase_count", b"purchase_count", "spend_last_30_days_minor", b"spend_last_30_days_minor", "spend_last_365_days_minor", b"spend_last_365_days_minor", "total_spend_minor", b"total_spend_minor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_purchase_time", b"first_purchase_time", "last_purchase_time", b"last_purchase_time", "points_earned", b"points_earned", "purchase_count", b"purchase_count", "spend_last_30_days_minor", b"spend_last_30_days_minor", "spend_last_365_days_minor", b"spend_last_365_days_minor", "total_spend_minor", b"total_spend_minor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2494,8 +2886,21 @@ class MergeMembersResponse(_message.Message):
 
     SURVIVOR_FIELD_NUMBER: _builtins.int
     CARDS_MOVED_FIELD_NUMBER: _builtins.int
+    SEGMENTS_MOVED_FIELD_NUMBER: _builtins.int
+    TIER_CHANGES_MOVED_FIELD_NUMBER: _builtins.int
+    CONSENTS_MOVED_FIELD_NUMBER: _builtins.int
     cards_moved: _builtins.int
     """How many cards moved from the duplicate to the survivor."""
+    segments_moved: _builtins.int
+    """How many static segment memberships moved (segments the survivor was in already
+    are not counted).
+    """
+    tier_changes_moved: _builtins.int
+    """How many tier history entries moved."""
+    consents_moved: _builtins.int
+    """How many consents the survivor took from the duplicate (channels the duplicate
+    answered more recently than the survivor).
+    """
     @_builtins.property
     def survivor(self) -> Global___Member:
         """The survivor after the merge."""
@@ -2505,10 +2910,13 @@ class MergeMembersResponse(_message.Message):
         *,
         survivor: Global___Member | None = ...,
         cards_moved: _builtins.int = ...,
+        segments_moved: _builtins.int = ...,
+        tier_changes_moved: _builtins.int = ...,
+        consents_moved: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["survivor", b"survivor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cards_moved", b"cards_moved", "survivor", b"survivor"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cards_moved", b"cards_moved", "consents_moved", b"consents_moved", "segments_moved", b"segments_moved", "survivor", b"survivor", "tier_changes_moved", b"tier_changes_moved"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2611,3 +3019,422 @@ class GetPartnerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPartnerResponse: _TypeAlias = GetPartnerResponse  # noqa: Y015
+
+@_typing.final
+class SetAttributeDefinitionRequest(_message.Message):
+    """Request of SetAttributeDefinition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def definition(self) -> Global___AttributeDefinition:
+        """The definition."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        definition: Global___AttributeDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAttributeDefinitionRequest: _TypeAlias = SetAttributeDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class SetAttributeDefinitionResponse(_message.Message):
+    """Response of SetAttributeDefinition."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definition(self) -> Global___AttributeDefinition:
+        """The definition as stored."""
+
+    def __init__(
+        self,
+        *,
+        definition: Global___AttributeDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAttributeDefinitionResponse: _TypeAlias = SetAttributeDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class ListAttributeDefinitionsRequest(_message.Message):
+    """Request of ListAttributeDefinitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAttributeDefinitionsRequest: _TypeAlias = ListAttributeDefinitionsRequest  # noqa: Y015
+
+@_typing.final
+class ListAttributeDefinitionsResponse(_message.Message):
+    """Response of ListAttributeDefinitions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttributeDefinition]:
+        """Every definition, by code."""
+
+    def __init__(
+        self,
+        *,
+        definitions: _abc.Iterable[Global___AttributeDefinition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAttributeDefinitionsResponse: _TypeAlias = ListAttributeDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class LookupReferralCodeRequest(_message.Message):
+    """Request of LookupReferralCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFERRAL_CODE_FIELD_NUMBER: _builtins.int
+    referral_code: _builtins.str
+    """The code, as the inviting member shared it (case does not matter)."""
+    def __init__(
+        self,
+        *,
+        referral_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referral_code", b"referral_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupReferralCodeRequest: _TypeAlias = LookupReferralCodeRequest  # noqa: Y015
+
+@_typing.final
+class LookupReferralCodeResponse(_message.Message):
+    """Response of LookupReferralCode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The member who owns the code."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupReferralCodeResponse: _TypeAlias = LookupReferralCodeResponse  # noqa: Y015
+
+@_typing.final
+class InviteToHouseholdRequest(_message.Message):
+    """Request of InviteToHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    INVITED_BY_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    VALID_DAYS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    household_id: _builtins.str
+    """The household."""
+    invited_by: _builtins.str
+    """The household member inviting; must be in the household."""
+    member_id: _builtins.str
+    """The member to invite, by id; give this or phone."""
+    phone: _builtins.str
+    """The member to invite, by phone; give this or member_id."""
+    valid_days: _builtins.int
+    """Days the invitation stays open, 1 to 90; 0 for 7."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        household_id: _builtins.str = ...,
+        invited_by: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        valid_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household_id", b"household_id", "invited_by", b"invited_by", "member_id", b"member_id", "phone", b"phone", "request_id", b"request_id", "valid_days", b"valid_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InviteToHouseholdRequest: _TypeAlias = InviteToHouseholdRequest  # noqa: Y015
+
+@_typing.final
+class InviteToHouseholdResponse(_message.Message):
+    """Response of InviteToHousehold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invitation(self) -> Global___HouseholdInvitation:
+        """The pending invitation."""
+
+    def __init__(
+        self,
+        *,
+        invitation: Global___HouseholdInvitation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invitation", b"invitation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invitation", b"invitation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InviteToHouseholdResponse: _TypeAlias = InviteToHouseholdResponse  # noqa: Y015
+
+@_typing.final
+class AcceptHouseholdInvitationRequest(_message.Message):
+    """Request of AcceptHouseholdInvitation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    INVITATION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    invitation_id: _builtins.str
+    """The invitation."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        invitation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invitation_id", b"invitation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptHouseholdInvitationRequest: _TypeAlias = AcceptHouseholdInvitationRequest  # noqa: Y015
+
+@_typing.final
+class AcceptHouseholdInvitationResponse(_message.Message):
+    """Response of AcceptHouseholdInvitation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATION_FIELD_NUMBER: _builtins.int
+    HOUSEHOLD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invitation(self) -> Global___HouseholdInvitation:
+        """The invitation, accepted."""
+
+    @_builtins.property
+    def household(self) -> Global___Household:
+        """The household after the member joined."""
+
+    def __init__(
+        self,
+        *,
+        invitation: Global___HouseholdInvitation | None = ...,
+        household: Global___Household | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["household", b"household", "invitation", b"invitation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household", b"household", "invitation", b"invitation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptHouseholdInvitationResponse: _TypeAlias = AcceptHouseholdInvitationResponse  # noqa: Y015
+
+@_typing.final
+class DeclineHouseholdInvitationRequest(_message.Message):
+    """Request of DeclineHouseholdInvitation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    INVITATION_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    invitation_id: _builtins.str
+    """The invitation."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        invitation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invitation_id", b"invitation_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineHouseholdInvitationRequest: _TypeAlias = DeclineHouseholdInvitationRequest  # noqa: Y015
+
+@_typing.final
+class DeclineHouseholdInvitationResponse(_message.Message):
+    """Response of DeclineHouseholdInvitation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invitation(self) -> Global___HouseholdInvitation:
+        """The invitation, declined."""
+
+    def __init__(
+        self,
+        *,
+        invitation: Global___HouseholdInvitation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["invitation", b"invitation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invitation", b"invitation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeclineHouseholdInvitationResponse: _TypeAlias = DeclineHouseholdInvitationResponse  # noqa: Y015
+
+@_typing.final
+class ListHouseholdInvitationsRequest(_message.Message):
+    """Request of ListHouseholdInvitations: give member_id or household_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    HOUSEHOLD_ID_FIELD_NUMBER: _builtins.int
+    member_id: _builtins.str
+    """The invited member."""
+    household_id: _builtins.str
+    """The household."""
+    def __init__(
+        self,
+        *,
+        member_id: _builtins.str = ...,
+        household_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["household_id", b"household_id", "member_id", b"member_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHouseholdInvitationsRequest: _TypeAlias = ListHouseholdInvitationsRequest  # noqa: Y015
+
+@_typing.final
+class ListHouseholdInvitationsResponse(_message.Message):
+    """Response of ListHouseholdInvitations."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVITATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def invitations(self) -> _containers.RepeatedCompositeFieldContainer[Global___HouseholdInvitation]:
+        """The invitations, newest first."""
+
+    def __init__(
+        self,
+        *,
+        invitations: _abc.Iterable[Global___HouseholdInvitation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invitations", b"invitations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHouseholdInvitationsResponse: _TypeAlias = ListHouseholdInvitationsResponse  # noqa: Y015
+
+@_typing.final
+class ResolveTerminalRequest(_message.Message):
+    """Request of ResolveTerminal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    terminal_id: _builtins.str
+    """The register's terminal id."""
+    def __init__(
+        self,
+        *,
+        terminal_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["terminal_id", b"terminal_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveTerminalRequest: _TypeAlias = ResolveTerminalRequest  # noqa: Y015
+
+@_typing.final
+class ResolveTerminalResponse(_message.Message):
+    """Response of ResolveTerminal."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TERMINAL_ID_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    terminal_id: _builtins.str
+    """The terminal id asked for."""
+    store_id: _builtins.str
+    """The store it belongs to."""
+    partner_id: _builtins.str
+    """The partner owning the store."""
+    region: _builtins.str
+    """The store's region; may be empty."""
+    time_zone: _builtins.str
+    """The store's IANA time zone; may be empty."""
+    def __init__(
+        self,
+        *,
+        terminal_id: _builtins.str = ...,
+        store_id: _builtins.str = ...,
+        partner_id: _builtins.str = ...,
+        region: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["partner_id", b"partner_id", "region", b"region", "store_id", b"store_id", "terminal_id", b"terminal_id", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveTerminalResponse: _TypeAlias = ResolveTerminalResponse  # noqa: Y015

@@ -201,6 +201,46 @@ class MembersServiceStub:
                 request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerRequest.SerializeToString,
                 response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerResponse.FromString,
                 _registered_method=True)
+        self.SetAttributeDefinition = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/SetAttributeDefinition',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetAttributeDefinitionRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetAttributeDefinitionResponse.FromString,
+                _registered_method=True)
+        self.ListAttributeDefinitions = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ListAttributeDefinitions',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListAttributeDefinitionsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListAttributeDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.LookupReferralCode = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/LookupReferralCode',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LookupReferralCodeRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LookupReferralCodeResponse.FromString,
+                _registered_method=True)
+        self.InviteToHousehold = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/InviteToHousehold',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.InviteToHouseholdRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.InviteToHouseholdResponse.FromString,
+                _registered_method=True)
+        self.AcceptHouseholdInvitation = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/AcceptHouseholdInvitation',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AcceptHouseholdInvitationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AcceptHouseholdInvitationResponse.FromString,
+                _registered_method=True)
+        self.DeclineHouseholdInvitation = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/DeclineHouseholdInvitation',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.DeclineHouseholdInvitationRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.DeclineHouseholdInvitationResponse.FromString,
+                _registered_method=True)
+        self.ListHouseholdInvitations = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ListHouseholdInvitations',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListHouseholdInvitationsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListHouseholdInvitationsResponse.FromString,
+                _registered_method=True)
+        self.ResolveTerminal = channel.unary_unary(
+                '/loyalty.members.v1.MembersService/ResolveTerminal',
+                request_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ResolveTerminalRequest.SerializeToString,
+                response_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ResolveTerminalResponse.FromString,
+                _registered_method=True)
 
 
 class MembersServiceServicer:
@@ -452,6 +492,65 @@ class MembersServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAttributeDefinition(self, request, context):
+        """Defines a custom profile attribute (its code and type) or changes its name and,
+        for an enum, its allowed values; the type of an existing attribute cannot change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAttributeDefinitions(self, request, context):
+        """Every custom attribute definition, by code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupReferralCode(self, request, context):
+        """The member who owns a referral code (to show "invited by" before registering).
+        Unknown codes: NOT_FOUND REFERRAL_CODE_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InviteToHousehold(self, request, context):
+        """Invites a member (by id or phone) into a household; the invitation stays pending
+        until accepted, declined or expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptHouseholdInvitation(self, request, context):
+        """The invited member accepts: they join the household (as JoinHousehold).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeclineHouseholdInvitation(self, request, context):
+        """The invited member declines.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHouseholdInvitations(self, request, context):
+        """The invitations of a member or of a household, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResolveTerminal(self, request, context):
+        """The store and partner a register (terminal id) belongs to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MembersServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -619,6 +718,46 @@ def add_MembersServiceServicer_to_server(servicer, server):
                     servicer.GetPartner,
                     request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerRequest.FromString,
                     response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerResponse.SerializeToString,
+            ),
+            'SetAttributeDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAttributeDefinition,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetAttributeDefinitionRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.SetAttributeDefinitionResponse.SerializeToString,
+            ),
+            'ListAttributeDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAttributeDefinitions,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListAttributeDefinitionsRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListAttributeDefinitionsResponse.SerializeToString,
+            ),
+            'LookupReferralCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupReferralCode,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LookupReferralCodeRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.LookupReferralCodeResponse.SerializeToString,
+            ),
+            'InviteToHousehold': grpc.unary_unary_rpc_method_handler(
+                    servicer.InviteToHousehold,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.InviteToHouseholdRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.InviteToHouseholdResponse.SerializeToString,
+            ),
+            'AcceptHouseholdInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptHouseholdInvitation,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AcceptHouseholdInvitationRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.AcceptHouseholdInvitationResponse.SerializeToString,
+            ),
+            'DeclineHouseholdInvitation': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineHouseholdInvitation,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.DeclineHouseholdInvitationRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.DeclineHouseholdInvitationResponse.SerializeToString,
+            ),
+            'ListHouseholdInvitations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHouseholdInvitations,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListHouseholdInvitationsRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ListHouseholdInvitationsResponse.SerializeToString,
+            ),
+            'ResolveTerminal': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveTerminal,
+                    request_deserializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ResolveTerminalRequest.FromString,
+                    response_serializer=loyalty_dot_members_dot_v1_dot_members__service__pb2.ResolveTerminalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1514,6 +1653,222 @@ class MembersService:
             '/loyalty.members.v1.MembersService/GetPartner',
             loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerRequest.SerializeToString,
             loyalty_dot_members_dot_v1_dot_members__service__pb2.GetPartnerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAttributeDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/SetAttributeDefinition',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetAttributeDefinitionRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.SetAttributeDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAttributeDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ListAttributeDefinitions',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListAttributeDefinitionsRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListAttributeDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupReferralCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/LookupReferralCode',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.LookupReferralCodeRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.LookupReferralCodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InviteToHousehold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/InviteToHousehold',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.InviteToHouseholdRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.InviteToHouseholdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptHouseholdInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/AcceptHouseholdInvitation',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.AcceptHouseholdInvitationRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.AcceptHouseholdInvitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineHouseholdInvitation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/DeclineHouseholdInvitation',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.DeclineHouseholdInvitationRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.DeclineHouseholdInvitationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHouseholdInvitations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ListHouseholdInvitations',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListHouseholdInvitationsRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ListHouseholdInvitationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveTerminal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.members.v1.MembersService/ResolveTerminal',
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ResolveTerminalRequest.SerializeToString,
+            loyalty_dot_members_dot_v1_dot_members__service__pb2.ResolveTerminalResponse.FromString,
             options,
             channel_credentials,
             insecure,

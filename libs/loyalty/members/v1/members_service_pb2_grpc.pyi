@@ -123,6 +123,28 @@ class MembersServiceStub:
     """
     GetPartner: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.GetPartnerRequest, _members_service_pb2.GetPartnerResponse]
     """A partner and its stores."""
+    SetAttributeDefinition: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.SetAttributeDefinitionRequest, _members_service_pb2.SetAttributeDefinitionResponse]
+    """Defines a custom profile attribute (its code and type) or changes its name and,
+    for an enum, its allowed values; the type of an existing attribute cannot change.
+    """
+    ListAttributeDefinitions: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ListAttributeDefinitionsRequest, _members_service_pb2.ListAttributeDefinitionsResponse]
+    """Every custom attribute definition, by code."""
+    LookupReferralCode: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.LookupReferralCodeRequest, _members_service_pb2.LookupReferralCodeResponse]
+    """The member who owns a referral code (to show "invited by" before registering).
+    Unknown codes: NOT_FOUND REFERRAL_CODE_NOT_FOUND.
+    """
+    InviteToHousehold: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.InviteToHouseholdRequest, _members_service_pb2.InviteToHouseholdResponse]
+    """Invites a member (by id or phone) into a household; the invitation stays pending
+    until accepted, declined or expired.
+    """
+    AcceptHouseholdInvitation: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.AcceptHouseholdInvitationRequest, _members_service_pb2.AcceptHouseholdInvitationResponse]
+    """The invited member accepts: they join the household (as JoinHousehold)."""
+    DeclineHouseholdInvitation: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.DeclineHouseholdInvitationRequest, _members_service_pb2.DeclineHouseholdInvitationResponse]
+    """The invited member declines."""
+    ListHouseholdInvitations: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ListHouseholdInvitationsRequest, _members_service_pb2.ListHouseholdInvitationsResponse]
+    """The invitations of a member or of a household, newest first."""
+    ResolveTerminal: _grpc.UnaryUnaryMultiCallable[_members_service_pb2.ResolveTerminalRequest, _members_service_pb2.ResolveTerminalResponse]
+    """The store and partner a register (terminal id) belongs to."""
 
 @_typing.type_check_only
 class MembersServiceAsyncStub(MembersServiceStub):
@@ -219,6 +241,28 @@ class MembersServiceAsyncStub(MembersServiceStub):
     """
     GetPartner: _aio.UnaryUnaryMultiCallable[_members_service_pb2.GetPartnerRequest, _members_service_pb2.GetPartnerResponse]  # type: ignore[assignment]
     """A partner and its stores."""
+    SetAttributeDefinition: _aio.UnaryUnaryMultiCallable[_members_service_pb2.SetAttributeDefinitionRequest, _members_service_pb2.SetAttributeDefinitionResponse]  # type: ignore[assignment]
+    """Defines a custom profile attribute (its code and type) or changes its name and,
+    for an enum, its allowed values; the type of an existing attribute cannot change.
+    """
+    ListAttributeDefinitions: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ListAttributeDefinitionsRequest, _members_service_pb2.ListAttributeDefinitionsResponse]  # type: ignore[assignment]
+    """Every custom attribute definition, by code."""
+    LookupReferralCode: _aio.UnaryUnaryMultiCallable[_members_service_pb2.LookupReferralCodeRequest, _members_service_pb2.LookupReferralCodeResponse]  # type: ignore[assignment]
+    """The member who owns a referral code (to show "invited by" before registering).
+    Unknown codes: NOT_FOUND REFERRAL_CODE_NOT_FOUND.
+    """
+    InviteToHousehold: _aio.UnaryUnaryMultiCallable[_members_service_pb2.InviteToHouseholdRequest, _members_service_pb2.InviteToHouseholdResponse]  # type: ignore[assignment]
+    """Invites a member (by id or phone) into a household; the invitation stays pending
+    until accepted, declined or expired.
+    """
+    AcceptHouseholdInvitation: _aio.UnaryUnaryMultiCallable[_members_service_pb2.AcceptHouseholdInvitationRequest, _members_service_pb2.AcceptHouseholdInvitationResponse]  # type: ignore[assignment]
+    """The invited member accepts: they join the household (as JoinHousehold)."""
+    DeclineHouseholdInvitation: _aio.UnaryUnaryMultiCallable[_members_service_pb2.DeclineHouseholdInvitationRequest, _members_service_pb2.DeclineHouseholdInvitationResponse]  # type: ignore[assignment]
+    """The invited member declines."""
+    ListHouseholdInvitations: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ListHouseholdInvitationsRequest, _members_service_pb2.ListHouseholdInvitationsResponse]  # type: ignore[assignment]
+    """The invitations of a member or of a household, newest first."""
+    ResolveTerminal: _aio.UnaryUnaryMultiCallable[_members_service_pb2.ResolveTerminalRequest, _members_service_pb2.ResolveTerminalResponse]  # type: ignore[assignment]
+    """The store and partner a register (terminal id) belongs to."""
 
 class MembersServiceServicer(metaclass=_abc_1.ABCMeta):
     """The single customer base: members, their identifiers (phones, cards) and the
@@ -510,5 +554,75 @@ class MembersServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_members_service_pb2.GetPartnerResponse, _abc.Awaitable[_members_service_pb2.GetPartnerResponse]]:
         """A partner and its stores."""
+
+    @_abc_1.abstractmethod
+    def SetAttributeDefinition(
+        self,
+        request: _members_service_pb2.SetAttributeDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.SetAttributeDefinitionResponse, _abc.Awaitable[_members_service_pb2.SetAttributeDefinitionResponse]]:
+        """Defines a custom profile attribute (its code and type) or changes its name and,
+        for an enum, its allowed values; the type of an existing attribute cannot change.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAttributeDefinitions(
+        self,
+        request: _members_service_pb2.ListAttributeDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ListAttributeDefinitionsResponse, _abc.Awaitable[_members_service_pb2.ListAttributeDefinitionsResponse]]:
+        """Every custom attribute definition, by code."""
+
+    @_abc_1.abstractmethod
+    def LookupReferralCode(
+        self,
+        request: _members_service_pb2.LookupReferralCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.LookupReferralCodeResponse, _abc.Awaitable[_members_service_pb2.LookupReferralCodeResponse]]:
+        """The member who owns a referral code (to show "invited by" before registering).
+        Unknown codes: NOT_FOUND REFERRAL_CODE_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def InviteToHousehold(
+        self,
+        request: _members_service_pb2.InviteToHouseholdRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.InviteToHouseholdResponse, _abc.Awaitable[_members_service_pb2.InviteToHouseholdResponse]]:
+        """Invites a member (by id or phone) into a household; the invitation stays pending
+        until accepted, declined or expired.
+        """
+
+    @_abc_1.abstractmethod
+    def AcceptHouseholdInvitation(
+        self,
+        request: _members_service_pb2.AcceptHouseholdInvitationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.AcceptHouseholdInvitationResponse, _abc.Awaitable[_members_service_pb2.AcceptHouseholdInvitationResponse]]:
+        """The invited member accepts: they join the household (as JoinHousehold)."""
+
+    @_abc_1.abstractmethod
+    def DeclineHouseholdInvitation(
+        self,
+        request: _members_service_pb2.DeclineHouseholdInvitationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.DeclineHouseholdInvitationResponse, _abc.Awaitable[_members_service_pb2.DeclineHouseholdInvitationResponse]]:
+        """The invited member declines."""
+
+    @_abc_1.abstractmethod
+    def ListHouseholdInvitations(
+        self,
+        request: _members_service_pb2.ListHouseholdInvitationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ListHouseholdInvitationsResponse, _abc.Awaitable[_members_service_pb2.ListHouseholdInvitationsResponse]]:
+        """The invitations of a member or of a household, newest first."""
+
+    @_abc_1.abstractmethod
+    def ResolveTerminal(
+        self,
+        request: _members_service_pb2.ResolveTerminalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_members_service_pb2.ResolveTerminalResponse, _abc.Awaitable[_members_service_pb2.ResolveTerminalResponse]]:
+        """The store and partner a register (terminal id) belongs to."""
 
 def add_MembersServiceServicer_to_server(servicer: MembersServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -115,6 +116,27 @@ class _CampaignTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Campa
     effects, and a scope of segments and tiers at most; conditions see
     `member` (id, tier) and an empty receipt at the registration time.
     """
+    CAMPAIGN_TRIGGER_MEMBER_REFERRED: _CampaignTrigger.ValueType  # 3
+    """A friend registering with a member's referral code: the rules run once per
+    such registration and reward the member who invited (the referrer). The
+    same limits as CAMPAIGN_TRIGGER_MEMBER_REGISTERED, and no scope (the
+    referrer's tier and segments are not in the event); conditions see the
+    referrer as `member` (id only) and an empty receipt.
+    """
+    CAMPAIGN_TRIGGER_MEMBER_BIRTHDAY: _CampaignTrigger.ValueType  # 4
+    """A member's birthday (the members service announces it on the day, in the
+    member's time zone; 29 February on 28 February in other years): the rules
+    run once per member per year. The same limits as
+    CAMPAIGN_TRIGGER_MEMBER_REGISTERED; conditions see `member` (id, birth
+    date) and an empty receipt at the event's time. "Valid 7 days" is the
+    points lot's lifetime_days.
+    """
+    CAMPAIGN_TRIGGER_PROFILE_COMPLETED: _CampaignTrigger.ValueType  # 5
+    """A member's profile completed for the first time (first name, last name,
+    e-mail and birth date all set): the rules run once per member, ever. The
+    same limits as CAMPAIGN_TRIGGER_MEMBER_REGISTERED; conditions see `member`
+    (id) and an empty receipt.
+    """
 
 class CampaignTrigger(_CampaignTrigger, metaclass=_CampaignTriggerEnumTypeWrapper):
     """What starts a campaign's rules."""
@@ -129,6 +151,27 @@ member when the members service announces it. Only a campaign's default
 rules (no groups), with EarnFixedPoints, IssueCoupon and AwardBadge
 effects, and a scope of segments and tiers at most; conditions see
 `member` (id, tier) and an empty receipt at the registration time.
+"""
+CAMPAIGN_TRIGGER_MEMBER_REFERRED: CampaignTrigger.ValueType  # 3
+"""A friend registering with a member's referral code: the rules run once per
+such registration and reward the member who invited (the referrer). The
+same limits as CAMPAIGN_TRIGGER_MEMBER_REGISTERED, and no scope (the
+referrer's tier and segments are not in the event); conditions see the
+referrer as `member` (id only) and an empty receipt.
+"""
+CAMPAIGN_TRIGGER_MEMBER_BIRTHDAY: CampaignTrigger.ValueType  # 4
+"""A member's birthday (the members service announces it on the day, in the
+member's time zone; 29 February on 28 February in other years): the rules
+run once per member per year. The same limits as
+CAMPAIGN_TRIGGER_MEMBER_REGISTERED; conditions see `member` (id, birth
+date) and an empty receipt at the event's time. "Valid 7 days" is the
+points lot's lifetime_days.
+"""
+CAMPAIGN_TRIGGER_PROFILE_COMPLETED: CampaignTrigger.ValueType  # 5
+"""A member's profile completed for the first time (first name, last name,
+e-mail and birth date all set): the rules run once per member, ever. The
+same limits as CAMPAIGN_TRIGGER_MEMBER_REGISTERED; conditions see `member`
+(id) and an empty receipt.
 """
 Global___CampaignTrigger: _TypeAlias = CampaignTrigger  # noqa: Y015
 
@@ -163,6 +206,34 @@ DISCOUNT_BASE_ORIGINAL: DiscountBase.ValueType  # 2
 more than what is left of a line.
 """
 Global___DiscountBase: _TypeAlias = DiscountBase  # noqa: Y015
+
+class _PointsExpiryRounding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PointsExpiryRoundingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PointsExpiryRounding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POINTS_EXPIRY_ROUNDING_UNSPECIFIED: _PointsExpiryRounding.ValueType  # 0
+    """The point currency's own rounding."""
+    POINTS_EXPIRY_ROUNDING_NONE: _PointsExpiryRounding.ValueType  # 1
+    """Exactly the lifetime after activation."""
+    POINTS_EXPIRY_ROUNDING_MONTH_END: _PointsExpiryRounding.ValueType  # 2
+    """To the end of that month."""
+    POINTS_EXPIRY_ROUNDING_YEAR_END: _PointsExpiryRounding.ValueType  # 3
+    """To the end of that year."""
+
+class PointsExpiryRounding(_PointsExpiryRounding, metaclass=_PointsExpiryRoundingEnumTypeWrapper):
+    """Where an expiry computed from a lot's lifetime is moved."""
+
+POINTS_EXPIRY_ROUNDING_UNSPECIFIED: PointsExpiryRounding.ValueType  # 0
+"""The point currency's own rounding."""
+POINTS_EXPIRY_ROUNDING_NONE: PointsExpiryRounding.ValueType  # 1
+"""Exactly the lifetime after activation."""
+POINTS_EXPIRY_ROUNDING_MONTH_END: PointsExpiryRounding.ValueType  # 2
+"""To the end of that month."""
+POINTS_EXPIRY_ROUNDING_YEAR_END: PointsExpiryRounding.ValueType  # 3
+"""To the end of that year."""
+Global___PointsExpiryRounding: _TypeAlias = PointsExpiryRounding  # noqa: Y015
 
 class _CampaignConflictKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -348,10 +419,35 @@ class Scope(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AttributeValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AttributeValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SKUS_FIELD_NUMBER: _builtins.int
     CATEGORY_IDS_FIELD_NUMBER: _builtins.int
     BRAND_IDS_FIELD_NUMBER: _builtins.int
     PRODUCT_LIST_IDS_FIELD_NUMBER: _builtins.int
+    OWN_BRAND_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    own_brand: _builtins.bool
+    """When true, every own-brand product (Product.own_brand) matches."""
     @_builtins.property
     def skus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SKUs."""
@@ -368,6 +464,12 @@ class Scope(_message.Message):
     def product_list_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Catalogue product list ids."""
 
+    @_builtins.property
+    def attributes(self) -> _containers.MessageMap[_builtins.str, Global___AttributeValue]:
+        """Products having one of these attributes with exactly this value (and
+        type) match, e.g. {"volume_ml": 500}. An entry without a value is ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -375,10 +477,12 @@ class Scope(_message.Message):
         category_ids: _abc.Iterable[_builtins.str] | None = ...,
         brand_ids: _abc.Iterable[_builtins.str] | None = ...,
         product_list_ids: _abc.Iterable[_builtins.str] | None = ...,
+        own_brand: _builtins.bool = ...,
+        attributes: _abc.Mapping[_builtins.str, Global___AttributeValue] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["brand_ids", b"brand_ids", "category_ids", b"category_ids", "product_list_ids", b"product_list_ids", "skus", b"skus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "brand_ids", b"brand_ids", "category_ids", b"category_ids", "own_brand", b"own_brand", "product_list_ids", b"product_list_ids", "skus", b"skus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,21 +498,29 @@ class EarnPointsPercent(_message.Message):
 
     BASIS_POINTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
     basis_points: _builtins.int
     """The rate in basis points of the amount: 500 earns 5%. 1..100000."""
     @_builtins.property
     def scope(self) -> Global___Scope:
         """The lines that earn; empty means the whole receipt."""
 
+    @_builtins.property
+    def lot(self) -> Global___PointsLot:
+        """How the points are credited (activation delay, expiry, currency); empty
+        means the point currency's defaults.
+        """
+
     def __init__(
         self,
         *,
         basis_points: _builtins.int = ...,
         scope: Global___Scope | None = ...,
+        lot: Global___PointsLot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -458,6 +570,7 @@ class EarnPointsPerAmount(_message.Message):
     POINTS_FIELD_NUMBER: _builtins.int
     PER_MINOR_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
     points: _builtins.int
     """Points per step. At least 1."""
     per_minor: _builtins.int
@@ -466,16 +579,23 @@ class EarnPointsPerAmount(_message.Message):
     def scope(self) -> Global___Scope:
         """The lines that count; empty means the whole receipt."""
 
+    @_builtins.property
+    def lot(self) -> Global___PointsLot:
+        """How the points are credited (activation delay, expiry, currency); empty
+        means the point currency's defaults.
+        """
+
     def __init__(
         self,
         *,
         points: _builtins.int = ...,
         per_minor: _builtins.int = ...,
         scope: Global___Scope | None = ...,
+        lot: Global___PointsLot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["per_minor", b"per_minor", "points", b"points", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "per_minor", b"per_minor", "points", b"points", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -491,21 +611,29 @@ class EarnPointsCheapestItem(_message.Message):
 
     BASIS_POINTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
     basis_points: _builtins.int
     """The rate in basis points of the unit price. 1..100000."""
     @_builtins.property
     def scope(self) -> Global___Scope:
         """The goods it applies to; empty means all."""
 
+    @_builtins.property
+    def lot(self) -> Global___PointsLot:
+        """How the points are credited (activation delay, expiry, currency); empty
+        means the point currency's defaults.
+        """
+
     def __init__(
         self,
         *,
         basis_points: _builtins.int = ...,
         scope: Global___Scope | None = ...,
+        lot: Global___PointsLot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,13 +650,25 @@ class EarnPointsNthLine(_message.Message):
     N_FIELD_NUMBER: _builtins.int
     BASIS_POINTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     """Which line, from 1."""
     basis_points: _builtins.int
     """The rate in basis points of the line's amount. 1..100000."""
+    every: _builtins.bool
+    """When true, every n-th line earns (the 3rd, 6th, 9th ...), not only the
+    n-th.
+    """
     @_builtins.property
     def scope(self) -> Global___Scope:
         """The lines that are counted; empty means all."""
+
+    @_builtins.property
+    def lot(self) -> Global___PointsLot:
+        """How the points are credited (activation delay, expiry, currency); empty
+        means the point currency's defaults.
+        """
 
     def __init__(
         self,
@@ -536,10 +676,12 @@ class EarnPointsNthLine(_message.Message):
         n: _builtins.int = ...,
         basis_points: _builtins.int = ...,
         scope: Global___Scope | None = ...,
+        lot: Global___PointsLot | None = ...,
+        every: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "n", b"n", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "every", b"every", "lot", b"lot", "n", b"n", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,21 +698,29 @@ class EarnPointsMultiplier(_message.Message):
 
     BASIS_POINTS_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
     basis_points: _builtins.int
     """The factor in basis points: 20000 is x2. 10001..100000."""
     @_builtins.property
     def scope(self) -> Global___Scope:
         """The lines whose points are multiplied; empty means all."""
 
+    @_builtins.property
+    def lot(self) -> Global___PointsLot:
+        """How the points are credited (activation delay, expiry, currency); empty
+        means the point currency's defaults.
+        """
+
     def __init__(
         self,
         *,
         basis_points: _builtins.int = ...,
         scope: Global___Scope | None = ...,
+        lot: Global___PointsLot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "lot", b"lot", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -809,20 +959,228 @@ class EarnFixedPoints(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AMOUNT_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
     amount: _builtins.int
     """Points in the currency's smallest unit; positive."""
+    @_builtins.property
+    def lot(self) -> Global___PointsLot:
+        """How the points are credited (activation delay, expiry, currency); empty
+        means the point currency's defaults.
+        """
+
     def __init__(
         self,
         *,
         amount: _builtins.int = ...,
+        lot: Global___PointsLot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "lot", b"lot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EarnFixedPoints: _TypeAlias = EarnFixedPoints  # noqa: Y015
+
+@_typing.final
+class PointsLot(_message.Message):
+    """How the points of a points effect are credited to the member's account
+    (promo points with their own expiry, delayed accrual, another currency).
+    Every field left empty keeps the point currency's defaults.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVATION_DELAY_DAYS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LIFETIME_DAYS_FIELD_NUMBER: _builtins.int
+    EXPIRY_ROUNDING_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    activation_delay_days: _builtins.int
+    """The points become spendable this many days after the receipt (0: the
+    currency's own delay). 0..3650.
+    """
+    lifetime_days: _builtins.int
+    """The points live this many days after activation (0: the currency's default
+    lifetime). 0..36500.
+    """
+    expiry_rounding: Global___PointsExpiryRounding.ValueType
+    """Where the expiry computed from lifetime_days is moved; only with
+    lifetime_days.
+    """
+    currency: _builtins.str
+    """The point currency, e.g. "PROMO"; empty means the program's default."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """A fixed expiry, e.g. 31 December 23:59:59 in the program's time zone;
+        excludes lifetime_days and expiry_rounding.
+        """
+
+    def __init__(
+        self,
+        *,
+        activation_delay_days: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        lifetime_days: _builtins.int = ...,
+        expiry_rounding: Global___PointsExpiryRounding.ValueType = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_delay_days", b"activation_delay_days", "currency", b"currency", "expire_time", b"expire_time", "expiry_rounding", b"expiry_rounding", "lifetime_days", b"lifetime_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PointsLot: _TypeAlias = PointsLot  # noqa: Y015
+
+@_typing.final
+class EarnPointsPerUnits(_message.Message):
+    """Earn `points` for each whole `units` units bought of the lines in scope (a
+    product or a category); weight counts as well (2.5 kg is 2.5 units). The
+    points are spread over those lines pro rata to their final amounts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    LOT_FIELD_NUMBER: _builtins.int
+    points: _builtins.int
+    """Points per step. At least 1."""
+    units: _builtins.int
+    """Units per step. At least 1."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines whose units count; empty means all."""
+
+    @_builtins.property
+    def lot(self) -> Global___PointsLot:
+        """How the points are credited (activation delay, expiry, currency); empty
+        means the point currency's defaults.
+        """
+
+    def __init__(
+        self,
+        *,
+        points: _builtins.int = ...,
+        units: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+        lot: Global___PointsLot | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lot", b"lot", "points", b"points", "scope", b"scope", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EarnPointsPerUnits: _TypeAlias = EarnPointsPerUnits  # noqa: Y015
+
+@_typing.final
+class SetPrice(_message.Message):
+    """A set of products sold together for one price (a bundle): one unit of each
+    SKU in `skus` makes a set (name a SKU twice to need two). Every whole set on
+    the receipt costs `price_minor`; the difference is spread pro rata over the
+    lines making the sets, in exact minor units. A price above what the set
+    costs changes nothing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKUS_FIELD_NUMBER: _builtins.int
+    PRICE_MINOR_FIELD_NUMBER: _builtins.int
+    price_minor: _builtins.int
+    """The price of one whole set in minor units; not negative."""
+    @_builtins.property
+    def skus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The SKUs of one set; 2 to 20 entries."""
+
+    def __init__(
+        self,
+        *,
+        skus: _abc.Iterable[_builtins.str] | None = ...,
+        price_minor: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price_minor", b"price_minor", "skus", b"skus"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPrice: _TypeAlias = SetPrice  # noqa: Y015
+
+@_typing.final
+class NthLineDiscount(_message.Message):
+    """An amount off every n-th line in scope, counted in position order (lines
+    excluded from promotions are not counted), never more than the line costs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    N_FIELD_NUMBER: _builtins.int
+    AMOUNT_MINOR_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    n: _builtins.int
+    """Every n-th line, at least 1 (1 is every line)."""
+    amount_minor: _builtins.int
+    """Minor units off each such line; positive."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines counted; empty means all."""
+
+    def __init__(
+        self,
+        *,
+        n: _builtins.int = ...,
+        amount_minor: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "n", b"n", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NthLineDiscount: _TypeAlias = NthLineDiscount  # noqa: Y015
+
+@_typing.final
+class DiscountPercentPerAmount(_message.Message):
+    """A percentage off growing with the amount: `basis_points` for each whole
+    `per_minor` of the lines in scope (1% for each 1,000.00), at most
+    `max_basis_points`; computed on their sum and spread pro rata.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    PER_MINOR_FIELD_NUMBER: _builtins.int
+    MAX_BASIS_POINTS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    basis_points: _builtins.int
+    """Basis points per step. 1..10000."""
+    per_minor: _builtins.int
+    """The step in minor units. At least 1."""
+    max_basis_points: _builtins.int
+    """The most it gives, in basis points. 1..10000."""
+    @_builtins.property
+    def scope(self) -> Global___Scope:
+        """The lines counted and discounted; empty means the whole receipt."""
+
+    def __init__(
+        self,
+        *,
+        basis_points: _builtins.int = ...,
+        per_minor: _builtins.int = ...,
+        max_basis_points: _builtins.int = ...,
+        scope: Global___Scope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scope", b"scope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "max_basis_points", b"max_basis_points", "per_minor", b"per_minor", "scope", b"scope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscountPercentPerAmount: _TypeAlias = DiscountPercentPerAmount  # noqa: Y015
 
 @_typing.final
 class IssueCoupon(_message.Message):
@@ -897,6 +1255,10 @@ class Effect(_message.Message):
     EARN_POINTS_NTH_LINE_FIELD_NUMBER: _builtins.int
     EARN_POINTS_MULTIPLIER_FIELD_NUMBER: _builtins.int
     INCREMENT_COUNTER_FIELD_NUMBER: _builtins.int
+    EARN_POINTS_PER_UNITS_FIELD_NUMBER: _builtins.int
+    SET_PRICE_FIELD_NUMBER: _builtins.int
+    NTH_LINE_DISCOUNT_FIELD_NUMBER: _builtins.int
+    DISCOUNT_PERCENT_PER_AMOUNT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def earn_points_percent(self) -> Global___EarnPointsPercent:
         """Points as a percentage of the eligible lines."""
@@ -961,6 +1323,22 @@ class Effect(_message.Message):
     def increment_counter(self) -> Global___IncrementCounter:
         """A counter of the member, changed when the receipt is committed."""
 
+    @_builtins.property
+    def earn_points_per_units(self) -> Global___EarnPointsPerUnits:
+        """Points for each N units of a product."""
+
+    @_builtins.property
+    def set_price(self) -> Global___SetPrice:
+        """A price for a set of products as a whole."""
+
+    @_builtins.property
+    def nth_line_discount(self) -> Global___NthLineDiscount:
+        """An amount off every n-th line."""
+
+    @_builtins.property
+    def discount_percent_per_amount(self) -> Global___DiscountPercentPerAmount:
+        """A percentage for each step of the amount."""
+
     def __init__(
         self,
         *,
@@ -980,12 +1358,16 @@ class Effect(_message.Message):
         earn_points_nth_line: Global___EarnPointsNthLine | None = ...,
         earn_points_multiplier: Global___EarnPointsMultiplier | None = ...,
         increment_counter: Global___IncrementCounter | None = ...,
+        earn_points_per_units: Global___EarnPointsPerUnits | None = ...,
+        set_price: Global___SetPrice | None = ...,
+        nth_line_discount: Global___NthLineDiscount | None = ...,
+        discount_percent_per_amount: Global___DiscountPercentPerAmount | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_cheapest_item", b"earn_points_cheapest_item", "earn_points_multiplier", b"earn_points_multiplier", "earn_points_nth_line", b"earn_points_nth_line", "earn_points_per_amount", b"earn_points_per_amount", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "increment_counter", b"increment_counter", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "discount_percent_per_amount", b"discount_percent_per_amount", "earn_fixed_points", b"earn_fixed_points", "earn_points_cheapest_item", b"earn_points_cheapest_item", "earn_points_multiplier", b"earn_points_multiplier", "earn_points_nth_line", b"earn_points_nth_line", "earn_points_per_amount", b"earn_points_per_amount", "earn_points_per_units", b"earn_points_per_units", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "increment_counter", b"increment_counter", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "nth_line_discount", b"nth_line_discount", "redemption_cap", b"redemption_cap", "set_price", b"set_price"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "earn_fixed_points", b"earn_fixed_points", "earn_points_cheapest_item", b"earn_points_cheapest_item", "earn_points_multiplier", b"earn_points_multiplier", "earn_points_nth_line", b"earn_points_nth_line", "earn_points_per_amount", b"earn_points_per_amount", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "increment_counter", b"increment_counter", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "redemption_cap", b"redemption_cap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["award_badge", b"award_badge", "buy_m_pay_n", b"buy_m_pay_n", "cheapest_item_discount", b"cheapest_item_discount", "discount_amount", b"discount_amount", "discount_percent", b"discount_percent", "discount_percent_per_amount", b"discount_percent_per_amount", "earn_fixed_points", b"earn_fixed_points", "earn_points_cheapest_item", b"earn_points_cheapest_item", "earn_points_multiplier", b"earn_points_multiplier", "earn_points_nth_line", b"earn_points_nth_line", "earn_points_per_amount", b"earn_points_per_amount", "earn_points_per_units", b"earn_points_per_units", "earn_points_percent", b"earn_points_percent", "fixed_price", b"fixed_price", "increment_counter", b"increment_counter", "issue_coupon", b"issue_coupon", "kind", b"kind", "nth_item_discount", b"nth_item_discount", "nth_line_discount", b"nth_line_discount", "redemption_cap", b"redemption_cap", "set_price", b"set_price"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["earn_points_percent", "earn_fixed_points", "discount_percent", "discount_amount", "fixed_price", "buy_m_pay_n", "nth_item_discount", "cheapest_item_discount", "redemption_cap", "issue_coupon", "award_badge", "earn_points_per_amount", "earn_points_cheapest_item", "earn_points_nth_line", "earn_points_multiplier", "increment_counter"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["earn_points_percent", "earn_fixed_points", "discount_percent", "discount_amount", "fixed_price", "buy_m_pay_n", "nth_item_discount", "cheapest_item_discount", "redemption_cap", "issue_coupon", "award_badge", "earn_points_per_amount", "earn_points_cheapest_item", "earn_points_nth_line", "earn_points_multiplier", "increment_counter", "earn_points_per_units", "set_price", "nth_line_discount", "discount_percent_per_amount"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1326,16 +1708,53 @@ class Subject(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___AttributeValue: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___AttributeValue | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MEMBER_ID_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
+    CARD_TYPE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    BIRTH_DATE_FIELD_NUMBER: _builtins.int
     member_id: _builtins.str
     """The member id; empty for an anonymous receipt."""
     tier: _builtins.str
     """Tier code."""
+    card_type: _builtins.str
+    """The member's card type (e.g. "platinum"); conditions read member.card_type."""
+    birth_date: _builtins.str
+    """The member's birth date, "YYYY-MM-DD"; empty when unknown. Conditions read
+    member.days_to_birthday and member.days_since_birthday (0 on the day, -1
+    unknown) in the store's time zone.
+    """
     @_builtins.property
     def segments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Segment codes."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.MessageMap[_builtins.str, Global___AttributeValue]:
+        """The member's typed attributes (survey answers, preferences); conditions
+        read member.attributes.<name> (test presence first: members differ).
+        """
 
     def __init__(
         self,
@@ -1343,10 +1762,13 @@ class Subject(_message.Message):
         member_id: _builtins.str = ...,
         tier: _builtins.str = ...,
         segments: _abc.Iterable[_builtins.str] | None = ...,
+        card_type: _builtins.str = ...,
+        attributes: _abc.Mapping[_builtins.str, Global___AttributeValue] | None = ...,
+        birth_date: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["member_id", b"member_id", "segments", b"segments", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "birth_date", b"birth_date", "card_type", b"card_type", "member_id", b"member_id", "segments", b"segments", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1702,6 +2124,7 @@ class EvaluateReceiptResponse(_message.Message):
     POINTS_TOTAL_FIELD_NUMBER: _builtins.int
     DISCOUNT_TOTAL_MINOR_FIELD_NUMBER: _builtins.int
     UNUSED_COUPON_CODES_FIELD_NUMBER: _builtins.int
+    POINTS_LOTS_FIELD_NUMBER: _builtins.int
     points_total: _builtins.int
     """Points earned on the whole receipt."""
     discount_total_minor: _builtins.int
@@ -1720,6 +2143,12 @@ class EvaluateReceiptResponse(_message.Message):
         scope, below the minimum total), so the gateway can release them.
         """
 
+    @_builtins.property
+    def points_lots(self) -> _containers.RepeatedCompositeFieldContainer[Global___PointsLotResult]:
+        """The points grouped by how they are to be credited (one AccruePoints per
+        lot); their points add up to points_total. Empty when nothing is earned.
+        """
+
     def __init__(
         self,
         *,
@@ -1728,14 +2157,63 @@ class EvaluateReceiptResponse(_message.Message):
         points_total: _builtins.int = ...,
         discount_total_minor: _builtins.int = ...,
         unused_coupon_codes: _abc.Iterable[_builtins.str] | None = ...,
+        points_lots: _abc.Iterable[Global___PointsLotResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_promotions", b"applied_promotions", "discount_total_minor", b"discount_total_minor", "lines", b"lines", "points_total", b"points_total", "unused_coupon_codes", b"unused_coupon_codes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_promotions", b"applied_promotions", "discount_total_minor", b"discount_total_minor", "lines", b"lines", "points_lots", b"points_lots", "points_total", b"points_total", "unused_coupon_codes", b"unused_coupon_codes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluateReceiptResponse: _TypeAlias = EvaluateReceiptResponse  # noqa: Y015
+
+@_typing.final
+class PointsLotResult(_message.Message):
+    """Points of a receipt that share one lot's parameters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    ACTIVATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LIFETIME_DAYS_FIELD_NUMBER: _builtins.int
+    EXPIRY_ROUNDING_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    points: _builtins.int
+    """The points of this lot."""
+    lifetime_days: _builtins.int
+    """Lifetime after activation in days; 0 means the currency's default."""
+    expiry_rounding: Global___PointsExpiryRounding.ValueType
+    """Where the expiry from lifetime_days is moved."""
+    currency: _builtins.str
+    """The point currency; empty means the program's default."""
+    @_builtins.property
+    def activate_time(self) -> _timestamp_pb2.Timestamp:
+        """When they become spendable: the receipt's time plus the lot's activation
+        delay; empty means the currency's own delay.
+        """
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """A fixed expiry; empty means by lifetime_days or the currency's default."""
+
+    def __init__(
+        self,
+        *,
+        points: _builtins.int = ...,
+        activate_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        lifetime_days: _builtins.int = ...,
+        expiry_rounding: Global___PointsExpiryRounding.ValueType = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "currency", b"currency", "expire_time", b"expire_time", "expiry_rounding", b"expiry_rounding", "lifetime_days", b"lifetime_days", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PointsLotResult: _TypeAlias = PointsLotResult  # noqa: Y015
 
 @_typing.final
 class Category(_message.Message):
@@ -2547,3 +3025,141 @@ class EndCampaignResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndCampaignResponse: _TypeAlias = EndCampaignResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCampaignRequest(_message.Message):
+    """Request of UpdateCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen idempotency key."""
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The campaign's id and the new values of the fields named in update_mask;
+        other fields are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to replace, among name, start_time, end_time, scope, limits,
+        trigger, rules and groups (a whole field each: "rules" replaces every
+        rule of the default group). Required. Replacing rules or groups gives
+        every rule and group a new id.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        campaign: Global___Campaign | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "request_id", b"request_id", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCampaignRequest: _TypeAlias = UpdateCampaignRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCampaignResponse(_message.Message):
+    """Response of UpdateCampaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def campaign(self) -> Global___Campaign:
+        """The draft as stored after the change."""
+
+    def __init__(
+        self,
+        *,
+        campaign: Global___Campaign | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCampaignResponse: _TypeAlias = UpdateCampaignResponse  # noqa: Y015
+
+@_typing.final
+class ListCampaignsRequest(_message.Message):
+    """Request of ListCampaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    NAME_CONTAINS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most campaigns to answer; 0 means 50, at most 500."""
+    page_token: _builtins.str
+    """next_page_token of the previous page, with the same filters; empty for
+    the first page.
+    """
+    trigger: Global___CampaignTrigger.ValueType
+    """Only campaigns with this trigger; unspecified means any."""
+    name_contains: _builtins.str
+    """Only campaigns whose name contains this text, ignoring case; empty means
+    any. At most 200 characters.
+    """
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___CampaignStatus.ValueType]:
+        """The statuses to list (as GetCampaign reports them, SCHEDULED included);
+        empty lists every status.
+        """
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        statuses: _abc.Iterable[Global___CampaignStatus.ValueType] | None = ...,
+        trigger: Global___CampaignTrigger.ValueType = ...,
+        name_contains: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_contains", b"name_contains", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsRequest: _TypeAlias = ListCampaignsRequest  # noqa: Y015
+
+@_typing.final
+class ListCampaignsResponse(_message.Message):
+    """Response of ListCampaigns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]:
+        """The campaigns, newest first (by creation, then id)."""
+
+    def __init__(
+        self,
+        *,
+        campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCampaignsResponse: _TypeAlias = ListCampaignsResponse  # noqa: Y015

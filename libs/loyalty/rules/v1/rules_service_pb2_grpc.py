@@ -66,6 +66,16 @@ class RulesServiceStub:
                 request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignRequest.SerializeToString,
                 response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignResponse.FromString,
                 _registered_method=True)
+        self.UpdateCampaign = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/UpdateCampaign',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.UpdateCampaignRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.UpdateCampaignResponse.FromString,
+                _registered_method=True)
+        self.ListCampaigns = channel.unary_unary(
+                '/loyalty.rules.v1.RulesService/ListCampaigns',
+                request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCampaignsRequest.SerializeToString,
+                response_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCampaignsResponse.FromString,
+                _registered_method=True)
         self.EvaluateReceipt = channel.unary_unary(
                 '/loyalty.rules.v1.RulesService/EvaluateReceipt',
                 request_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EvaluateReceiptRequest.SerializeToString,
@@ -158,6 +168,25 @@ class RulesServiceServicer:
 
     def EndCampaign(self, request, context):
         """Ends an active or paused campaign for good.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCampaign(self, request, context):
+        """Edits a draft campaign in place: the fields named by update_mask are
+        replaced, validated like CreateCampaign. A published campaign (active,
+        scheduled or paused) is refused with FAILED_PRECONDITION, reason
+        CAMPAIGN_PUBLISHED (its rules are immutable: end it and create a new
+        campaign); an ended one with CAMPAIGN_ENDED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCampaigns(self, request, context):
+        """Lists campaigns, newest first, a page at a time, filtered by status,
+        trigger and name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,6 +296,16 @@ def add_RulesServiceServicer_to_server(servicer, server):
                     servicer.EndCampaign,
                     request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignRequest.FromString,
                     response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignResponse.SerializeToString,
+            ),
+            'UpdateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCampaign,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.UpdateCampaignRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.UpdateCampaignResponse.SerializeToString,
+            ),
+            'ListCampaigns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCampaigns,
+                    request_deserializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCampaignsRequest.FromString,
+                    response_serializer=loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCampaignsResponse.SerializeToString,
             ),
             'EvaluateReceipt': grpc.unary_unary_rpc_method_handler(
                     servicer.EvaluateReceipt,
@@ -478,6 +517,60 @@ class RulesService:
             '/loyalty.rules.v1.RulesService/EndCampaign',
             loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignRequest.SerializeToString,
             loyalty_dot_rules_dot_v1_dot_rules__service__pb2.EndCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/UpdateCampaign',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.UpdateCampaignRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.UpdateCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCampaigns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loyalty.rules.v1.RulesService/ListCampaigns',
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCampaignsRequest.SerializeToString,
+            loyalty_dot_rules_dot_v1_dot_rules__service__pb2.ListCampaignsResponse.FromString,
             options,
             channel_credentials,
             insecure,

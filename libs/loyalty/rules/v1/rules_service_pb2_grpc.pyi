@@ -53,6 +53,17 @@ class RulesServiceStub:
     """Resumes a paused campaign."""
     EndCampaign: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.EndCampaignRequest, _rules_service_pb2.EndCampaignResponse]
     """Ends an active or paused campaign for good."""
+    UpdateCampaign: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.UpdateCampaignRequest, _rules_service_pb2.UpdateCampaignResponse]
+    """Edits a draft campaign in place: the fields named by update_mask are
+    replaced, validated like CreateCampaign. A published campaign (active,
+    scheduled or paused) is refused with FAILED_PRECONDITION, reason
+    CAMPAIGN_PUBLISHED (its rules are immutable: end it and create a new
+    campaign); an ended one with CAMPAIGN_ENDED.
+    """
+    ListCampaigns: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.ListCampaignsRequest, _rules_service_pb2.ListCampaignsResponse]
+    """Lists campaigns, newest first, a page at a time, filtered by status,
+    trigger and name.
+    """
     EvaluateReceipt: _grpc.UnaryUnaryMultiCallable[_rules_service_pb2.EvaluateReceiptRequest, _rules_service_pb2.EvaluateReceiptResponse]
     """Evaluates a receipt against the published campaigns active at the
     receipt's time. Read-only: nothing is counted or spent.
@@ -111,6 +122,17 @@ class RulesServiceAsyncStub(RulesServiceStub):
     """Resumes a paused campaign."""
     EndCampaign: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.EndCampaignRequest, _rules_service_pb2.EndCampaignResponse]  # type: ignore[assignment]
     """Ends an active or paused campaign for good."""
+    UpdateCampaign: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.UpdateCampaignRequest, _rules_service_pb2.UpdateCampaignResponse]  # type: ignore[assignment]
+    """Edits a draft campaign in place: the fields named by update_mask are
+    replaced, validated like CreateCampaign. A published campaign (active,
+    scheduled or paused) is refused with FAILED_PRECONDITION, reason
+    CAMPAIGN_PUBLISHED (its rules are immutable: end it and create a new
+    campaign); an ended one with CAMPAIGN_ENDED.
+    """
+    ListCampaigns: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.ListCampaignsRequest, _rules_service_pb2.ListCampaignsResponse]  # type: ignore[assignment]
+    """Lists campaigns, newest first, a page at a time, filtered by status,
+    trigger and name.
+    """
     EvaluateReceipt: _aio.UnaryUnaryMultiCallable[_rules_service_pb2.EvaluateReceiptRequest, _rules_service_pb2.EvaluateReceiptResponse]  # type: ignore[assignment]
     """Evaluates a receipt against the published campaigns active at the
     receipt's time. Read-only: nothing is counted or spent.
@@ -202,6 +224,29 @@ class RulesServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rules_service_pb2.EndCampaignResponse, _abc.Awaitable[_rules_service_pb2.EndCampaignResponse]]:
         """Ends an active or paused campaign for good."""
+
+    @_abc_1.abstractmethod
+    def UpdateCampaign(
+        self,
+        request: _rules_service_pb2.UpdateCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.UpdateCampaignResponse, _abc.Awaitable[_rules_service_pb2.UpdateCampaignResponse]]:
+        """Edits a draft campaign in place: the fields named by update_mask are
+        replaced, validated like CreateCampaign. A published campaign (active,
+        scheduled or paused) is refused with FAILED_PRECONDITION, reason
+        CAMPAIGN_PUBLISHED (its rules are immutable: end it and create a new
+        campaign); an ended one with CAMPAIGN_ENDED.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCampaigns(
+        self,
+        request: _rules_service_pb2.ListCampaignsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rules_service_pb2.ListCampaignsResponse, _abc.Awaitable[_rules_service_pb2.ListCampaignsResponse]]:
+        """Lists campaigns, newest first, a page at a time, filtered by status,
+        trigger and name.
+        """
 
     @_abc_1.abstractmethod
     def EvaluateReceipt(
