@@ -265,10 +265,12 @@ async def capture_hold(
     session: AsyncSession, hold_id: str, amount: int, currencies: CurrencyRegistry | None = None
 ) -> RedemptionResult:
     """Spends a hold's points, all of them or part (amount 0 means all); the rest is freed.
-    Restricted promo lots pay as far as the hold's receipt (store, amount) allows."""
+    Restricted promo lots pay as far as the hold's receipt (store, amount) allows. A block
+    does not stop it: a hold can only be placed on an open account, and by the time its
+    receipt is committed the goods are gone, so refusing would give the points back to the
+    very account under review."""
     now = utcnow()
     hold, account = await _locked_hold(session, hold_id, now)
-    ensure_not_blocked(account.blocked)
     registry = currencies or CurrencyRegistry({})
     context = SpendContext(registry.get(account.currency), hold.store_id, hold.receipt_amount, hold.partner_id)
     spend = amount or hold.amount

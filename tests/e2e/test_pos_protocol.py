@@ -575,6 +575,42 @@ async def publish_every_fifth(settings: Settings) -> None:
         )
 
 
+async def test_an_account_blocked_between_calculation_and_commit_pays_at_once_and_earns_once_unblocked(
+    platform: Suite,
+) -> None:
+    """The hold was placed while the account was open and the goods are gone: the capture
+    goes through; the points the receipt earns wait for the block to be lifted."""
+    client, by_card, member_id = platform.client, platform.by_card, platform.program.member_id
+    await client.commit(platform.receipt("7101", 40_000), by_card)
+    sale = platform.receipt("7102", 10_000)
+    calculated = await client.calculate(sale, by_card, points_to_pay=1_000)
+    async with grpc.aio.insecure_channel(platform.settings.address("accounts")) as channel:
+        stub = accounts_grpc.AccountsServiceStub(channel)
+        await stub.BlockAccount(
+            accounts.BlockAccountRequest(request_id=f"b-{member_id}", holder_id=member_id, actor="desk", reason="x")
+        )
+        committed = await client.commit(sale, by_card, calculated.calculation_id, points_paid=1_000)
+        assert committed.state == pos.CHEQUE_STATE_COMMITTED, "durable; the accrual is owed"
+        assert await platform.balance() == 1_000
+        held, _ = await ledger(platform.settings, member_id)
+        assert (held.blocked, held.held, held.active) == (True, 0, 1_000), "captured despite the block, not held"
+        await asyncio.sleep(1.0)
+        again = await client.commit(sale, by_card, calculated.calculation_id, points_paid=1_000)
+        assert again.state == pos.CHEQUE_STATE_COMMITTED and await platform.balance() == 1_000, (
+            "no accrual while blocked"
+        )
+        await stub.UnblockAccount(
+            accounts.UnblockAccountRequest(request_id=f"u-{member_id}", holder_id=member_id, actor="desk", reason="ok")
+        )
+
+    async def completed() -> bool:
+        answer = await client.commit(sale, by_card, calculated.calculation_id, points_paid=1_000)
+        return answer.state == pos.CHEQUE_STATE_COMPLETED
+
+    await infra.wait_until(completed, "the saga resumed once the account is unblocked", seconds=20)
+    assert await platform.balance() == 1_450, "2,000 - 1,000 paid + 5% of (10,000 - 1,000) earned, each once"
+
+
 async def ledger(settings: Settings, holder_id: str) -> tuple[accounts.Balance, list[accounts.Entry]]:
     """The holder's balance (with its next expiries) and entries, from the accounts service."""
     async with grpc.aio.insecure_channel(settings.address("accounts")) as channel:

@@ -25,24 +25,27 @@ def redeem(key: str, amount: int) -> pb.RedeemPointsRequest:
     return pb.RedeemPointsRequest(request_id=key, holder_id="member-1", amount=amount, source_ref=key)
 
 
-async def test_a_blocked_account_takes_and_pays_nothing_but_returns_still_work(
+async def test_a_blocked_account_takes_and_pays_nothing_new_but_returns_and_earlier_holds_still_work(
     tmp_path: Path, database_url: str
 ) -> None:
     async with accounts_stub(tmp_path, database_url) as stub, tables(database_url) as sessions:
         await credit(stub, "r1", 1000)
         spent = await stub.RedeemPoints(redeem("spend-1", 200))
         placed = await stub.PlaceHold(hold("h-before", 100))
+        kept = await stub.PlaceHold(hold("h-kept", 50))
 
         blocked = await stub.BlockAccount(block("b1"))
-        assert (blocked.balance.blocked, blocked.balance.available) == (True, 700)
+        assert (blocked.balance.blocked, blocked.balance.available) == (True, 650)
         assert await stub.BlockAccount(block("b1")) == blocked, "a retry answers the first"
         assert (await balance(stub)).blocked
 
         assert await refusal(stub.AccruePoints(accrue_request("r2", 50))) == "ACCOUNT_BLOCKED"
         assert await refusal(stub.PlaceHold(hold("h-after", 10))) == "ACCOUNT_BLOCKED"
         assert await refusal(stub.RedeemPoints(redeem("spend-2", 10))) == "ACCOUNT_BLOCKED"
+        # A receipt calculated before the block is still paid: its goods are already handed over.
         capture = pb.CaptureHoldRequest(request_id="c1", hold_id=placed.hold.hold_id)
-        assert await refusal(stub.CaptureHold(capture)) == "ACCOUNT_BLOCKED"
+        captured = await stub.CaptureHold(capture)
+        assert (captured.balance.active, captured.balance.available) == (700, 650)
         transfer = pb.TransferPointsRequest(
             request_id="t1", from_holder_id="member-1", to_holder_id="member-2", amount=10, reason="gift"
         )
@@ -55,18 +58,18 @@ async def test_a_blocked_account_takes_and_pays_nothing_but_returns_still_work(
         merge = pb.MergeAccountsRequest(request_id="m1", from_holder_id="member-2", to_holder_id="member-1", reason="x")
         assert await refusal(stub.MergeAccounts(merge)) == "ACCOUNT_BLOCKED"
 
-        # The return of the earlier redemption, the release of the hold and a staff correction go through.
+        # The return of the earlier redemption, the release of a hold and a staff correction go through.
         reverse = pb.ReverseOperationRequest(request_id="ret-1", entry_id=spent.entry.entry_id, amount=200)
         returned = await stub.ReverseOperation(reverse)
-        assert returned.balance.active == 1000
-        await stub.ReleaseHold(pb.ReleaseHoldRequest(request_id="rel-1", hold_id=placed.hold.hold_id))
-        assert (await stub.AdjustPoints(adjust("fix-1", -1))).balance.available == 999
-        assert (await balance(stub)).available == 999, "nothing refused was written"
+        assert returned.balance.active == 900
+        await stub.ReleaseHold(pb.ReleaseHoldRequest(request_id="rel-1", hold_id=kept.hold.hold_id))
+        assert (await stub.AdjustPoints(adjust("fix-1", -1))).balance.available == 899
+        assert (await balance(stub)).available == 899, "nothing refused was written"
 
         lifted = await stub.UnblockAccount(unblock("u1"))
         assert not lifted.balance.blocked
-        assert (await stub.RedeemPoints(redeem("spend-3", 9))).balance.available == 990
-        assert (await stub.AccruePoints(accrue_request("r3", 10))).balance.available == 1000
+        assert (await stub.RedeemPoints(redeem("spend-3", 9))).balance.available == 890
+        assert (await stub.AccruePoints(accrue_request("r3", 10))).balance.available == 900
 
         assert not (await stub.UnblockAccount(unblock("u2"))).balance.blocked, "unblocking twice changes nothing"
         async with sessions() as session:
