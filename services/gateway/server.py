@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from loyalty.gateway.v1 import api_key_service_pb2, api_key_service_pb2_grpc, pos_service_pb2, pos_service_pb2_grpc
+from loyalty.runtime.cache import TtlCache
 from loyalty.runtime.idempotency import IdempotentCalls
 from loyalty.runtime.ratelimit import create_rate_limiter
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
@@ -17,7 +18,7 @@ from services.gateway.auth import ApiKeys, pepper_of
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.peers import Peers
 from services.gateway.saga import Saga
-from services.gateway.service import PointOfSale, RecentIdentifications
+from services.gateway.service import PointOfSale
 
 
 async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
@@ -41,7 +42,7 @@ async def wire(context: ServiceContext, server: grpc.aio.Server) -> None:
         settings.program_currency,
         settings.calculate_budget_seconds,
         settings.hold_ttl_seconds,
-        RecentIdentifications(settings.member_cache_seconds),
+        TtlCache(settings.member_cache_seconds, max_entries=10_000),
     )
     limiter = create_rate_limiter(settings)
     context.on_stop(limiter.close)

@@ -7,8 +7,6 @@ import hashlib
 import logging
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -20,6 +18,7 @@ from loyalty.gateway.v1 import pos_service_pb2 as pos
 from loyalty.members.v1 import members_service_pb2 as members
 from loyalty.rewards.v1 import rewards_service_pb2 as rewards
 from loyalty.rules.v1 import rules_service_pb2 as rules
+from loyalty.runtime.cache import TtlCache
 from loyalty.runtime.errors import DomainError, FailedPrecondition, NotFound, Unavailable, Violations
 from loyalty.runtime.paging import page_size
 from loyalty.runtime.timeutil import to_timestamp, utcnow
@@ -140,39 +139,10 @@ class Calculation:
     balance: accounts.Balance | None
 
 
-class RecentIdentifications:
-    """The member contexts this replica was given in the last `ttl_seconds`, by identifier:
-    a register identifies the customer, then calculates with the same card or phone within
-    seconds, and the members service is asked once. Only answers are kept (a refusal is
-    asked again); a card blocked or a tier changed meanwhile shows within the TTL."""
-
-    def __init__(
-        self, ttl_seconds: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._ttl = ttl_seconds
-        self._max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[bytes, tuple[float, members.MemberContext]] = OrderedDict()
-
-    def get(self, identifier: pos.CustomerIdentifier) -> members.MemberContext | None:
-        key = identifier.SerializeToString(deterministic=True)
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        expires_at, context = entry
-        if expires_at <= self._clock():
-            del self._entries[key]
-            return None
-        return context
-
-    def put(self, identifier: pos.CustomerIdentifier, context: members.MemberContext) -> None:
-        if self._ttl <= 0:
-            return
-        key = identifier.SerializeToString(deterministic=True)
-        self._entries.pop(key, None)
-        self._entries[key] = (self._clock() + self._ttl, context)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+def identifier_key(identifier: pos.CustomerIdentifier) -> bytes:
+    """The key of an identification in the cache: the kind and the value (a card number and
+    the same digits as a phone are different keys)."""
+    return identifier.SerializeToString(deterministic=True)
 
 
 class PointOfSale:
@@ -187,7 +157,7 @@ class PointOfSale:
         program_currency: str,
         budget_seconds: float,
         hold_ttl_seconds: int,
-        identifications: RecentIdentifications | None = None,
+        identifications: TtlCache[members.MemberContext] | None = None,
     ) -> None:
         self._sessions = sessions
         self._peers = peers
@@ -196,15 +166,18 @@ class PointOfSale:
         self._currency = program_currency
         self._budget = budget_seconds
         self._hold_ttl = hold_ttl_seconds
-        self._identifications = identifications or RecentIdentifications(0)
+        # A register identifies the customer, then calculates with the same card or phone
+        # within seconds: the members service is asked once. Only answers are kept.
+        self._identifications = identifications or TtlCache[members.MemberContext](0)
 
     async def _member(self, identifier: pos.CustomerIdentifier, budget: float | None = None) -> members.MemberContext:
         """The member an identifier names: from this replica's recent identifications, else
         from the members service."""
-        member = self._identifications.get(identifier)
+        key = identifier_key(identifier)
+        member = self._identifications.get(key)
         if member is None:
             member = await self._peers.identify(identifier, budget=budget)
-            self._identifications.put(identifier, member)
+            self._identifications.put(key, member.member_id, member)
         return member
 
     async def identify(self, identifier: pos.CustomerIdentifier) -> pos.Customer:

@@ -12,12 +12,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.members.v1 import members_service_pb2 as pb
 from loyalty.members.v1 import members_service_pb2_grpc as pb_grpc
+from loyalty.runtime.cache import TtlCache
 from loyalty.runtime.errors import Violations
 from loyalty.runtime.idempotency import IdempotentCalls
 from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.timeutil import to_timestamp, utcnow
 from services.members import service, store
-from services.members.cache import TtlCache
 from services.members.domain import (
     AttributeDefinition,
     AttributeScalar,

@@ -8,10 +8,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.runtime.bus import Event, Handler
+from loyalty.runtime.cache import TtlCache
 from loyalty.runtime.outbox import OutboxRelay
 from loyalty.runtime.timeutil import utcnow
 from services.members import service
-from services.members.cache import TtlCache
 
 GATEWAY_STREAM = "gateway"
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import grpc
 
 from loyalty.members.v1 import members_service_pb2, members_service_pb2_grpc
+from loyalty.runtime.cache import TtlCache
 from loyalty.runtime.server import ServiceContext, ServiceDefinition
 from services.members import jobs, store
 from services.members.api import MembersApi
-from services.members.cache import TtlCache
 from services.members.events import GATEWAY_STREAM, gateway_handler
 from services.members.peers import Accounts
 

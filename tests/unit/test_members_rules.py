@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.members.cache import TtlCache
+from loyalty.runtime.cache import TtlCache
 from services.members.domain import (
     CONSENT_CHANNELS,
     AttributeDefinition,

@@ -1,6 +1,6 @@
-"""A short-lived cache of identifications: a customer is identified again and again while
-one receipt is scanned, calculated and committed, and each lookup would otherwise be a
-database round trip."""
+"""A short-lived, size-bounded cache per replica. Made for identifications: a customer is
+identified again and again while one receipt is scanned, calculated and committed, and each
+lookup would otherwise be a database round trip (members) or a gRPC call (the gateway)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ ValueT = TypeVar("ValueT")
 class TtlCache(Generic[ValueT]):
     """Entries live `ttl_seconds` (0 disables the cache); the oldest are dropped beyond
     `max_entries`. Each entry carries a tag (the member it is about) so that one member's
-    entries can be forgotten. This replica forgets after its own changes, so they show at
-    once; another replica's changes show within the TTL."""
+    entries can be forgotten: a replica that forgets after its own changes shows them at
+    once; other changes show within the TTL."""
 
     def __init__(
         self, ttl_seconds: float, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
